@@ -1,0 +1,399 @@
+"""Raw rows -> per-modality feature arrays and presence masks. The one implementation.
+
+Training (mmn_fed), federation (per-site summaries) and the edge runtime all use this module,
+so a clinic feeding rows in the training CSV's format gets exactly the training features.
+
+Semantics (documented in docs/schema.md):
+- A value is missing when it is None, NaN, an empty string, one of NA/N/A/NaN/null/none/?
+  (any case), or one of the column's ``missing_codes``.
+- Numeric columns are standardized with the (federated) mean and standard deviation.
+  Categorical columns are one-hot encoded over the categories seen in fitting (sorted).
+- A modality is *missing* for a row when all of its columns are missing: its encoder is skipped.
+  When only some are missing, the modality is present; a missing numeric column is filled with
+  the mean (0 after standardization) and a missing categorical column is all zeros.
+- An unknown category (never seen in fitting) counts as missing for that column and is reported
+  as a non-fatal issue. A non-numeric or non-finite value in a numeric column is fatal for its row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .schema import Schema, SchemaError, canonical_category
+
+MISSING_STRINGS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+
+
+class DataError(ValueError):
+    """Input data does not fit the schema. ``issues`` lists every offending (row, column, value)."""
+
+    def __init__(self, message: str, issues: list["RowIssue"] | None = None):
+        super().__init__(message)
+        self.issues = issues or []
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    row: int
+    column: str
+    value: Any
+    message: str
+    fatal: bool
+
+    def __str__(self) -> str:
+        return f"row {self.row}, column '{self.column}': {self.message} (value {self.value!r})"
+
+
+def is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float):
+        return math.isnan(v)
+    if isinstance(v, str):
+        return v.strip().lower() in MISSING_STRINGS
+    if isinstance(v, np.floating):
+        return bool(np.isnan(v))
+    return False
+
+
+def rows_to_columns(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dict[str, list]:
+    """List of dict rows -> dict of columns. Keys absent from a row are missing values."""
+    rows = list(rows)
+    if columns is None:
+        seen: dict[str, None] = {}
+        for r in rows:
+            for k in r:
+                seen.setdefault(k, None)
+        columns = list(seen)
+    return {c: [r.get(c) for r in rows] for c in columns}
+
+
+def table_length(table: Mapping[str, Sequence]) -> int:
+    lengths = {len(v) for v in table.values()}
+    if len(lengths) > 1:
+        raise DataError(f"columns have different lengths: {sorted(lengths)}")
+    return lengths.pop() if lengths else 0
+
+
+# ---- column parsing ---------------------------------------------------------------------
+
+def parse_numeric(values: Sequence, column: str, codes: tuple = ()) -> tuple[np.ndarray, list[RowIssue]]:
+    """Float array with NaN for missing values; issues for values that are not finite numbers."""
+    arr = values if isinstance(values, np.ndarray) else None
+    code_set = {float(c) for c in codes if _is_number(c)}
+    if arr is not None and arr.dtype.kind in "fiu":  # fast path: already numeric
+        out = arr.astype(np.float64, copy=True)
+        issues = [RowIssue(int(i), column, out[i], "non-finite number", True) for i in np.flatnonzero(np.isinf(out))]
+        out[np.isinf(out)] = np.nan
+        for c in code_set:
+            out[out == c] = np.nan
+        return out, issues
+    out = np.full(len(values), np.nan)
+    issues: list[RowIssue] = []
+    str_codes = {canonical_category(c) for c in codes}
+    for i, v in enumerate(values):
+        if is_missing(v):
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            issues.append(RowIssue(i, column, v, "expected a number, got a boolean", True))
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            if canonical_category(v) in str_codes:
+                continue
+            issues.append(RowIssue(i, column, v, "expected a number", True))
+            continue
+        if not math.isfinite(f):
+            issues.append(RowIssue(i, column, v, "non-finite number", True))
+            continue
+        if f in code_set:
+            continue
+        out[i] = f
+    return out, issues
+
+
+def parse_categorical(values: Sequence, codes: tuple = ()) -> list[str | None]:
+    """Canonical category strings, None for missing."""
+    code_set = {canonical_category(c) for c in codes}
+    out: list[str | None] = []
+    for v in values:
+        if is_missing(v):
+            out.append(None)
+            continue
+        c = canonical_category(v)
+        out.append(None if c in code_set else c)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def infer_kind(schema: Schema, column: str, values: Sequence) -> str:
+    """'categorical' if declared so or if no present value is a number; else 'numeric'.
+
+    A column mixing numbers and non-numbers raises DataError naming the first offenders:
+    declare it in [columns].categorical if the strings are meant as categories.
+    """
+    if column in schema.categorical:
+        return "categorical"
+    if column in schema.numeric:
+        return "numeric"
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
+        return "numeric"
+    present = [v for v in values if not is_missing(v)]
+    if not present:
+        return "empty"
+    if any(isinstance(v, (bool, np.bool_)) for v in present):
+        return "categorical"
+    numeric = [_is_number(v) for v in present]
+    if not any(numeric):
+        return "categorical"
+    if all(numeric):
+        return "numeric"
+    _, issues = parse_numeric(values, column, schema.missing_codes.get(column, ()))
+    shown = "; ".join(str(i) for i in issues[:3])
+    raise DataError(
+        f"column '{column}' mixes numbers with {len(issues)} non-numeric value(s) ({shown}); "
+        f"fix the data or declare '{column}' in [columns].categorical",
+        issues,
+    )
+
+
+# ---- mergeable summaries ----------------------------------------------------------------
+
+def summarize(schema: Schema, table: Mapping[str, Sequence], strict: bool = True) -> dict[str, Any]:
+    """Per-column mergeable summary of one site's rows (counts, sums, sums of squares, category counts).
+
+    No row leaves a site through this: only aggregates. ``strict`` raises DataError for columns
+    absent from the table and for non-numeric values in numeric columns.
+    """
+    n = table_length({c: table[c] for c in schema.input_columns if c in table})
+    cols: dict[str, Any] = {}
+    absent = [c for c in schema.input_columns if c not in table]
+    if absent and strict:
+        raise DataError(
+            f"column(s) {absent} of the schema are not in the data "
+            f"(modalities: {sorted({schema.modality_of(c) for c in absent})})"
+        )
+    for c in schema.input_columns:
+        if c not in table:
+            cols[c] = {"kind": "empty"}
+            continue
+        values = table[c]
+        kind = infer_kind(schema, c, values)
+        codes = schema.missing_codes.get(c, ())
+        if kind == "numeric":
+            x, issues = parse_numeric(values, c, codes)
+            if issues and strict:
+                raise DataError(f"numeric column '{c}': " + "; ".join(str(i) for i in issues[:3]), issues)
+            x = x[~np.isnan(x)]
+            cols[c] = {"kind": "numeric", "count": int(x.size), "sum": float(x.sum()), "sumsq": float((x * x).sum())}
+        elif kind == "categorical":
+            counts: dict[str, int] = {}
+            for v in parse_categorical(values, codes):
+                if v is not None:
+                    counts[v] = counts.get(v, 0) + 1
+            cols[c] = {"kind": "categorical", "counts": dict(sorted(counts.items()))}
+        else:
+            cols[c] = {"kind": "empty"}
+    return {"n_rows": n, "columns": cols, "targets": {}}
+
+
+def merge_summaries(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge per-site summaries; the result equals the summary of the pooled rows."""
+    if not summaries:
+        raise ValueError("merge_summaries needs at least one summary")
+    out: dict[str, Any] = {"n_rows": 0, "columns": {}, "targets": {}}
+    for s in summaries:
+        out["n_rows"] += int(s["n_rows"])
+        for section in ("columns", "targets"):
+            for c, cs in s.get(section, {}).items():
+                out[section][c] = _merge_one(out[section].get(c), cs, c)
+    return out
+
+
+def _merge_one(a: Mapping | None, b: Mapping, name: str) -> dict:
+    if a is None or a["kind"] == "empty":
+        return _copy(b)
+    if b["kind"] == "empty":
+        return _copy(a)
+    if a["kind"] != b["kind"]:
+        raise DataError(
+            f"column '{name}' is {a['kind']} at one site and {b['kind']} at another; "
+            f"declare it in [columns].categorical or [columns].numeric"
+        )
+    if a["kind"] == "numeric":
+        return {"kind": "numeric", "count": a["count"] + b["count"], "sum": a["sum"] + b["sum"], "sumsq": a["sumsq"] + b["sumsq"]}
+    counts = dict(a["counts"])
+    for k, v in b["counts"].items():
+        counts[k] = counts.get(k, 0) + v
+    return {"kind": "categorical", "counts": dict(sorted(counts.items()))}
+
+
+def _copy(s: Mapping) -> dict:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
+
+
+# ---- the fitted preprocessor ------------------------------------------------------------
+
+@dataclass
+class EncodedInputs:
+    """Per-modality float32 features (n, dim) and presence masks (n,), plus row issues."""
+
+    features: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+    issues: list[RowIssue] = field(default_factory=list)
+    valid: np.ndarray | None = None  # rows without a fatal issue
+
+    @property
+    def n(self) -> int:
+        return len(self.valid) if self.valid is not None else 0
+
+
+@dataclass
+class Preprocessor:
+    """Fitted statistics for every input column (and task targets) of a schema. JSON-serializable."""
+
+    schema: Schema
+    columns: dict[str, dict[str, Any]]  # column -> {kind, mean, std} | {kind, categories}
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {classes} | {mean, std}
+
+    @classmethod
+    def from_summary(cls, schema: Schema, summary: Mapping[str, Any]) -> "Preprocessor":
+        cols: dict[str, dict[str, Any]] = {}
+        for c in schema.input_columns:
+            s = summary["columns"].get(c, {"kind": "empty"})
+            if s["kind"] == "numeric":
+                cnt = s["count"]
+                mean = s["sum"] / cnt if cnt else 0.0
+                var = s["sumsq"] / cnt - mean * mean if cnt else 1.0
+                std = math.sqrt(var) if var > 1e-12 else 1.0
+                cols[c] = {"kind": "numeric", "mean": mean, "std": std, "count": cnt}
+            elif s["kind"] == "categorical":
+                cols[c] = {"kind": "categorical", "categories": sorted(s["counts"])}
+            else:  # never observed anywhere: keep a numeric slot that is always missing
+                cols[c] = {"kind": "numeric", "mean": 0.0, "std": 1.0, "count": 0}
+        targets: dict[str, dict[str, Any]] = {}
+        for name, task in schema.tasks.items():
+            ts = summary.get("targets", {}).get(name)
+            if task.kind == "regression":
+                if ts and ts.get("count"):
+                    mean = ts["sum"] / ts["count"]
+                    var = ts["sumsq"] / ts["count"] - mean * mean
+                    targets[name] = {"kind": "regression", "mean": mean, "std": math.sqrt(var) if var > 1e-12 else 1.0}
+                else:
+                    targets[name] = {"kind": "regression", "mean": 0.0, "std": 1.0}
+            elif task.kind == "multiclass":
+                if task.classes is not None:
+                    classes = list(task.classes)
+                elif ts and ts.get("counts"):
+                    classes = sorted(ts["counts"], key=_class_sort_key)
+                else:
+                    raise SchemaError(f"multiclass task '{name}' has no labels to learn its classes from; list classes in the schema")
+                targets[name] = {"kind": "multiclass", "classes": classes}
+            else:
+                targets[name] = {"kind": "binary", "classes": ["0", "1"]}
+        return cls(schema, cols, targets)
+
+    # ---- layout ---------------------------------------------------------------------------
+    def feature_names(self, modality: str) -> list[str]:
+        names: list[str] = []
+        for c in self.schema.modalities[modality]:
+            st = self.columns[c]
+            if st["kind"] == "numeric":
+                names.append(c)
+            else:
+                names.extend(f"{c}={k}" for k in st["categories"])
+        return names
+
+    @property
+    def modality_dims(self) -> dict[str, int]:
+        return {m: len(self.feature_names(m)) for m in self.schema.modalities}
+
+    def task_out_dim(self, task: str) -> int:
+        kind = self.schema.tasks[task].kind
+        return len(self.targets[task]["classes"]) if kind == "multiclass" else 1
+
+    # ---- transform ------------------------------------------------------------------------
+    def encode(self, table: Mapping[str, Sequence], on_error: str = "raise") -> EncodedInputs:
+        """Encode raw columns. on_error='raise': DataError on the first bad value (training);
+        'collect': bad rows are marked invalid (all modalities absent) and listed in ``issues``."""
+        if on_error not in ("raise", "collect"):
+            raise ValueError("on_error must be 'raise' or 'collect'")
+        known = [c for c in self.schema.input_columns if c in table]
+        n = table_length({c: table[c] for c in known}) if known else table_length(table)
+        issues: list[RowIssue] = []
+        features: dict[str, np.ndarray] = {}
+        present: dict[str, np.ndarray] = {}
+        for m, cols in self.schema.modalities.items():
+            blocks, seen = [], np.zeros(n, dtype=bool)
+            for c in cols:
+                st = self.columns[c]
+                codes = self.schema.missing_codes.get(c, ())
+                values = table.get(c)
+                if st["kind"] == "numeric":
+                    if values is None:
+                        x = np.full(n, np.nan)
+                    else:
+                        x, bad = parse_numeric(values, c, codes)
+                        issues.extend(bad)
+                    ok = ~np.isnan(x)
+                    seen |= ok
+                    blocks.append(np.where(ok, (x - st["mean"]) / st["std"], 0.0)[:, None])
+                else:
+                    cats = st["categories"]
+                    index = {k: j for j, k in enumerate(cats)}
+                    onehot = np.zeros((n, len(cats)))
+                    if values is not None:
+                        for i, v in enumerate(parse_categorical(values, codes)):
+                            if v is None:
+                                continue
+                            j = index.get(v)
+                            if j is None:
+                                issues.append(RowIssue(i, c, v, f"unknown category (known: {cats}); treated as missing", False))
+                                continue
+                            onehot[i, j] = 1.0
+                            seen[i] = True
+                    blocks.append(onehot)
+            features[m] = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((n, 0), np.float32)
+            present[m] = seen
+        fatal = [i for i in issues if i.fatal]
+        if fatal and on_error == "raise":
+            raise DataError(
+                f"{len(fatal)} bad value(s) in the input: " + "; ".join(str(i) for i in fatal[:5]), fatal
+            )
+        valid = np.ones(n, dtype=bool)
+        for i in fatal:
+            valid[i.row] = False
+        if not valid.all():
+            for m in present:
+                present[m] = present[m] & valid
+                features[m][~valid] = 0.0
+        return EncodedInputs(features, present, sorted(issues, key=lambda i: (i.row, i.column)), valid)
+
+    # ---- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema.to_dict(), "columns": self.columns, "targets": self.targets}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessor":
+        return cls(Schema.from_dict(d["schema"]), {k: dict(v) for k, v in d["columns"].items()},
+                   {k: dict(v) for k, v in d.get("targets", {}).items()})
+
+
+def _class_sort_key(c: str):
+    try:
+        return (0, float(c), c)
+    except ValueError:
+        return (1, 0.0, c)

@@ -1,0 +1,238 @@
+"""The schema: which columns form which modality, and which columns are tasks.
+
+Torch-free on purpose: the schema travels inside every model file and every edge bundle,
+and the edge runtime must read it without torch or pandas.
+"""
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+TASK_KINDS = ("binary", "multiclass", "regression")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SchemaError(ValueError):
+    """The schema file (or dict) is malformed, or does not fit the data it is applied to."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction target. ``column`` holds the raw label; the label is derived by kind.
+
+    binary: label = value > threshold, or value in ``positive``, or the boolean ``expression``
+    (a pandas expression over the row's columns, evaluated at training time only).
+    multiclass: the distinct values of ``column`` (or ``classes`` if given) are the classes.
+    regression: the numeric value, standardized for training and restored at prediction.
+    """
+
+    name: str
+    column: str
+    kind: str
+    threshold: float | None = None
+    positive: tuple[str, ...] | None = None
+    expression: str | None = None
+    classes: tuple[str, ...] | None = None
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"column": self.column, "kind": self.kind, "weight": self.weight}
+        if self.threshold is not None:
+            d["threshold"] = self.threshold
+        if self.positive is not None:
+            d["positive"] = list(self.positive)
+        if self.expression is not None:
+            d["expression"] = self.expression
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
+        return d
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Modalities (name -> columns, in encoding order) and tasks (name -> Task)."""
+
+    modalities: dict[str, tuple[str, ...]]
+    tasks: dict[str, Task]
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    missing_codes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    site_column: str | None = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Schema":
+        """Validate a parsed TOML/JSON schema and build it. Raises SchemaError naming the problem."""
+        if not isinstance(raw, Mapping):
+            raise SchemaError("schema must be a table with [modalities] and [tasks.<name>]")
+        unknown = set(raw) - {"modalities", "tasks", "columns", "sites"}
+        if unknown:
+            raise SchemaError(f"unknown schema section(s) {sorted(unknown)}; expected modalities, tasks, columns, sites")
+        mods_raw = raw.get("modalities")
+        if not isinstance(mods_raw, Mapping) or not mods_raw:
+            raise SchemaError("schema needs a non-empty [modalities] table: name = [columns...]")
+        modalities: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, str] = {}
+        for name, cols in mods_raw.items():
+            _check_name(name, "modality")
+            if isinstance(cols, str) or not isinstance(cols, (list, tuple)):
+                raise SchemaError(f"modality '{name}' must list its columns, e.g. {name} = [\"a\", \"b\"]")
+            if not cols:
+                raise SchemaError(f"modality '{name}' is empty: list at least one column")
+            for c in cols:
+                if not isinstance(c, str) or not c:
+                    raise SchemaError(f"modality '{name}' has a column name that is not a string: {c!r}")
+                if c in seen:
+                    raise SchemaError(f"column '{c}' is in modality '{seen[c]}' and in '{name}'; a column belongs to one modality")
+                seen[c] = name
+            modalities[name] = tuple(cols)
+
+        tasks_raw = raw.get("tasks")
+        if not isinstance(tasks_raw, Mapping) or not tasks_raw:
+            raise SchemaError("schema needs at least one task: [tasks.<name>] with column and kind")
+        tasks: dict[str, Task] = {}
+        for name, t in tasks_raw.items():
+            _check_name(name, "task")
+            if not isinstance(t, Mapping):
+                raise SchemaError(f"task '{name}' must be a table with column and kind")
+            extra = set(t) - {"column", "kind", "threshold", "positive", "expression", "classes", "weight"}
+            if extra:
+                raise SchemaError(f"task '{name}' has unknown key(s) {sorted(extra)}")
+            kind = t.get("kind")
+            if kind not in TASK_KINDS:
+                raise SchemaError(f"task '{name}': kind must be one of {TASK_KINDS}, got {kind!r}")
+            column = t.get("column")
+            if not isinstance(column, str) or not column:
+                raise SchemaError(f"task '{name}' needs column = \"<label column>\"")
+            if column in seen:
+                raise SchemaError(f"task '{name}' uses column '{column}', which is also an input of modality '{seen[column]}'")
+            threshold, positive, expression = t.get("threshold"), t.get("positive"), t.get("expression")
+            if kind == "binary":
+                given = [k for k in ("threshold", "positive", "expression") if t.get(k) is not None]
+                if len(given) > 1:
+                    raise SchemaError(f"binary task '{name}': give one of threshold, positive, expression (got {given})")
+                if positive is not None and (isinstance(positive, str) or not isinstance(positive, (list, tuple))):
+                    raise SchemaError(f"binary task '{name}': positive must be a list of values")
+                if threshold is not None and not isinstance(threshold, (int, float)):
+                    raise SchemaError(f"binary task '{name}': threshold must be a number")
+            elif any(t.get(k) is not None for k in ("threshold", "positive")):
+                raise SchemaError(f"task '{name}': threshold/positive only apply to binary tasks")
+            classes = t.get("classes")
+            if classes is not None and kind != "multiclass":
+                raise SchemaError(f"task '{name}': classes only apply to multiclass tasks")
+            weight = float(t.get("weight", 1.0))
+            if not weight > 0:
+                raise SchemaError(f"task '{name}': weight must be > 0")
+            tasks[name] = Task(
+                name=name, column=column, kind=kind,
+                threshold=None if threshold is None else float(threshold),
+                positive=None if positive is None else tuple(canonical_category(p) for p in positive),
+                expression=expression,
+                classes=None if classes is None else tuple(canonical_category(c) for c in classes),
+                weight=weight,
+            )
+
+        cols_raw = raw.get("columns", {}) or {}
+        if not isinstance(cols_raw, Mapping):
+            raise SchemaError("[columns] must be a table")
+        extra = set(cols_raw) - {"categorical", "numeric", "missing_codes"}
+        if extra:
+            raise SchemaError(f"[columns] has unknown key(s) {sorted(extra)}; expected categorical, numeric, missing_codes")
+        categorical = tuple(cols_raw.get("categorical", []))
+        numeric = tuple(cols_raw.get("numeric", []))
+        for c in categorical + numeric:
+            if c not in seen:
+                raise SchemaError(f"[columns] names '{c}', which is in no modality")
+        both = set(categorical) & set(numeric)
+        if both:
+            raise SchemaError(f"column(s) {sorted(both)} declared both categorical and numeric")
+        mc_raw = cols_raw.get("missing_codes", {}) or {}
+        missing_codes: dict[str, tuple[Any, ...]] = {}
+        for c, codes in mc_raw.items():
+            if c not in seen:
+                raise SchemaError(f"missing_codes names '{c}', which is in no modality")
+            if not isinstance(codes, (list, tuple)):
+                codes = [codes]
+            missing_codes[c] = tuple(codes)
+        sites = raw.get("sites", {}) or {}
+        site_column = sites.get("column") if isinstance(sites, Mapping) else None
+        return cls(modalities, tasks, categorical, numeric, missing_codes, site_column)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SchemaError(f"schema file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SchemaError(f"schema file {path} is not valid TOML: {e}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "modalities": {m: list(c) for m, c in self.modalities.items()},
+            "tasks": {t.name: t.to_dict() for t in self.tasks.values()},
+            "columns": {
+                "categorical": list(self.categorical),
+                "numeric": list(self.numeric),
+                "missing_codes": {c: list(v) for c, v in self.missing_codes.items()},
+            },
+        }
+        if self.site_column:
+            d["sites"] = {"column": self.site_column}
+        return d
+
+    # ---- queries ------------------------------------------------------------------------
+    @property
+    def input_columns(self) -> list[str]:
+        return [c for cols in self.modalities.values() for c in cols]
+
+    def modality_of(self, column: str) -> str:
+        for m, cols in self.modalities.items():
+            if column in cols:
+                return m
+        raise KeyError(column)
+
+    def subset(self, modalities: list[str] | None = None, tasks: list[str] | None = None) -> "Schema":
+        """A schema restricted to some modalities and/or tasks (order kept as given)."""
+        mods = list(self.modalities) if modalities is None else list(modalities)
+        tks = list(self.tasks) if tasks is None else list(tasks)
+        for m in mods:
+            if m not in self.modalities:
+                raise SchemaError(f"unknown modality '{m}'; schema has {list(self.modalities)}")
+        for t in tks:
+            if t not in self.tasks:
+                raise SchemaError(f"unknown task '{t}'; schema has {list(self.tasks)}")
+        keep = {c for m in mods for c in self.modalities[m]}
+        return Schema(
+            {m: self.modalities[m] for m in mods},
+            {t: self.tasks[t] for t in tks},
+            tuple(c for c in self.categorical if c in keep),
+            tuple(c for c in self.numeric if c in keep),
+            {c: v for c, v in self.missing_codes.items() if c in keep},
+            self.site_column,
+        )
+
+
+def _check_name(name: Any, what: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SchemaError(f"{what} name {name!r} must be an identifier (letters, digits, underscore)")
+
+
+def canonical_category(value: Any) -> str:
+    """One spelling per category whatever the reader: True/'True' -> 'True'; 1, 1.0, '1.0' -> '1'."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "True" if value else "False"
+    s = str(value).strip()
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    if math.isfinite(f) and f == int(f):
+        return str(int(f))
+    return s

@@ -1,0 +1,76 @@
+"""High-level training entry points used by the CLI, the benchmarks and the simulations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from edge_runtime.preprocessing import Preprocessor
+from edge_runtime.schema import Schema
+
+from .data import derive_labels, encode, fit_preprocessor
+from .evaluation import evaluate
+from .model import ModelConfig
+from .model_io import TrainedModel, build_from_preprocessor, save_model
+from .training import TrainConfig, fit, split_indices
+
+
+@dataclass
+class TrainResult:
+    trained: TrainedModel
+    fit_info: dict
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def stratify_key(schema: Schema, df: pd.DataFrame) -> np.ndarray:
+    """Stratum per row for splits: the first task's label (and the site, if the schema names one)."""
+    task = next(iter(schema.tasks))
+    v, p = derive_labels(schema, df)[task]
+    key = np.where(p, v.astype(str) if schema.tasks[task].kind != "regression" else "x", "missing").astype(object)
+    if schema.site_column and schema.site_column in df.columns:
+        key = key + "|" + df[schema.site_column].astype(str).to_numpy()
+    return key
+
+
+def train_centralized(
+    df: pd.DataFrame,
+    schema: Schema,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    prep: Preprocessor | None = None,
+    progress: Callable[[dict], None] | None = None,
+    provenance: Mapping | None = None,
+) -> TrainResult:
+    """Fit preprocessing (unless given), split off a stratified validation set, train, return the model."""
+    model_config = model_config or ModelConfig()
+    train_config = train_config or TrainConfig()
+    df = df.reset_index(drop=True)
+    prep = prep or fit_preprocessor(schema, df)
+    keep, val_idx = split_indices(len(df), train_config.val_fraction, train_config.seed, stratify_key(schema, df))
+    data = encode(prep, df)
+    torch.manual_seed(train_config.seed)  # seeded initialization
+    model = build_from_preprocessor(prep, model_config)
+    info = fit(model, schema, prep.targets, data.subset(keep), data.subset(val_idx) if len(val_idx) else None,
+               train_config, progress)
+    meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "provenance": dict(provenance or {})}
+    return TrainResult(TrainedModel(model, prep, model_config, meta), info)
+
+
+def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str, Any], **kw) -> list[dict[str, Any]]:
+    """Tidy records for a labelled table (per site too when the schema names a site column)."""
+    schema = trained.schema
+    data = encode(trained.preprocessor, df.reset_index(drop=True))
+    sites = None
+    if schema.site_column and schema.site_column in df.columns:
+        sites = df[schema.site_column].astype(str).to_numpy()
+    return evaluate(trained.model, schema, trained.preprocessor.targets, data, context, sites=sites, **kw)
+
+
+def save_trained(path: str | Path, trained: TrainedModel) -> Path:
+    return save_model(path, trained.model, trained.preprocessor, trained.config,
+                      trained.metadata.get("train_config"), trained.metadata.get("provenance"))

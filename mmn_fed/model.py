@@ -1,0 +1,163 @@
+"""MultiModN (sequential, modular, multi-task) and the P-Fusion baseline.
+
+Both take per-modality inputs ``x[m]`` of shape (B, d_m) with a presence mask ``present[m]`` (B,)
+and return a list of decoded states: ``outputs[i][task]`` are logits (B, out_dim) for state i,
+with ``applied[i]`` (B,) telling which samples actually reached state i through an encoder.
+MultiModN decodes the initial state and the state after every encoder (|M| + 1 states);
+P-Fusion decodes once, after fusing every modality.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .modules import INIT_STATE
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters. ``kind`` selects MultiModN or P-Fusion."""
+
+    kind: str = "multimodn"  # multimodn | pfusion
+    state_size: int = 32  # MultiModN state; P-Fusion: size of each modality embedding
+    hidden: int = 32  # hidden width of encoders and decoders
+    dropout: float = 0.1
+    encoder: str = "mlp"  # a name in ENCODERS: the architecture is pluggable
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ModelConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    """Two ReLU layers then a linear output, as in the paper's encoders and decoders."""
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, d_out),
+    )
+
+
+class MLPEncoder(nn.Module):
+    """(state, x) -> new state, as a residual update: s' = s + f([s, x])."""
+
+    def __init__(self, d_in: int, state_size: int, hidden: int, dropout: float):
+        super().__init__()
+        self.net = mlp(state_size + d_in, hidden, state_size, dropout)
+
+    def forward(self, state: Tensor, x: Tensor) -> Tensor:
+        return state + self.net(torch.cat([state, x], dim=-1))
+
+
+class GRUEncoder(nn.Module):
+    """(state, x) -> new state with a GRU cell: an alternative architecture for longer inputs."""
+
+    def __init__(self, d_in: int, state_size: int, hidden: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.cell = nn.GRUCell(hidden, state_size)
+
+    def forward(self, state: Tensor, x: Tensor) -> Tensor:
+        return self.cell(self.proj(x), state)
+
+
+# Register new encoder architectures here: name -> constructor(d_in, state_size, hidden, dropout).
+ENCODERS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPEncoder, "gru": GRUEncoder}
+
+
+class MultiModN(nn.Module):
+    """Learned initial state, one encoder per modality, one decoder per task.
+
+    Missingness is per sample: a sample lacking modality m keeps its state at step m, so its
+    prediction is exactly that of the sequence without encoder m, whatever else is in the batch.
+    """
+
+    def __init__(self, modality_dims: Mapping[str, int], task_dims: Mapping[str, int], config: ModelConfig):
+        super().__init__()
+        if config.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder '{config.encoder}'; known: {sorted(ENCODERS)}")
+        self.config = config
+        self.modalities = list(modality_dims)
+        self.tasks = list(task_dims)
+        s = config.state_size
+        self.init_state = nn.Parameter(torch.randn(s) * 0.1)
+        self.encoders = nn.ModuleDict(
+            {m: ENCODERS[config.encoder](d, s, config.hidden, config.dropout) for m, d in modality_dims.items()}
+        )
+        self.decoders = nn.ModuleDict({t: mlp(s, config.hidden, k, config.dropout) for t, k in task_dims.items()})
+
+    def decode(self, state: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {t: self.decoders[t](state) for t in (tasks or self.tasks)}
+
+    def initial(self, batch: int) -> Tensor:
+        return self.init_state.unsqueeze(0).expand(batch, -1)
+
+    def forward(
+        self,
+        x: Mapping[str, Tensor],
+        present: Mapping[str, Tensor],
+        order: Sequence[str] | None = None,
+        return_states: bool = False,
+    ):
+        order = list(order) if order is not None else self.modalities
+        batch = next(iter(present.values())).shape[0]
+        state = self.initial(batch)
+        outputs, applied, states = [self.decode(state)], [torch.ones(batch, dtype=torch.bool)], [state]
+        for m in order:
+            mask = present[m]
+            if bool(mask.any()):
+                new = self.encoders[m](state, x[m])
+                state = torch.where(mask.unsqueeze(-1), new, state)
+            outputs.append(self.decode(state))
+            applied.append(mask)
+            states.append(state)
+        if return_states:
+            return outputs, applied, states
+        return outputs, applied
+
+
+class PFusion(nn.Module):
+    """HAIM-style parallel fusion: per-modality embeddings, concatenated (missing ones zero-filled),
+    one MLP decoder per task. It sees *which* modalities are missing, so it can learn the missingness."""
+
+    def __init__(self, modality_dims: Mapping[str, int], task_dims: Mapping[str, int], config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.modalities = list(modality_dims)
+        self.tasks = list(task_dims)
+        e = config.state_size
+        self.encoders = nn.ModuleDict(
+            {m: nn.Sequential(mlp(d, config.hidden, e, config.dropout), nn.ReLU()) for m, d in modality_dims.items()}
+        )
+        fused = e * len(self.modalities)
+        self.decoders = nn.ModuleDict({t: mlp(fused, config.hidden, k, config.dropout) for t, k in task_dims.items()})
+
+    def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
+                return_states: bool = False):
+        batch = next(iter(present.values())).shape[0]
+        embs = [self.encoders[m](x[m]) * present[m].unsqueeze(-1).to(x[m].dtype) for m in self.modalities]
+        fused = torch.cat(embs, dim=-1)
+        outputs = [{t: self.decoders[t](fused) for t in self.tasks}]
+        applied = [torch.ones(batch, dtype=torch.bool)]
+        if return_states:
+            return outputs, applied, [fused]
+        return outputs, applied
+
+
+def build_model(modality_dims: Mapping[str, int], task_dims: Mapping[str, int], config: ModelConfig) -> nn.Module:
+    if config.kind == "multimodn":
+        return MultiModN(modality_dims, task_dims, config)
+    if config.kind == "pfusion":
+        return PFusion(modality_dims, task_dims, config)
+    raise ValueError(f"unknown model kind '{config.kind}'; expected 'multimodn' or 'pfusion'")
+
+
+def has_init_state(model: nn.Module) -> bool:
+    return INIT_STATE in dict(model.named_parameters())

@@ -1,0 +1,91 @@
+"""Model files: weights + JSON metadata in one torch file, loadable with weights_only=True.
+
+Layout: {"format": "mmn-fed-model", "version": 1, "state_dict": {...tensors}, "metadata": "<json>"}
+metadata = {model_config, preprocessing (schema + statistics), train_config, provenance}.
+Never a pickle of classes: the model is rebuilt from its config and the weights loaded in.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from edge_runtime.preprocessing import Preprocessor
+
+from .model import ModelConfig, build_model
+
+FORMAT = "mmn-fed-model"
+VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, not ours, or of an unsupported version."""
+
+
+@dataclass
+class TrainedModel:
+    """A model with everything needed to use it on raw rows."""
+
+    model: nn.Module
+    preprocessor: Preprocessor
+    config: ModelConfig
+    metadata: dict[str, Any]
+
+    @property
+    def schema(self):
+        return self.preprocessor.schema
+
+
+def build_from_preprocessor(prep: Preprocessor, config: ModelConfig) -> nn.Module:
+    task_dims = {t: prep.task_out_dim(t) for t in prep.schema.tasks}
+    return build_model(prep.modality_dims, task_dims, config)
+
+
+def save_model(path: str | Path, model: nn.Module, prep: Preprocessor, config: ModelConfig,
+               train_config: Mapping | None = None, provenance: Mapping | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model_config": config.to_dict(),
+        "preprocessing": prep.to_dict(),
+        "train_config": dict(train_config or {}),
+        "provenance": {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            **dict(provenance or {}),
+        },
+    }
+    payload = {"format": FORMAT, "version": VERSION,
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+               "metadata": json.dumps(meta)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{path} is not a readable mmn-fed model file: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not an mmn-fed model file")
+    if payload.get("version") != VERSION:
+        raise ModelFileError(f"{path} has model format version {payload.get('version')}; this mmn-fed reads {VERSION}")
+    meta = json.loads(payload["metadata"])
+    prep = Preprocessor.from_dict(meta["preprocessing"])
+    config = ModelConfig.from_dict(meta["model_config"])
+    model = build_from_preprocessor(prep, config)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return TrainedModel(model, prep, config, meta)

@@ -1,0 +1,223 @@
+"""The training loop shared by centralized, local and federated training."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from edge_runtime.schema import Schema
+
+from .data import TensorData
+from .modules import decoder_module, encoder_module, INIT_STATE
+
+
+@dataclass
+class TrainConfig:
+    """Optimization hyperparameters; every field is settable from the CLI and from TOML."""
+
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    patience: int = 20  # epochs without validation improvement before stopping
+    val_fraction: float = 0.2
+    monitor: str = "auto"  # "loss", "<task>:auroc", "<task>:mse"... ; auto = first task's main metric
+    shuffle_order: bool = False  # permute the encoder order per batch (order invariance)
+    state_change_penalty: float = 0.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def per_sample_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), y, reduction="none")
+    if kind == "multiclass":
+        return F.cross_entropy(logits, y, reduction="none")
+    return F.mse_loss(logits.squeeze(-1), y, reduction="none")
+
+
+def model_loss(model: nn.Module, schema: Schema, batch: TensorData, order=None,
+               state_change_penalty: float = 0.0) -> tuple[Tensor, int]:
+    """Loss at every decoded state, averaged over the (state, task, sample) cells that exist:
+    a cell exists when the sample reached that state through an encoder (or it is the initial
+    state) and has a label for that task. Returns (loss, number of cells)."""
+    need_states = state_change_penalty > 0
+    res = model(batch.x, batch.present, order=order, return_states=need_states)
+    outputs, applied = res[0], res[1]
+    total = torch.zeros(())
+    weight_sum = torch.zeros(())
+    cells = 0
+    for out, app in zip(outputs, applied):
+        for t, logits in out.items():
+            task = schema.tasks[t]
+            mask = (app & batch.y_present[t]).float()
+            if mask.sum() == 0:
+                continue
+            loss = per_sample_loss(task.kind, logits, batch.y[t])
+            total = total + task.weight * (loss * mask).sum()
+            weight_sum = weight_sum + task.weight * mask.sum()
+            cells += int(mask.sum())
+    loss = total / weight_sum.clamp(min=1.0)
+    if need_states:
+        states = res[2]
+        pen = [((s1 - s0) ** 2).sum(-1)[a].mean() for s0, s1, a in zip(states[:-1], states[1:], applied[1:]) if a.any()]
+        if pen:
+            loss = loss + state_change_penalty * torch.stack(pen).mean()
+    return loss, cells
+
+
+def module_counts(model: nn.Module, data: TensorData) -> dict[str, int]:
+    """How many samples pass through each module: init_state all rows, an encoder the rows holding
+    its modality, a decoder the rows labelled for its task."""
+    counts = {}
+    if INIT_STATE in dict(model.named_parameters()):
+        counts[INIT_STATE] = len(data)
+    for m, p in data.present.items():
+        counts[encoder_module(m)] = int(p.sum())
+    for t, p in data.y_present.items():
+        counts[decoder_module(t)] = int(p.sum())
+    return counts
+
+
+def iterate_batches(n: int, batch_size: int, generator: torch.Generator):
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield perm[i:i + batch_size]
+
+
+def train_epochs(
+    model: nn.Module,
+    schema: Schema,
+    data: TensorData,
+    config: TrainConfig,
+    epochs: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer | None = None,
+    prox_mu: float = 0.0,
+    trainable: Callable[[str], bool] | None = None,
+) -> dict[str, float]:
+    """Run ``epochs`` passes over ``data``. ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2
+    against the weights at entry; ``trainable(name)`` restricts which parameters move."""
+    params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
+    if optimizer is None:
+        optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+    anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
+    modalities = list(getattr(model, "modalities", data.modalities))
+    model.train()
+    losses, steps = [], 0
+    for _ in range(epochs):
+        for idx in iterate_batches(len(data), config.batch_size, generator):
+            batch = data.subset(idx)
+            order = None
+            if config.shuffle_order:
+                order = [modalities[i] for i in torch.randperm(len(modalities), generator=generator).tolist()]
+            loss, cells = model_loss(model, schema, batch, order, config.state_change_penalty)
+            if cells == 0:
+                continue
+            if anchor is not None:
+                loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in params)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+
+
+def split_indices(n: int, fraction: float, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) index arrays; stratified by ``strata`` when given."""
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        perm = rng.permutation(n)
+        k = int(round(n * fraction))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+    held = []
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(len(idx) * fraction))])
+    held = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(n), held)
+    return keep, held
+
+
+def monitor_value(model: nn.Module, schema: Schema, data: TensorData, monitor: str, targets: Mapping) -> float:
+    """Higher is better. 'loss' -> -loss; '<task>:<metric>' at the final state."""
+    from .evaluation import predict_final  # local import: evaluation imports training's siblings
+    from .metrics import task_metrics
+
+    if monitor == "loss":
+        model.eval()
+        with torch.no_grad():
+            loss, _ = model_loss(model, schema, data)
+        return -float(loss)
+    task, metric = monitor.split(":", 1)
+    preds = predict_final(model, data, targets)
+    mask = data.y_present[task].numpy()
+    y = data.y[task].numpy()[mask]
+    kind = schema.tasks[task].kind
+    if kind == "regression":
+        st = targets[task]
+        y = y * st["std"] + st["mean"]
+    val = task_metrics(kind, y, preds[task][mask]).get(metric, float("nan"))
+    if math.isnan(val):
+        return -float("inf")
+    return -val if metric in ("mse", "mae") else val
+
+
+def default_monitor(schema: Schema) -> str:
+    task = next(iter(schema.tasks.values()))
+    return f"{task.name}:{'mse' if task.kind == 'regression' else 'auroc'}"
+
+
+def fit(
+    model: nn.Module,
+    schema: Schema,
+    targets: Mapping,
+    train: TensorData,
+    val: TensorData | None,
+    config: TrainConfig,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train with Adam, gradient clipping and early stopping on ``val``; restores the best weights.
+    Seeded: the same config and data give the same weights on CPU."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    monitor = default_monitor(schema) if config.monitor == "auto" else config.monitor
+    best, best_state, best_epoch, history = -float("inf"), None, 0, []
+    t0 = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        stats = train_epochs(model, schema, train, config, 1, gen, optimizer=opt)
+        rec = {"epoch": epoch, "train_loss": stats["loss"]}
+        if val is not None and len(val):
+            score = monitor_value(model, schema, val, monitor, targets)
+            rec["val_" + monitor] = score
+            if score > best + 1e-6:
+                best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+        history.append(rec)
+        if progress:
+            progress(rec)
+        if val is not None and epoch - best_epoch >= config.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"history": history, "best_epoch": best_epoch, "best_val": best, "monitor": monitor,
+            "seconds": time.perf_counter() - t0}

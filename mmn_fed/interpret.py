@@ -105,14 +105,22 @@ def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None,
     return path
 
 
-def plot_imc(table: pd.DataFrame, path: str | Path, title: str = "Importance score (IMC): encoder alone minus prior") -> Path:
-    m = table.assign(col=table["task"] + " " + table["output"]).pivot(index="modality", columns="col", values="mean_delta")
-    return _heatmap(m, title, Path(path), "RdBu_r", center=0.0)
+def plot_imc(table: pd.DataFrame, path: str | Path, value: str = "mean_delta", title: str | None = None) -> Path:
+    """Heatmap modality x task output. value='mean_delta' (signed shift from the prior, the paper's
+    importance score) or 'mean_abs_delta' (magnitude, which does not cancel across patients)."""
+    t = table.assign(col=table["task"] + " " + table["output"])
+    m = t.pivot(index="modality", columns="col", values=value)
+    m = m.loc[list(dict.fromkeys(table["modality"])), list(dict.fromkeys(t["col"]))]
+    if title is None:
+        title = ("Importance score (IMC): encoder alone minus prior" if value == "mean_delta"
+                 else "Importance score (IMC): mean |encoder alone - prior|")
+    return _heatmap(m, title, Path(path), "RdBu_r" if value == "mean_delta" else "Reds",
+                    center=0.0 if value == "mean_delta" else None, vmin=0 if value != "mean_delta" else None)
 
 
 def plot_cp(table: pd.DataFrame, path: str | Path, title: str = "Cumulative prediction (CP), one patient") -> Path:
     t = table.assign(row=table["task"] + " " + table["output"],
                      col=table["step"].astype(str) + ":" + table["state"] + np.where(table["applied"], "", " (missing)"))
     m = t.pivot(index="row", columns="col", values="prediction")
-    m = m[sorted(m.columns, key=lambda c: int(c.split(":")[0]))]
+    m = m.loc[list(dict.fromkeys(t["row"])), sorted(m.columns, key=lambda c: int(c.split(":")[0]))]
     return _heatmap(m, title, Path(path), "RdBu_r", vmin=0, vmax=1)

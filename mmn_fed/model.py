@@ -99,28 +99,32 @@ class MultiModN(nn.Module):
     def initial(self, batch: int) -> Tensor:
         return self.init_state.unsqueeze(0).expand(batch, -1)
 
-    def forward(
-        self,
-        x: Mapping[str, Tensor],
-        present: Mapping[str, Tensor],
-        order: Sequence[str] | None = None,
-        return_states: bool = False,
-    ):
+    def forward_stacked(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor],
+                        order: Sequence[str] | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """All states at once: logits {task: (S, B, k)}, applied (S, B), states (S, B, D), S = steps + 1.
+        Decoders run once over the stacked states (one call per task instead of one per state)."""
         order = list(order) if order is not None else self.modalities
         batch = next(iter(present.values())).shape[0]
         state = self.initial(batch)
-        outputs, applied, states = [self.decode(state)], [torch.ones(batch, dtype=torch.bool)], [state]
+        states, applied = [state], [torch.ones(batch, dtype=torch.bool)]
         for m in order:
             mask = present[m]
             if bool(mask.any()):
-                new = self.encoders[m](state, x[m])
-                state = torch.where(mask.unsqueeze(-1), new, state)
-            outputs.append(self.decode(state))
-            applied.append(mask)
+                state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m]), state)
             states.append(state)
+            applied.append(mask)
+        stacked = torch.stack(states)
+        flat = stacked.reshape(-1, stacked.shape[-1])
+        logits = {t: self.decoders[t](flat).reshape(len(states), batch, -1) for t in self.tasks}
+        return logits, torch.stack(applied), stacked
+
+    def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
+                return_states: bool = False):
+        logits, applied, states = self.forward_stacked(x, present, order)
+        outputs = [{t: logits[t][i] for t in self.tasks} for i in range(applied.shape[0])]
         if return_states:
-            return outputs, applied, states
-        return outputs, applied
+            return outputs, list(applied), list(states)
+        return outputs, list(applied)
 
 
 class PFusion(nn.Module):
@@ -139,16 +143,22 @@ class PFusion(nn.Module):
         fused = e * len(self.modalities)
         self.decoders = nn.ModuleDict({t: mlp(fused, config.hidden, k, config.dropout) for t, k in task_dims.items()})
 
-    def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
-                return_states: bool = False):
+    def forward_stacked(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor],
+                        order: Sequence[str] | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One decoded state (the fused embedding): logits {task: (1, B, k)}, applied (1, B), fused (1, B, F)."""
         batch = next(iter(present.values())).shape[0]
         embs = [self.encoders[m](x[m]) * present[m].unsqueeze(-1).to(x[m].dtype) for m in self.modalities]
         fused = torch.cat(embs, dim=-1)
-        outputs = [{t: self.decoders[t](fused) for t in self.tasks}]
-        applied = [torch.ones(batch, dtype=torch.bool)]
+        logits = {t: self.decoders[t](fused).unsqueeze(0) for t in self.tasks}
+        return logits, torch.ones(1, batch, dtype=torch.bool), fused.unsqueeze(0)
+
+    def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
+                return_states: bool = False):
+        logits, applied, states = self.forward_stacked(x, present, order)
+        outputs = [{t: logits[t][0] for t in self.tasks}]
         if return_states:
-            return outputs, applied, [fused]
-        return outputs, applied
+            return outputs, list(applied), list(states)
+        return outputs, list(applied)
 
 
 def build_model(modality_dims: Mapping[str, int], task_dims: Mapping[str, int], config: ModelConfig) -> nn.Module:

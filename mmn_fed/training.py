@@ -23,7 +23,7 @@ class TrainConfig:
     """Optimization hyperparameters; every field is settable from the CLI and from TOML."""
 
     epochs: int = 150
-    batch_size: int = 32
+    batch_size: int = 0  # 0 = auto: a power of two near n/50, between 32 and 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
@@ -43,6 +43,7 @@ class TrainConfig:
 
 
 def per_sample_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
+    """Loss per row: logits (N, k), y (N,)."""
     if kind == "binary":
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), y, reduction="none")
     if kind == "multiclass":
@@ -54,29 +55,29 @@ def model_loss(model: nn.Module, schema: Schema, batch: TensorData, order=None,
                state_change_penalty: float = 0.0) -> tuple[Tensor, int]:
     """Loss at every decoded state, averaged over the (state, task, sample) cells that exist:
     a cell exists when the sample reached that state through an encoder (or it is the initial
-    state) and has a label for that task. Returns (loss, number of cells)."""
-    need_states = state_change_penalty > 0
-    res = model(batch.x, batch.present, order=order, return_states=need_states)
-    outputs, applied = res[0], res[1]
+    state) and has a label for that task. Task weights scale their cells. Returns (loss, cells)."""
+    logits, applied, states = model.forward_stacked(batch.x, batch.present, order)
+    n_states = applied.shape[0]
     total = torch.zeros(())
     weight_sum = torch.zeros(())
     cells = 0
-    for out, app in zip(outputs, applied):
-        for t, logits in out.items():
-            task = schema.tasks[t]
-            mask = (app & batch.y_present[t]).float()
-            if mask.sum() == 0:
-                continue
-            loss = per_sample_loss(task.kind, logits, batch.y[t])
-            total = total + task.weight * (loss * mask).sum()
-            weight_sum = weight_sum + task.weight * mask.sum()
-            cells += int(mask.sum())
+    for t, lg in logits.items():
+        task = schema.tasks[t]
+        mask = (applied & batch.y_present[t].unsqueeze(0)).reshape(-1).float()
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        y = batch.y[t].repeat(n_states)
+        loss = per_sample_loss(task.kind, lg.reshape(-1, lg.shape[-1]), y)
+        total = total + task.weight * (loss * mask).sum()
+        weight_sum = weight_sum + task.weight * n
+        cells += n
     loss = total / weight_sum.clamp(min=1.0)
-    if need_states:
-        states = res[2]
-        pen = [((s1 - s0) ** 2).sum(-1)[a].mean() for s0, s1, a in zip(states[:-1], states[1:], applied[1:]) if a.any()]
-        if pen:
-            loss = loss + state_change_penalty * torch.stack(pen).mean()
+    if state_change_penalty > 0 and n_states > 1:
+        step = ((states[1:] - states[:-1]) ** 2).sum(-1)  # (S-1, B)
+        a = applied[1:].float()
+        if a.sum() > 0:
+            loss = loss + state_change_penalty * (step * a).sum() / a.sum()
     return loss, cells
 
 
@@ -93,7 +94,17 @@ def module_counts(model: nn.Module, data: TensorData) -> dict[str, int]:
     return counts
 
 
+def resolve_batch_size(batch_size: int, n: int) -> int:
+    if batch_size > 0:
+        return batch_size
+    b = 32
+    while b < 256 and b * 50 < n:
+        b *= 2
+    return b
+
+
 def iterate_batches(n: int, batch_size: int, generator: torch.Generator):
+    batch_size = resolve_batch_size(batch_size, n)
     perm = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
         yield perm[i:i + batch_size]
@@ -114,7 +125,7 @@ def train_epochs(
     against the weights at entry; ``trainable(name)`` restricts which parameters move."""
     params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer is None:
-        optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
     modalities = list(getattr(model, "modalities", data.modalities))
     model.train()
@@ -199,7 +210,7 @@ def fit(
     Seeded: the same config and data give the same weights on CPU."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     monitor = default_monitor(schema) if config.monitor == "auto" else config.monitor
     best, best_state, best_epoch, history = -float("inf"), None, 0, []
     t0 = time.perf_counter()

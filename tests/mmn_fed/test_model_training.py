@@ -199,3 +199,30 @@ def test_cli_train_writes_model_and_metrics(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mmn_fed.cli", "train", "--dataset", "nope.csv", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--schema" in bad.stderr
+
+
+def test_input_order_is_irrelevant_when_order_is_fixed(heart):
+    _, _, prep, data = heart
+    model = fresh(prep)
+    rev_x = dict(reversed(list(data.x.items())))
+    rev_p = dict(reversed(list(data.present.items())))
+    with torch.no_grad():
+        a, _ = model(data.x, data.present)
+        b, _ = model(rev_x, rev_p)
+    for s in range(len(a)):
+        assert torch.equal(a[s]["disease"], b[s]["disease"])
+
+
+def test_shuffled_order_training_makes_order_matter_less():
+    df, schema = make_synthetic(600, {"a": 3, "b": 3, "c": 3}, seed=4)
+    schema = schema.subset(tasks=["outcome"])
+    gaps = {}
+    for shuffle in (False, True):
+        r = train_centralized(df, schema, ModelConfig(dropout=0.0),
+                              TrainConfig(epochs=25, seed=0, patience=100, shuffle_order=shuffle))
+        m, d = r.trained.model, encode(r.trained.preprocessor, df)
+        with torch.no_grad():
+            fwd, _ = m(d.x, d.present)
+            rev, _ = m(d.x, d.present, order=list(reversed(m.modalities)))
+        gaps[shuffle] = float((torch.sigmoid(fwd[-1]["outcome"]) - torch.sigmoid(rev[-1]["outcome"])).abs().mean())
+    assert gaps[True] < gaps[False]

@@ -32,6 +32,9 @@ class TrainConfig:
     monitor: str = "auto"  # "loss", "<task>:auroc", "<task>:mse"... ; auto = first task's main metric
     shuffle_order: bool = False  # permute the encoder order per batch (order invariance)
     state_change_penalty: float = 0.0
+    # Reweight loss cells so that, among rows reaching a state with the same pattern of applied encoders,
+    # labels keep their overall prevalence: the model cannot learn label-dependent (MNAR) missingness.
+    balance_missingness: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -67,10 +70,12 @@ def model_loss(model: nn.Module, schema: Schema, batch: TensorData, order=None,
         n = int(mask.sum())
         if n == 0:
             continue
+        if batch.cell_weight is not None and t in batch.cell_weight:
+            mask = mask * batch.cell_weight[t].reshape(-1)
         y = batch.y[t].repeat(n_states)
         loss = per_sample_loss(task.kind, lg.reshape(-1, lg.shape[-1]), y)
         total = total + task.weight * (loss * mask).sum()
-        weight_sum = weight_sum + task.weight * n
+        weight_sum = weight_sum + task.weight * mask.sum()
         cells += n
     loss = total / weight_sum.clamp(min=1.0)
     if state_change_penalty > 0 and n_states > 1:
@@ -92,6 +97,48 @@ def module_counts(model: nn.Module, data: TensorData) -> dict[str, int]:
     for t, p in data.y_present.items():
         counts[decoder_module(t)] = int(p.sum())
     return counts
+
+
+def missingness_balance_weights(model: nn.Module, schema: Schema, data: TensorData,
+                                max_weight: float = 10.0) -> dict[str, Tensor]:
+    """Per classification task, a (S, N) loss weight p(y) / p(y | pattern) where pattern is which encoders a
+    row passed through up to state i (MultiModN) or which modalities it holds (P-Fusion, one state).
+    Within every pattern the weighted labels then have the overall prevalence, so presence patterns carry
+    no label information (inverse-propensity weighting for label-dependent missingness). Computed from
+    ``data`` alone: a federated site balances its own rows."""
+    mods = list(getattr(model, "modalities", data.modalities))
+    pres = torch.stack([data.present[m] for m in mods]).numpy()  # (M, N)
+    sequential = hasattr(model, "init_state")
+    steps = range(len(mods) + 1) if sequential else [len(mods)]
+    out = {}
+    for t in schema.tasks:
+        if schema.tasks[t].kind == "regression" or t not in data.y:
+            continue
+        lab = data.y_present[t].numpy()
+        y = data.y[t].numpy().astype(np.int64)
+        w = np.ones((len(steps), len(data)), dtype=np.float32)
+        if lab.sum() == 0:
+            out[t] = torch.from_numpy(w)
+            continue
+        classes = np.unique(y[lab])
+        overall = {c: float(np.mean(y[lab] == c)) for c in classes}
+        for i, k in enumerate(steps):
+            if k == 0:
+                continue
+            key = np.zeros(len(data), dtype=np.int64)
+            for j in range(k):  # pattern over the first k modalities as an integer
+                key = key * 2 + pres[j].astype(np.int64)
+            for pat in np.unique(key[lab]):
+                rows = (key == pat) & lab
+                shares = {c: float(np.mean(y[rows] == c)) for c in classes}
+                if any(s * max_weight < overall[c] for c, s in shares.items()):
+                    # this pattern (nearly) determines the label: it cannot be balanced, leave its cells out
+                    w[i, rows] = 0.0
+                    continue
+                for c in classes:
+                    w[i, rows & (y == c)] = overall[c] / shares[c]
+        out[t] = torch.from_numpy(w)
+    return out
 
 
 def resolve_batch_size(batch_size: int, n: int) -> int:
@@ -127,6 +174,9 @@ def train_epochs(
     if optimizer is None:
         optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
+    if config.balance_missingness and data.cell_weight is None:
+        data = TensorData(data.x, data.present, data.y, data.y_present,
+                          missingness_balance_weights(model, schema, data))
     modalities = list(getattr(model, "modalities", data.modalities))
     model.train()
     losses, steps = [], 0

@@ -1,0 +1,100 @@
+"""Flower ClientApp: a site. It loads its own rows (simulation: by partition id; deployment: a CSV and a
+site name from node config), and for each message uses only the modules the server sent it.
+
+Handlers are thin: they unpack a message, call ``clients.site``, and pack the reply (``clients.protocol``).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge_runtime.preprocessing import Preprocessor
+from edge_runtime.schema import Schema
+from mmn_fed.model import ModelConfig
+
+from . import protocol as P
+from .site import LocalSettings, Site, load_rows, site_source
+
+app = ClientApp()
+
+_SITES: dict = {}
+_PREPS: dict[str, Preprocessor] = {}
+
+
+def _site(context: Context) -> Site:
+    src = site_source(context.node_config, context.run_config)
+    if src not in _SITES:
+        _SITES[src] = Site(src.name, load_rows(src))
+    return _SITES[src]
+
+
+def _prep(config: ConfigRecord) -> tuple[Preprocessor, str]:
+    text = str(config["prep"])
+    key = P.digest(text)
+    if key not in _PREPS:
+        _PREPS.clear()
+        _PREPS[key] = Preprocessor.from_dict(json.loads(text))
+    return _PREPS[key], key
+
+
+def _unpack(msg: Message) -> tuple[ConfigRecord, LocalSettings]:
+    torch.set_num_threads(1)  # tiny modules: one thread is fastest, and keeps engines bit-identical
+    config = msg.content["config"]
+    return config, LocalSettings.from_config(config)
+
+
+def _site_record(site: Site) -> ConfigRecord:
+    return ConfigRecord({"name": site.name, "rows": len(site.rows)})
+
+
+@app.query("summary")
+def summary(msg: Message, context: Context) -> Message:
+    """Mergeable preprocessing summary of this site's training rows."""
+    config, settings = _unpack(msg)
+    site = _site(context)
+    schema = Schema.from_dict(json.loads(str(config["schema"])))
+    content = RecordDict({"site": _site_record(site), "summary": P.json_record(site.summary(schema, settings))})
+    return Message(content, reply_to=msg)
+
+
+@app.query("profile")
+def profile(msg: Message, context: Context) -> Message:
+    """Samples per module this site can train (modalities present, tasks labelled)."""
+    config, settings = _unpack(msg)
+    site = _site(context)
+    prep, key = _prep(config)
+    counts = site.module_counts(prep, key, settings, ModelConfig.from_dict(json.loads(str(config["model-config"]))))
+    return Message(RecordDict({"site": _site_record(site), "counts": MetricRecord(counts)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs on the received modules only; reply with them, their counts and the loss."""
+    config, settings = _unpack(msg)
+    site = _site(context)
+    prep, key = _prep(config)
+    params = P.from_arrayrecord(msg.content["arrays"])
+    new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
+                                      settings, params, int(config["server-round"]))
+    content = RecordDict({"arrays": P.to_arrayrecord(new), "counts": MetricRecord(counts),
+                          "metrics": P.metric_record(metrics), "site": _site_record(site)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the received modules on local validation rows, per task, as tidy records."""
+    config, settings = _unpack(msg)
+    site = _site(context)
+    prep, key = _prep(config)
+    mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
+    records = site.evaluate(prep, key, mc, settings, P.from_arrayrecord(msg.content["arrays"]),
+                            {"model": mc.kind, "training": "federated", "seed": settings.seed,
+                             "round": int(config["server-round"])})
+    flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
+    flat.update({f"{r['task']}/n": r["n"] for r in records})
+    content = RecordDict({"metrics": P.metric_record(flat), "records": P.json_record(records), "site": _site_record(site)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,195 @@
+"""A site's rows and what it does with them: summaries, module counts, local training, evaluation.
+
+Everything a ClientApp handler does, as plain functions of (site data, settings, parameters), so that
+the Flower glue in ``clients/app.py`` stays thin.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from edge_runtime.preprocessing import Preprocessor
+from edge_runtime.schema import Schema
+from mmn_fed.api import stratify_key
+from mmn_fed.data import TensorData, encode, load_builtin, read_table, site_summary
+from mmn_fed.evaluation import evaluate
+from mmn_fed.model import ModelConfig
+from mmn_fed.model_io import build_from_preprocessor
+from mmn_fed.modules import module_of
+from mmn_fed.training import TrainConfig, module_counts, split_indices, train_epochs
+
+
+class SiteDataError(ValueError):
+    """A site cannot find or use its data (node config or run config points nowhere)."""
+
+
+@dataclass(frozen=True)
+class SiteSource:
+    """Where a site's rows come from: a CSV (deployment, or a simulation data directory) or a
+    built-in dataset split by its site column (simulation without a data directory)."""
+
+    name: str
+    path: str = ""
+    dataset: str = ""
+    partition: int = -1
+
+
+def site_source(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSource:
+    """Deployment: node config ``data-path`` (+ ``site-name``). Simulation: ``partition-id`` indexes the
+    sites of the run config's ``data-dir`` (written by ``run_federation``) or of the built-in ``dataset``."""
+    if node_config.get("data-path"):
+        path = str(node_config["data-path"])
+        return SiteSource(str(node_config.get("site-name") or Path(path).stem), path=path)
+    if "partition-id" not in node_config:
+        raise SiteDataError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
+    pid = int(node_config["partition-id"])
+    data_dir = str(run_config.get("data-dir", "") or "")
+    if data_dir:
+        manifest = json.loads((Path(data_dir) / "sites.json").read_text())
+        if pid >= len(manifest["sites"]):
+            raise SiteDataError(f"partition-id {pid} but {data_dir} holds {len(manifest['sites'])} sites")
+        site = manifest["sites"][pid]
+        return SiteSource(site["name"], path=str(Path(data_dir) / site["file"]))
+    dataset = str(run_config.get("dataset", "heart"))
+    names = builtin_site_names(dataset)
+    if pid >= len(names):
+        raise SiteDataError(f"partition-id {pid} but dataset '{dataset}' has {len(names)} sites: {names}")
+    return SiteSource(names[pid], dataset=dataset, partition=pid)
+
+
+def builtin_site_names(dataset: str) -> list[str]:
+    df, schema = load_builtin(dataset)
+    if not schema.site_column:
+        raise SiteDataError(f"built-in dataset '{dataset}' names no site column; pass a data-dir")
+    return sorted(df[schema.site_column].astype(str).unique())
+
+
+@lru_cache(maxsize=16)
+def _read(path: str, mtime: float) -> pd.DataFrame:
+    return read_table(path)
+
+
+@lru_cache(maxsize=4)
+def _builtin_site(dataset: str, name: str) -> pd.DataFrame:
+    df, schema = load_builtin(dataset)
+    return df[df[schema.site_column].astype(str) == name].reset_index(drop=True)
+
+
+def load_rows(src: SiteSource) -> pd.DataFrame:
+    if src.path:
+        p = Path(src.path)
+        if not p.exists():
+            raise SiteDataError(f"site '{src.name}': data file {p} not found")
+        return _read(str(p), p.stat().st_mtime)
+    return _builtin_site(src.dataset, src.name)
+
+
+def split_site(schema: Schema, df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A site's local (train, validation) rows, stratified, deterministic in ``seed``."""
+    if val_fraction <= 0 or len(df) < 10:
+        return df, df.iloc[:0]
+    keep, val = split_indices(len(df), val_fraction, seed, stratify_key(schema, df))
+    return df.iloc[keep].reset_index(drop=True), df.iloc[val].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Per-round settings a site receives in its message config."""
+
+    epochs: int = 1
+    lr: float = 3e-3
+    mu: float = 0.0
+    batch_size: int = 0
+    weight_decay: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.2
+    balance_missingness: bool = False  # TrainConfig.balance_missingness (simulations: MNAR robustness)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LocalSettings":
+        return cls(epochs=int(cfg.get("local-epochs", 1)), lr=float(cfg.get("lr", 3e-3)), mu=float(cfg.get("mu", 0.0)),
+                   batch_size=int(cfg.get("batch-size", 0)), weight_decay=float(cfg.get("weight-decay", 1e-4)),
+                   seed=int(cfg.get("seed", 0)), val_fraction=float(cfg.get("val-fraction", 0.2)),
+                   balance_missingness=bool(cfg.get("balance-missingness", False)))
+
+
+def site_seed(seed: int, server_round: int, site: str) -> int:
+    """Seed of a site's local training in a round: the same on every engine and every restart."""
+    return (seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site.encode())) % (2**31 - 1)
+
+
+class Site:
+    """One site's data with the federation's settings: the object ClientApp handlers talk to."""
+
+    def __init__(self, name: str, rows: pd.DataFrame):
+        self.name = name
+        self.rows = rows
+        self._encoded: dict[tuple, tuple[TensorData, TensorData]] = {}
+
+    def splits(self, schema: Schema, settings: LocalSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return split_site(schema, self.rows, settings.val_fraction, settings.seed)
+
+    def summary(self, schema: Schema, settings: LocalSettings) -> dict:
+        """Mergeable preprocessing summary of the local training rows (never rows)."""
+        train, _ = self.splits(schema, settings)
+        return site_summary(schema, train)
+
+    def encoded(self, prep: Preprocessor, prep_key: str, settings: LocalSettings) -> tuple[TensorData, TensorData]:
+        key = (prep_key, settings.val_fraction, settings.seed)
+        if key not in self._encoded:
+            train, val = self.splits(prep.schema, settings)
+            self._encoded = {key: (encode(prep, train), encode(prep, val) if len(val) else None)}
+        return self._encoded[key]
+
+    def module_counts(self, prep: Preprocessor, prep_key: str, settings: LocalSettings, model_config: ModelConfig) -> dict[str, int]:
+        train, _ = self.encoded(prep, prep_key, settings)
+        model = build_from_preprocessor(prep, model_config)
+        return module_counts(model, train)
+
+    def train(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: LocalSettings,
+              params: Mapping[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
+        """Train the received modules only; return (their new values, per-module counts, metrics)."""
+        train, _ = self.encoded(prep, prep_key, settings)
+        seed = site_seed(settings.seed, server_round, self.name)
+        torch.manual_seed(seed)  # dropout
+        model = build_from_preprocessor(prep, model_config)
+        load_partial(model, params)
+        modules = {module_of(k) for k in params}
+        tc = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+                         weight_decay=settings.weight_decay, seed=seed,
+                         balance_missingness=settings.balance_missingness)
+        stats = train_epochs(model, prep.schema, train, tc, settings.epochs, torch.Generator().manual_seed(seed),
+                             prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules)
+        state = model.state_dict()
+        new = {k: state[k].detach().cpu().numpy().copy() for k in params}
+        counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
+        return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
+
+    def evaluate(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: LocalSettings,
+                 params: Mapping[str, np.ndarray], context: Mapping[str, Any]) -> list[dict]:
+        """Tidy records of the received modules on the local validation rows (training rows if none)."""
+        train, val = self.encoded(prep, prep_key, settings)
+        data, split = (val, "validation") if val is not None else (train, "train")
+        model = build_from_preprocessor(prep, model_config)
+        load_partial(model, params)
+        return evaluate(model, prep.schema, prep.targets, data, {**context, "site": self.name, "split": split},
+                        per_state=False, per_combination=False)
+
+
+def load_partial(model: torch.nn.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Load the given parameters into ``model``; the others keep their values (and are not used)."""
+    state = model.state_dict()
+    unknown = [k for k in params if k not in state]
+    if unknown:
+        raise SiteDataError(f"received parameters the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in params.items():
+            state[k].copy_(torch.from_numpy(np.asarray(v)))

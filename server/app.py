@@ -1,0 +1,307 @@
+"""Flower ServerApp: federated preprocessing, then rounds of per-module FedAvg with federated evaluation,
+a checkpoint after every round (resumed from when the run directory already holds one), and the final
+model + metrics.json + history written to the run directory.
+
+The round loop is ours rather than ``Strategy.start`` because it checkpoints and resumes; the strategy's
+hooks do the protocol and ``server.aggregation`` does the arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from clients import protocol as P
+from edge_runtime.preprocessing import Preprocessor, merge_summaries
+from edge_runtime.schema import Schema
+from mmn_fed.data import encode, load_builtin
+from mmn_fed.evaluation import evaluate, write_metrics
+from mmn_fed.model import ModelConfig
+from mmn_fed.model_io import build_from_preprocessor, save_model
+
+from .aggregation import ServerOptimizer
+from .strategy import ModularFedAvg, SiteInfo
+
+app = ServerApp()
+
+
+class FederationError(RuntimeError):
+    """The federation cannot proceed (no nodes, a checkpoint from another configuration, ...)."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Run settings (``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``--run-config``)."""
+
+    num_server_rounds: int = 20
+    local_epochs: int = 1
+    lr: float = 3e-3
+    mu: float = 0.0
+    batch_size: int = 0
+    weight_decay: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.2
+    balance_missingness: bool = False  # sites train with TrainConfig.balance_missingness
+    model: str = "multimodn"
+    state_size: int = 32
+    hidden: int = 32
+    dataset: str = "heart"
+    schema: str = ""  # schema TOML (overrides the dataset's)
+    tasks: str = ""  # comma list; "" = all of the schema's tasks
+    data_dir: str = ""  # simulation: sites.json + CSVs (+ test CSVs), written by run_federation
+    run_dir: str = "runs/federated"
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    keep_best: bool = False  # final model = the round with the best federated validation score (needs val-fraction > 0)
+    min_nodes: int = 0  # wait until this many nodes are connected (0: take those connected)
+    node_wait: float = 120.0
+    timeout: float = 3600.0
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
+        kw = {}
+        for name, f in cls.__dataclass_fields__.items():
+            key = name.replace("_", "-")
+            if key in rc:
+                v = rc[key]
+                kw[name] = (str(v).lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)(v)
+        return cls(**kw)
+
+    def site_config(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k.replace("-", "_")] for k in P.SITE_SETTINGS}
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(kind=self.model, state_size=self.state_size, hidden=self.hidden)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed (rounds may grow)."""
+        d = asdict(self)
+        for k in ("num_server_rounds", "run_dir", "min_nodes", "node_wait", "timeout", "data_dir"):
+            d.pop(k)
+        return d
+
+
+def load_schema(cfg: FederationConfig) -> Schema:
+    if cfg.schema:
+        schema = Schema.from_toml(cfg.schema)
+    elif cfg.data_dir and (Path(cfg.data_dir) / "schema.json").exists():
+        schema = Schema.from_dict(json.loads((Path(cfg.data_dir) / "schema.json").read_text()))
+    else:
+        schema = load_builtin(cfg.dataset)[1]
+    if cfg.tasks:
+        schema = schema.subset(tasks=[t.strip() for t in cfg.tasks.split(",")])
+    return schema
+
+
+def test_frames(cfg: FederationConfig) -> dict[str, pd.DataFrame]:
+    """Held-out test rows per site (simulation only: listed in the data directory's sites.json)."""
+    if not cfg.data_dir:
+        return {}
+    manifest = json.loads((Path(cfg.data_dir) / "sites.json").read_text())
+    return {t["name"]: pd.read_csv(Path(cfg.data_dir) / t["file"], low_memory=False) for t in manifest.get("test", [])}
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, FederationConfig.from_run_config(context.run_config))
+
+
+def wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
+    end = time.monotonic() + cfg.node_wait
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if nodes and len(nodes) >= cfg.min_nodes:
+            return nodes
+        if time.monotonic() > end:
+            raise FederationError(f"{len(nodes)} node(s) connected after {cfg.node_wait:.0f} s; need {max(cfg.min_nodes, 1)}")
+        time.sleep(1.0)
+
+
+def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, Any], timeout: float) -> dict[int, Message]:
+    msgs = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
+                    group_id="0") for n in nodes]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    failed = {n: (replies[n].error.reason if n in replies else "no reply") for n in nodes
+              if n not in replies or replies[n].has_error()}
+    if failed:
+        raise FederationError(f"{message_type} failed on node(s): {failed}")
+    return replies
+
+
+def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> Preprocessor:
+    """Sites send mergeable summaries of their training rows (never rows); the server merges them."""
+    replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), **cfg.site_config()}, cfg.timeout)
+    ordered = sorted(replies.values(), key=lambda r: str(r.content["site"]["name"]))
+    return Preprocessor.from_summary(schema, merge_summaries([P.from_json_record(r.content["summary"]) for r in ordered]))
+
+
+def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
+    replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
+                                             **cfg.site_config()}, cfg.timeout)
+    sites = {n: SiteInfo(n, str(r.content["site"]["name"]), {k: int(v) for k, v in r.content["counts"].items()})
+             for n, r in replies.items()}
+    names = [s.name for s in sites.values()]
+    if len(set(names)) != len(names):
+        raise FederationError(f"two nodes claim the same site name: {sorted(names)}")
+    return sites
+
+
+def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    schema = load_schema(cfg)
+    nodes = wait_for_nodes(grid, cfg)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
+    strategy = ModularFedAvg(optimizer=ServerOptimizer(kind=cfg.server_optimizer, lr=cfg.server_lr))
+    if ckpt:
+        prep_json, params, start, history = ckpt["prep"], ckpt["params"], ckpt["round"] + 1, json.loads(ckpt["history"])
+        best = (ckpt["best"]["score"], ckpt["best"]["round"], ckpt["best"]["params"])
+        strategy.load_state(ckpt["strategy"])
+        torch.set_rng_state(ckpt["rng"])
+        log(INFO, "resuming %s after round %d", run_dir, ckpt["round"])
+    else:
+        prep_json = json.dumps(federated_preprocessing(grid, nodes, schema, cfg).to_dict(), sort_keys=True)
+        torch.manual_seed(cfg.seed)
+        model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config())
+        params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        start, history = 1, []
+        best = (-float("inf"), 0, params)
+    prep = Preprocessor.from_dict(json.loads(prep_json))
+    strategy.sites = profile_sites(grid, nodes, prep_json, cfg)
+    strategy.summary()
+    tests = test_frames(cfg)
+    config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()), **cfg.site_config()})
+    for rnd in range(start, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, P.to_arrayrecord(params), config, grid), timeout=cfg.timeout)
+        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if arrays is not None:
+            params = P.from_arrayrecord(arrays)
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, P.to_arrayrecord(params), config, grid), timeout=cfg.timeout)
+        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+        entry = {"round": rnd, "seconds": time.perf_counter() - t0,
+                 "train": dict(train_metrics or {}), "federated_eval": dict(eval_metrics or {}),
+                 "bytes_down": sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == "down"),
+                 "bytes_up": sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == "up")}
+        if tests:
+            entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
+                             test_records(params, prep, cfg, tests, per_combination=False)
+                             if r["site"] == "all" and r["state"] == "final"}
+        score = validation_score(eval_metrics, prep.schema)
+        if score > best[0]:
+            best = (score, rnd, params)
+        entry["best_round"] = best[1]
+        history.append(entry)
+        log(INFO, "round %d: %s", rnd, {k: round(v, 4) for k, v in {**entry["train"], **entry["federated_eval"],
+                                                                   **entry.get("test", {})}.items() if v == v})
+        save_checkpoint(run_dir / "checkpoint.pt", cfg, rnd, params, prep_json, strategy, history, best)
+    if cfg.keep_best and best[1] > 0:
+        log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
+        params = best[2]
+    return finish(run_dir, cfg, params, prep, strategy, history, tests)
+
+
+def validation_score(eval_metrics, schema: Schema) -> float:
+    """Higher is better: the first task's AUROC (or -MSE), n-weighted over sites; -inf if unavailable."""
+    task = next(iter(schema.tasks.values()))
+    key, sign = (f"{task.name}/mse", -1.0) if task.kind == "regression" else (f"{task.name}/auroc", 1.0)
+    v = dict(eval_metrics or {}).get(key)
+    return sign * float(v) if v is not None and v == v else -float("inf")
+
+
+def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: FederationConfig) -> torch.nn.Module:
+    model = build_from_preprocessor(prep, cfg.model_config())
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in params.items()})
+    model.eval()
+    return model
+
+
+def test_records(params, prep: Preprocessor, cfg: FederationConfig, tests: Mapping[str, pd.DataFrame],
+                 per_combination: bool = True) -> list[dict[str, Any]]:
+    """Global model on held-out rows: pooled (site 'all') and per site, per modality combination."""
+    model = global_model(params, prep, cfg)
+    ctx = {"model": cfg.model, "training": "federated", "seed": cfg.seed, "condition": "clean"}
+    pooled = pd.concat(list(tests.values()), ignore_index=True)
+    records = evaluate(model, prep.schema, prep.targets, encode(prep, pooled), {**ctx, "site": "all"},
+                       per_combination=per_combination)
+    if per_combination:
+        for name, df in tests.items():
+            records += evaluate(model, prep.schema, prep.targets, encode(prep, df), {**ctx, "site": name},
+                                per_state=False, per_combination=True)
+    return records
+
+
+def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
+           history: list[dict], tests: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    model = global_model(params, prep, cfg)
+    save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
+               {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
+                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed})
+    last = max((e["round"] for e in strategy.evaluations), default=0)
+    records = [r for r in strategy.evaluations if r["round"] == last]
+    if tests:
+        records = test_records(params, prep, cfg, tests) + records
+    write_metrics(run_dir / "metrics.json", records)
+    _write_json(run_dir / "history.json", history)
+    _write_json(run_dir / "comm.json", strategy.comm)
+    _write_json(run_dir / "evaluation.json", strategy.evaluations)
+    return {"run_dir": str(run_dir), "history": history}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, cfg: FederationConfig, rnd: int, params, prep_json: str, strategy: ModularFedAvg,
+                    history: list[dict], best: tuple) -> None:
+    """Atomically (write then rename) everything needed to continue after round ``rnd``."""
+    st = strategy.state()
+    opt = st["optimizer"]
+    payload = {
+        "format": "mmn-fed-checkpoint", "round": rnd, "config": json.dumps(cfg.fingerprint(), sort_keys=True),
+        "params": {k: torch.from_numpy(np.asarray(v).copy()) for k, v in params.items()},
+        "prep": prep_json, "history": json.dumps(history), "rng": torch.get_rng_state(),
+        "best": {"score": float(best[0]), "round": int(best[1]),
+                 "params": {k: torch.from_numpy(np.asarray(v).copy()) for k, v in best[2].items()}},
+        "strategy": {"optimizer": {"kind": opt["kind"], "steps": opt["steps"],
+                                   "m": {k: torch.from_numpy(v) for k, v in opt["m"].items()},
+                                   "v": {k: torch.from_numpy(v) for k, v in opt["v"].items()}},
+                     "comm": st["comm"], "evaluations": st["evaluations"]},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg: FederationConfig) -> dict | None:
+    if not path.exists():
+        return None
+    ck = torch.load(path, weights_only=True)
+    if ck.get("format") != "mmn-fed-checkpoint":
+        raise FederationError(f"{path} is not an mmn-fed checkpoint")
+    if json.loads(ck["config"]) != json.loads(json.dumps(cfg.fingerprint(), sort_keys=True)):
+        raise FederationError(f"{path} was written with other settings; use a new run directory or the same settings")
+    ck["params"] = {k: v.numpy() for k, v in ck["params"].items()}
+    ck["best"]["params"] = {k: v.numpy() for k, v in ck["best"]["params"].items()}
+    opt = ck["strategy"]["optimizer"]
+    opt["m"] = {k: v.numpy() for k, v in opt["m"].items()}
+    opt["v"] = {k: v.numpy() for k, v in opt["v"].items()}
+    return ck
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.replace(path)

@@ -1,0 +1,303 @@
+"""Figures and one self-contained ``report.html`` (PNGs embedded as base64) from a scenario's records.
+
+Every number in the report is computed here from the same records written to ``metrics.json``:
+the final-state, all-combinations records, averaged over seeds with ``mmn_fed.metrics.mean_ci95``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from mmn_fed.metrics import mean_ci95
+
+from .scenario import Scenario
+
+COLORS = {"multimodn": "#c0392b", "pfusion": "#222222"}  # the paper's Figure 5: MultiModN red, P-Fusion black
+STYLES = {"clean": "--", "mnar_flipped": "-", "scenario": ":"}
+MARKERS = {"federated": "o", "centralized": "s", "local": "^"}
+NAMES = {"multimodn": "MultiModN", "pfusion": "P-Fusion"}
+
+
+# ---- numbers ----------------------------------------------------------------------------------
+
+def primary(sc: Scenario) -> tuple[str, str]:
+    """(task, metric) the figures show: the first task, AUROC (MSE for regression)."""
+    task = next(iter(sc.schema.tasks))
+    return task, ("mse" if sc.schema.tasks[task].kind == "regression" else "auroc")
+
+
+def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = (), site: str | None = "all",
+              task: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """Mean and 95% CI over seeds of final-state, all-combination records, one row per
+    (sweep values, model, training, condition, site, task, metric)."""
+    df = pd.DataFrame(list(records))
+    if df.empty:
+        return pd.DataFrame()
+    df = df[(df["state"] == "final") & (df["combination"] == "all")]
+    if site is not None:
+        df = df[df["site"] == site]
+    if task is not None:
+        df = df[df["task"] == task]
+    if metric is not None:
+        df = df[df["metric"] == metric]
+    keys = [k for k in sweep_keys if k in df.columns] + ["model", "training", "condition", "site", "task", "metric"]
+    rows = []
+    for group, part in df.groupby(keys, sort=False, dropna=False):
+        m, lo, hi = mean_ci95(part["value"].astype(float).tolist())
+        rows.append({**dict(zip(keys, group)), "mean": m, "ci_low": lo, "ci_high": hi, "seeds": int(part["seed"].nunique())})
+    return pd.DataFrame(rows)
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path, title: str) -> Path:
+    """The paper's Figure 5: metric vs a numeric sweep value, one panel per training mode; colour = model,
+    line style = test condition, shaded 95% CI."""
+    plt = _plt()
+    trainings = list(dict.fromkeys(table["training"]))
+    fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
+    for ax, training in zip(axes[0], trainings):
+        part = table[table["training"] == training]
+        for (model, cond), g in part.groupby(["model", "condition"], sort=False):
+            g = g.sort_values(key)
+            x = g[key].astype(float).to_numpy()
+            ax.plot(x, g["mean"], STYLES.get(cond, "-."), color=COLORS.get(model, None), marker="o", ms=4,
+                    label=f"{NAMES.get(model, model)}, test {cond}")
+            ax.fill_between(x, g["ci_low"], g["ci_high"], color=COLORS.get(model, None), alpha=0.15, lw=0)
+        if metric == "auroc":
+            ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
+        ax.set_title(f"{training}", fontsize=10)
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str, path: Path, title: str) -> Path:
+    """Grouped bars with 95% CI error bars: x = model/training (and sweep value), bars = test condition."""
+    plt = _plt()
+    table = table.copy()
+    table["group"] = table[group_cols].astype(str).agg(" / ".join, axis=1)
+    groups = list(dict.fromkeys(table["group"]))
+    conds = list(dict.fromkeys(table["condition"]))
+    width = 0.8 / max(len(conds), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) * max(len(conds), 1) * 0.6 + 2), 4.0))
+    for i, cond in enumerate(conds):
+        part = table[table["condition"] == cond].set_index("group").reindex(groups)
+        x = np.arange(len(groups)) + (i - (len(conds) - 1) / 2) * width
+        err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
+        ax.bar(x, part["mean"], width, yerr=np.nan_to_num(err), capsize=3, label=f"test {cond}",
+               color=["#c0392b", "#555555", "#2e86c1"][i % 3], alpha=0.85)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
+    if metric == "auroc":
+        lo = float(np.nanmin(table["ci_low"])) if len(table) else 0.5
+        ax.set_ylim(max(0.0, min(0.5, lo - 0.05)), 1.0)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
+    im = ax.imshow(table.values, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index)
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            v = table.values[i, j]
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if v != v else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(df: pd.DataFrame, ci: bool = True) -> str:
+    if df.empty:
+        return "<p><em>no results</em></p>"
+    df = df.copy()
+    if ci and "mean" in df.columns:
+        df["mean [95% CI]"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if m == m else "–"
+                               for m, lo, hi in zip(df["mean"], df["ci_low"], df["ci_high"])]
+        df = df.drop(columns=["mean", "ci_low", "ci_high"])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _availability_tables(sc: Scenario) -> list[tuple[str, pd.DataFrame]]:
+    """Training-row modality availability per site for the first and last sweep point (first seed)."""
+    from mmn_fed.data import fit_preprocessor
+
+    from .missingness import availability
+    from .runner import prepare
+
+    points = sc.points()
+    chosen = [points[0]] if len(points) == 1 else [points[0], points[-1]]
+    out = []
+    for values, psc in chosen:
+        data = prepare(psc, psc.run.seeds[0])
+        prep = fit_preprocessor(psc.schema, pd.concat([data.train] + list(data.tests.values()), ignore_index=True))
+        label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
+        tab = availability(prep, data.train, data.train_sites)
+        tab.insert(0, "rows", pd.Series(data.train_sites).value_counts().reindex(tab.index).to_numpy())
+        out.append((f"training rows ({label})", tab))
+        for cond, frame in data.tests.items():
+            tt = availability(prep, frame, data.test_sites)
+            tt.insert(0, "rows", pd.Series(data.test_sites).value_counts().reindex(tt.index).to_numpy())
+            out.append((f"test rows, condition {cond} ({label})", tt))
+    return out
+
+
+def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | None:
+    done = [i for i in infos.values() if i.get("status") == "done" and i["model"] == "multimodn"
+            and (out / "runs" / i["key"] / "imc.csv").exists()]
+    rank = {"federated": 0, "centralized": 1, "local": 2}
+    done.sort(key=lambda i: (rank.get(i["training"], 3), -i["point"], i["seed"]))
+    if not done:
+        return None
+    i = done[0]
+    return f"{i['training']} MultiModN, seed {i['seed']}, sweep {i['sweep'] or '-'}", out / "runs" / i["key"]
+
+
+def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[str, Mapping], summary: Mapping) -> Path:
+    """Write figures/*.png and report.html; returns the report's path."""
+    from mmn_fed.interpret import plot_cp, plot_imc
+
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    task, metric = primary(sc)
+    keys = list(sc.sweep)
+    parts: list[str] = []
+    figures: list[str] = []
+
+    main = summarize(records, keys, task=task, metric=metric)
+    if not main.empty:
+        numeric = len(keys) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sc.sweep[keys[0]])
+        if numeric:
+            p = plot_sweep(main, keys[0], task, metric, figs / "sweep.png",
+                           f"{sc.name}: {task} {metric.upper()} vs {keys[0]}")
+            figures.append(_img(p, f"{task} {metric.upper()} vs {keys[0]} (colour: model; dashed: clean test, "
+                                   f"solid: label-flipped test; shaded: 95% CI over seeds)"))
+        else:
+            p = plot_bars(main, keys + ["model", "training"], task, metric, figs / "metrics.png",
+                          f"{sc.name}: {task} {metric.upper()}")
+            figures.append(_img(p, f"{task} {metric.upper()} per model and training mode (95% CI over seeds)"))
+
+    avail_html = []
+    for i, (label, tab) in enumerate(_availability_tables(sc)):
+        if label.startswith("training"):
+            p = plot_availability(tab.drop(columns=["rows"]), figs / f"availability_{i}.png",
+                                  f"Modality availability, {label}")
+            avail_html.append(_img(p, f"Share of rows holding each modality per site, {label}"))
+        shown = tab.copy()
+        for c in shown.columns[1:]:
+            shown[c] = [f"{v:.0%}" for v in shown[c]]
+        avail_html.append(f"<h4>{html.escape(label)}</h4>" + _table(shown.reset_index(names="site"), ci=False))
+
+    explain = _explain_run(infos, out)
+    if explain:
+        label, run_dir = explain
+        t_imc = pd.read_csv(run_dir / "imc.csv")
+        p = plot_imc(t_imc, figs / "imc.png", title=f"IMC: encoder alone minus prior ({label})")
+        figures.append(_img(p, f"Individual modality contribution (IMC), {label}"))
+        p = plot_imc(t_imc, figs / "imc_abs.png", value="mean_abs_delta", title=f"IMC magnitude ({label})")
+        figures.append(_img(p, f"IMC magnitude (mean |encoder alone - prior|), {label}"))
+        t_cp = pd.read_csv(run_dir / "cp.csv")
+        p = plot_cp(t_cp, figs / "cp.png", title=f"CP, one test patient ({label})")
+        figures.append(_img(p, f"Cumulative prediction (CP) of one test patient, {label}"))
+
+    all_tasks = summarize(records, keys)
+    per_site = summarize(records, keys, site=None, task=task, metric=metric)
+    per_site = per_site[per_site["site"] != "all"] if not per_site.empty else per_site
+
+    rules = "".join(f"<li>{html.escape(r.describe())}</li>" for r in sc.rules) or "<li>none</li>"
+    status = (f"{summary['done']} of {summary['jobs']} runs done")
+    notes = "".join(f"<li class='warn'>unavailable: {html.escape(u)}</li>" for u in summary.get("unavailable", []))
+    notes += "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
+    sweep = "".join(f"<li><code>{html.escape(k)}</code> = {html.escape(json.dumps(v))}</li>" for k, v in sc.sweep.items())
+    try:
+        import tomli_w
+
+        toml_text = tomli_w.dumps(sc.to_dict())
+    except Exception:  # tomli_w is optional: fall back to JSON
+        toml_text = json.dumps(sc.to_dict(), indent=1, default=str)
+
+    parts.append(f"<h1>Simulation report: {html.escape(sc.name)}</h1>")
+    if sc.description:
+        parts.append(f"<p>{html.escape(sc.description)}</p>")
+    parts.append(f"<p>{status}. Data: <b>{html.escape(sc.data.builtin or str(sc.data.csv))}</b>; tasks "
+                 f"{', '.join(sc.schema.tasks)}; sites: {html.escape(sc.sites.describe())}"
+                 f"{'; deployment (held-out) sites: ' + ', '.join(sc.test.holdout_sites) if sc.test.holdout_sites else ''}; "
+                 f"models {', '.join(sc.run.models)}; training {', '.join(sc.run.training)}; seeds "
+                 f"{list(sc.run.seeds)}; test share {sc.test.fraction:.0%} of each site.</p>")
+    if notes:
+        parts.append(f"<ul>{notes}</ul>")
+    parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
+    parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
+                 "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")
+    if sweep:
+        parts.append(f"<h2>Sweep</h2><ul>{sweep}</ul>")
+    parts.append(f"<h2>{html.escape(task)} {metric.upper()} (all test rows, mean [95% CI] over seeds)</h2>" + _table(main))
+    parts.append("<h2>Figures</h2>" + "".join(figures))
+    parts.append("<h2>Sites and modality availability</h2>" + "".join(avail_html))
+    if not per_site.empty:
+        parts.append(f"<h2>{html.escape(task)} {metric.upper()} per site</h2>" + _table(per_site))
+    parts.append("<details><summary>All tasks and metrics</summary>" + _table(all_tasks) + "</details>")
+    parts.append(f"<details><summary>Scenario file</summary><pre>{html.escape(toml_text)}</pre></details>")
+    parts.append("<p class='small'>Numbers: final-state records with combination = all from metrics.json "
+                 "(results.csv holds the same records), mean and t-based 95% CI over seeds.</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:24px auto;padding:0 16px;color:#222}"
+             "table{border-collapse:collapse;margin:8px 0 18px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:left}th{background:#f2f2f2}figure{margin:12px 0}img{max-width:100%;border:1px solid #eee}"
+             "figcaption{font-size:12px;color:#555}.warn{color:#a04000}.small{font-size:12px;color:#666}"
+             "pre{background:#f7f7f7;padding:8px;font-size:12px}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>mmn-fed simulation: {html.escape(sc.name)}</title>"
+           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path = out / "report.html"
+    path.write_text(doc)
+    return path

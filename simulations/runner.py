@@ -1,0 +1,402 @@
+"""Scenario runner: every (sweep point, model, training, seed) as one resumable job.
+
+A job prepares the data of its point and seed (sites, per-site stratified train/test split, missingness
+on the training rows, one test table per condition), trains through a *training backend*
+(centralized / local / federated), evaluates every condition with ``mmn_fed.evaluation`` and writes
+``runs/<key>/records.json``, the model file(s) and ``info.json``. A job whose ``info.json`` says done is
+not redone. Jobs run in a process pool (one torch thread per process: these networks are tiny).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from .missingness import apply_rules
+from .scenario import Scenario, ScenarioError
+from .sites import assign_sites
+
+
+class FederationUnavailable(RuntimeError):
+    """The federation engine (``server``) is not importable or lacks the in-process entry point."""
+
+
+# ---- plan -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Job:
+    point: int
+    values: tuple[tuple[str, Any], ...]  # sweep values at this point (dotted key, value)
+    model: str
+    training: str
+    seed: int
+    key: str  # directory name under runs/; changes whenever the point's configuration changes
+
+    @property
+    def sweep(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def plan(scenario: Scenario) -> list[tuple[Job, Scenario]]:
+    """Every job of the scenario, with the scenario at its sweep point."""
+    jobs = []
+    for i, (values, sc) in enumerate(scenario.points()):
+        digest = hashlib.sha1(json.dumps(sc.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        for model in sc.run.models:
+            for training in sc.run.training:
+                for seed in sc.run.seeds:
+                    key = f"p{i}-{model}-{training}-s{seed}-{digest}"
+                    jobs.append((Job(i, tuple((k, _plain(v)) for k, v in values.items()), model, training, seed, key), sc))
+    return jobs
+
+
+def _plain(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def sweep_label(v: Any) -> Any:
+    """A sweep value as it appears in records: lists become 'a+b'."""
+    return "+".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+
+
+# ---- data of one point and seed ---------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    train: pd.DataFrame  # training rows, scenario missingness applied
+    train_sites: np.ndarray
+    tests: dict[str, pd.DataFrame]  # condition -> test rows
+    test_sites: np.ndarray
+    site_order: list[str]
+    holdout: list[str]
+
+    def site_frames(self) -> dict[str, pd.DataFrame]:
+        """Training rows per training site (what each hospital holds)."""
+        return {s: self.train[self.train_sites == s].reset_index(drop=True)
+                for s in self.site_order if s not in self.holdout and (self.train_sites == s).any()}
+
+
+@functools.lru_cache(maxsize=4)
+def _load(builtin: str | None, csv: str | None) -> pd.DataFrame:
+    from mmn_fed.data import load_builtin, read_table
+
+    return load_builtin(builtin)[0] if builtin else read_table(csv)
+
+
+def load_frame(sc: Scenario) -> pd.DataFrame:
+    csv = str((sc.base_dir / sc.data.csv).resolve()) if sc.data.csv else None
+    return _load(sc.data.builtin, csv)
+
+
+def prepare(sc: Scenario, seed: int) -> Prepared:
+    """Sites, per-site train/test split (seeded), missingness on training rows and per test condition."""
+    from mmn_fed.api import stratify_key
+    from mmn_fed.data import check_columns
+    from mmn_fed.training import split_indices
+
+    df = load_frame(sc)
+    try:
+        check_columns(sc.schema, df)
+    except Exception as e:
+        raise ScenarioError(f"data: {e}") from None
+    try:
+        sites = assign_sites(df, sc.schema, sc.sites)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    order = list(dict.fromkeys(sorted(sites)))
+    for i, r in enumerate(sc.rules):
+        for s in r.sites or ():
+            if s not in order:
+                raise ScenarioError(f"missingness.{i}.sites: unknown site {s!r}; sites are {order}")
+    for s in sc.test.holdout_sites:
+        if s not in order:
+            raise ScenarioError(f"test.holdout_sites: unknown site {s!r}; sites are {order}")
+    holdout = list(sc.test.holdout_sites)
+    if len(holdout) == len(order):
+        raise ScenarioError("test.holdout_sites: every site is held out; nothing is left to train on")
+    strata = np.asarray(stratify_key(sc.schema, df)).astype(str) + "|" + sites.astype(str)
+    keep, test = split_indices(len(df), sc.test.fraction, seed, strata)
+    in_holdout = np.isin(sites, holdout)
+    train_idx = keep[~in_holdout[keep]]
+    test_idx = np.sort(np.concatenate([test, np.flatnonzero(in_holdout & ~np.isin(np.arange(len(df)), test))]))
+    train_raw = df.iloc[train_idx].reset_index(drop=True)
+    test_raw = df.iloc[test_idx].reset_index(drop=True)
+    train_sites, test_sites = sites[train_idx], sites[test_idx]
+    train = apply_rules(train_raw, sc.schema, sc.rules, train_sites, seed, "train")
+    tests = {}
+    for cond in sc.test.conditions:
+        if cond == "clean":
+            tests[cond] = test_raw
+        else:
+            tests[cond] = apply_rules(test_raw, sc.schema, sc.rules, test_sites, seed, "test",
+                                      flip_mnar=cond == "mnar_flipped")
+    return Prepared(train, train_sites, tests, test_sites, order, holdout)
+
+
+# ---- training backends ------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    """One trained model and the test sites it answers for (None = every test row)."""
+
+    trained: Any  # mmn_fed.model_io.TrainedModel
+    label: str = ""  # '' for one global model; the site name for local models
+    eval_sites: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _configs(sc: Scenario, model: str, seed: int):
+    from mmn_fed.model import ModelConfig
+    from mmn_fed.training import TrainConfig
+
+    r = sc.run
+    mc = ModelConfig(kind=model, state_size=r.state_size, hidden=r.hidden)
+    tc = TrainConfig(epochs=r.epochs, patience=r.patience, lr=r.lr, batch_size=r.batch_size, seed=seed,
+                     balance_missingness=r.balanced(model))
+    return mc, tc
+
+
+def train_centralized(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
+    """One model on the pooled training rows of every training site."""
+    from mmn_fed.api import train_centralized as fit_pooled
+
+    mc, tc = _configs(sc, model, seed)
+    pooled = pd.concat(list(data.site_frames().values()), ignore_index=True)
+    res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed})
+    return [Trained(res.trained, info={"best_epoch": res.fit_info["best_epoch"], "seconds": res.fit_info["seconds"]})]
+
+
+def train_local(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
+    """One model per training site on its own rows, scored on that site's test rows only."""
+    from mmn_fed.api import train_centralized as fit_pooled
+
+    mc, tc = _configs(sc, model, seed)
+    out = []
+    for site, frame in data.site_frames().items():
+        res = fit_pooled(frame, sc.schema, mc, tc,
+                         provenance={"scenario": sc.name, "training": "local", "site": site, "seed": seed})
+        out.append(Trained(res.trained, site, [site], {"best_epoch": res.fit_info["best_epoch"]}))
+    return out
+
+
+def federation_entry() -> Callable[..., Any]:
+    """``server.engine.run_federation`` (the federation engine, issue 3), or FederationUnavailable saying why."""
+    try:
+        from server.engine import run_federation
+    except ImportError as e:
+        raise FederationUnavailable(f"the federation engine is not importable: {e}") from None
+    return run_federation
+
+
+def federation_supports(key: str) -> bool:
+    """Whether the federation's run config knows ``key`` (unknown keys are ignored there)."""
+    try:
+        from server.app import FederationConfig
+    except ImportError:
+        return False
+    return key in FederationConfig.__dataclass_fields__
+
+
+def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
+    """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
+    fn = federation_entry()
+    r = sc.run
+    extra: dict[str, Any] = {"state_size": r.state_size, "hidden": r.hidden, "batch_size": r.batch_size}
+    balanced = r.balanced(model)
+    if balanced:
+        if not federation_supports("balance_missingness"):
+            raise FederationUnavailable("run.balance_missingness is set but the federation's sites do not "
+                                        "support it yet (clients: TrainConfig.balance_missingness)")
+        extra["balance_missingness"] = True
+    result = fn(sites=data.site_frames(), schema=sc.schema, model_kind=model, rounds=r.rounds, seed=seed,
+                run_dir=run_dir / "federation", engine=r.engine, local_epochs=r.local_epochs, lr=r.lr, mu=r.mu,
+                **extra)
+    return [Trained(result.trained, info={"rounds": r.rounds, "seconds": round(result.seconds, 2)})]
+
+
+BACKENDS: dict[str, Callable[..., list[Trained]]] = {
+    "centralized": train_centralized, "local": train_local, "federated": train_federated,
+}
+
+
+# ---- one job ----------------------------------------------------------------------------------
+
+def evaluate_job(sc: Scenario, job: Job, data: Prepared, models: list[Trained]) -> list[dict[str, Any]]:
+    from mmn_fed.data import encode
+    from mmn_fed.evaluation import evaluate
+
+    records = []
+    extra = {"scenario": sc.name, "point": job.point, **{k: sweep_label(v) for k, v in job.values}}
+    for t in models:
+        prep = t.trained.preprocessor
+        for cond, frame in data.tests.items():
+            rows = np.ones(len(frame), dtype=bool) if t.eval_sites is None else np.isin(data.test_sites, t.eval_sites)
+            if not rows.any():
+                continue
+            tensors = encode(prep, frame[rows].reset_index(drop=True))
+            ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
+                   "site": t.label or "all", **extra}
+            sites = data.test_sites[rows].astype(str) if t.eval_sites is None else None
+            records += evaluate(t.trained.model, sc.schema, prep.targets, tensors, ctx, sites=sites)
+    return records
+
+
+def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
+    """Run one job (in a worker); returns its info dict (also written to runs/<key>/info.json)."""
+    import torch
+
+    from mmn_fed.api import save_trained
+    from mmn_fed.evaluation import write_metrics
+
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round logs would drown the progress bar
+    run_dir = out / "runs" / job.key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"key": job.key, "point": job.point, "sweep": {k: sweep_label(v) for k, v in job.values},
+                            "model": job.model, "training": job.training, "seed": job.seed}
+    try:
+        data = prepare(sc, job.seed)
+        models = BACKENDS[job.training](sc, data, job.model, job.seed, run_dir)
+        records = evaluate_job(sc, job, data, models)
+        write_metrics(run_dir / "records.json", records)
+        for t in models:
+            save_trained(run_dir / (f"model-{t.label}.pt" if t.label else "model.pt"), t.trained)
+        if sc.run.explain and job.model == "multimodn" and models[0].eval_sites is None:
+            _explain(models[0].trained, data, run_dir)
+        info.update(status="done", models=[t.info for t in models])
+    except FederationUnavailable as e:
+        info.update(status="unavailable", reason=str(e))
+    except ScenarioError:
+        raise
+    except Exception as e:  # a failed job is reported, the others go on
+        info.update(status="failed", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    (run_dir / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    return info
+
+
+def _explain(trained, data: Prepared, run_dir: Path) -> None:
+    """IMC over the clean test rows and CP of the first test patient holding every modality (or row 0)."""
+    from mmn_fed.data import encode
+    from mmn_fed.interpret import cp, imc
+
+    frame = data.tests.get("clean", next(iter(data.tests.values())))
+    tensors = encode(trained.preprocessor, frame)
+    targets = trained.preprocessor.targets
+    imc(trained.model, tensors, targets).to_csv(run_dir / "imc.csv", index=False)
+    full = np.stack([p.numpy() for p in tensors.present.values()]).all(axis=0)
+    row = int(np.flatnonzero(full)[0]) if full.any() else 0
+    cp(trained.model, tensors, targets, row=row).to_csv(run_dir / "cp.csv", index=False)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def _run_in_worker(raw: dict, base_dir: str, job: Job, out: str) -> dict[str, Any]:
+    sc = Scenario.from_dict(raw, base_dir)
+    return run_job(sc, job, Path(out))
+
+
+# ---- the whole scenario -----------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=sys.stderr):
+        self.total, self.done, self.enabled, self.stream, self.t0 = total, 0, enabled, stream, time.perf_counter()
+
+    def update(self, label: str, step: int = 1) -> None:
+        self.done += step
+        if not self.enabled:
+            return
+        width = 28
+        filled = int(width * self.done / max(self.total, 1))
+        el = time.perf_counter() - self.t0
+        eta = el / self.done * (self.total - self.done) if self.done else 0
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs "
+                          f"{el:5.0f}s elapsed, ~{eta:4.0f}s left  {label[:40]:<40}")
+        self.stream.flush()
+        if self.done >= self.total:
+            self.stream.write("\n")
+
+
+def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, progress: bool = True,
+                 engine: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every job, then write metrics.json, results.csv, figures/ and report.html."""
+    from mmn_fed.evaluation import read_metrics, write_metrics
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if engine and engine != sc.run.engine:
+        raw = sc.to_dict()
+        raw.setdefault("run", {})["engine"] = engine
+        sc = Scenario.from_dict(raw, sc.base_dir)
+    (out / "scenario.json").write_text(json.dumps(sc.to_dict(), indent=1, default=str))
+    jobs = plan(sc)
+    for _, point_sc in {j.point: (j, s) for j, s in jobs}.values():
+        prepare(point_sc, point_sc.run.seeds[0])  # fail fast on data-level scenario errors, before any training
+    todo, infos = [], {}
+    for job, psc in jobs:
+        info_path = out / "runs" / job.key / "info.json"
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info.get("status") == "done":
+                infos[job.key] = info
+                continue
+        todo.append((job, psc))
+    n_workers = workers if workers is not None else (sc.run.workers or os.cpu_count() or 1)
+    n_workers = max(1, min(n_workers, len(todo) or 1))
+    bar = Progress(len(jobs), progress)
+    bar.done = len(infos)
+    # Ray starts its own processes: run those jobs here, one at a time.
+    local = [(j, s) for j, s in todo if n_workers == 1 or (j.training == "federated" and s.run.engine == "ray")]
+    in_main = {j.key for j, _ in local}
+    pooled = [(j, s) for j, s in todo if j.key not in in_main]
+    t0 = time.perf_counter()
+    if pooled:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as ex:
+            futs = {ex.submit(_run_in_worker, s.to_dict(), str(s.base_dir), j, str(out)): j for j, s in pooled}
+            for f in cf.as_completed(futs):
+                info = f.result()
+                infos[info["key"]] = info
+                bar.update(f"{futs[f].key} {info['status']}")
+    for j, s in local:
+        info = run_job(s, j, out)
+        infos[info["key"]] = info
+        bar.update(f"{j.key} {info['status']}")
+    records = []
+    for job, _ in jobs:
+        path = out / "runs" / job.key / "records.json"
+        if infos.get(job.key, {}).get("status") == "done" and path.exists():
+            records += read_metrics(path)
+    write_metrics(out / "metrics.json", records)
+    pd.DataFrame(records).to_csv(out / "results.csv", index=False)
+    statuses = [infos[j.key] for j, _ in jobs if j.key in infos]
+    summary = {"jobs": len(jobs), "done": sum(i["status"] == "done" for i in statuses),
+               "unavailable": sorted({f"{i['training']}: {i['reason']}" for i in statuses if i["status"] == "unavailable"}),
+               "failed": [f"{i['key']}: {i['reason']}" for i in statuses if i["status"] == "failed"],
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from .report import write_report
+
+    summary["report"] = str(write_report(sc, out, records, infos, summary))
+    return summary

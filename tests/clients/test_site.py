@@ -1,0 +1,96 @@
+"""A site: where its rows come from, what it trains, what it sends back."""
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from clients import protocol as P
+from clients.app import app as client_app
+from clients.site import LocalSettings, Site, SiteDataError, site_source
+from mmn_fed import ModelConfig, fit_preprocessor
+from mmn_fed.data import site_summary
+from mmn_fed.model_io import build_from_preprocessor
+from mmn_fed.modules import module_of
+
+MC = ModelConfig(state_size=8, hidden=8)
+
+
+def test_site_source_for_deployment_and_simulation(tmp_path):
+    src = site_source({"data-path": "/data/h.csv", "site-name": "Geneva"}, {})
+    assert (src.name, src.path) == ("Geneva", "/data/h.csv")
+    assert site_source({"partition-id": 2, "num-partitions": 4}, {"dataset": "heart"}).name == "Switzerland"
+    (tmp_path / "sites.json").write_text(json.dumps({"sites": [{"name": "x", "file": "site_0.csv"}]}))
+    assert site_source({"partition-id": 0}, {"data-dir": str(tmp_path)}).path == str(tmp_path / "site_0.csv")
+    with pytest.raises(SiteDataError, match="partition-id 3"):
+        site_source({"partition-id": 3}, {"data-dir": str(tmp_path)})
+    with pytest.raises(SiteDataError, match="neither"):
+        site_source({}, {})
+
+
+def site_and_params(heart, drop=()):
+    df, schema = heart
+    rows = df[df.dataset == "Cleveland"].iloc[:100].reset_index(drop=True).copy()
+    for m in drop:
+        for c in schema.modalities[m]:
+            rows[c] = None
+    prep = fit_preprocessor(schema, rows)
+    model = build_from_preprocessor(prep, MC)
+    params = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    return Site("Cleveland", rows), prep, params
+
+
+def test_trains_only_received_modules_and_counts_samples_per_module(heart):
+    site, prep, params = site_and_params(heart, drop=("imaging",))
+    mine = {k: v for k, v in params.items() if module_of(k) in ("init_state", "encoders.rest", "decoders.disease")}
+    settings = LocalSettings(epochs=2, val_fraction=0.0)
+    new, counts, metrics = site.train(prep, "k", MC, settings, mine, server_round=1)
+    assert set(new) == set(mine)
+    assert all(not np.array_equal(new[k], mine[k]) for k in new if k.endswith("weight"))
+    rest_present = site.rows[list(prep.schema.modalities["rest"])].notna().any(axis=1).sum()
+    assert counts == {"init_state": 100, "encoders.rest": int(rest_present), "decoders.disease": 100}
+    assert metrics["n"] == 100 and metrics["steps"] > 0
+    # deterministic per (seed, round, site)
+    again, _, _ = site.train(prep, "k", MC, settings, mine, server_round=1)
+    assert all(np.array_equal(new[k], again[k]) for k in new)
+
+
+def test_fedprox_term_keeps_modules_closer_to_the_global_ones(heart):
+    site, prep, params = site_and_params(heart)
+    dist = {}
+    for mu in (0.0, 10.0):
+        new, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=3, mu=mu, val_fraction=0.0), params, 1)
+        dist[mu] = sum(float(((new[k] - params[k]) ** 2).sum()) for k in params)
+    assert dist[10.0] < dist[0.0]
+
+
+def test_clientapp_summary_and_train_messages(heart, make_message, site_context):
+    df, schema = heart
+    rows = df[df.dataset == "Hungary"].reset_index(drop=True)
+    ctx = site_context(rows, "Hungary")
+    settings = {"val-fraction": 0.0, "seed": 0, "local-epochs": 1}
+    reply = client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
+        {"schema": json.dumps(schema.to_dict()), **settings})})), ctx)
+    assert reply.content["site"]["name"] == "Hungary"
+    assert P.from_json_record(reply.content["summary"]) == json.loads(json.dumps(site_summary(schema, rows)))
+
+    prep = fit_preprocessor(schema, rows)
+    params = {k: v.numpy() for k, v in build_from_preprocessor(prep, MC).state_dict().items()
+              if module_of(k) in ("init_state", "encoders.demographics", "decoders.disease")}
+    cfg = ConfigRecord({"prep": json.dumps(prep.to_dict()), "model-config": json.dumps(MC.to_dict()),
+                        "server-round": 1, **settings})
+    reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": P.to_arrayrecord(params), "config": cfg})), ctx)
+    assert set(reply.content["arrays"].keys()) == set(params)
+    assert dict(reply.content["counts"]) == {"init_state": len(rows), "encoders.demographics": len(rows),
+                                             "decoders.disease": len(rows)}
+    reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": P.to_arrayrecord(params), "config": cfg})), ctx)
+    assert "disease/auroc" in reply.content["metrics"]
+    assert {r["site"] for r in P.from_json_record(reply.content["records"])} == {"Hungary"}
+
+
+def test_missing_data_file_is_named(heart, make_message, tmp_path):
+    from flwr.app import Context
+
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "nope.csv")}, state=RecordDict(), run_config={})
+    with pytest.raises(SiteDataError, match="nope.csv"):
+        client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord({"schema": "{}"})})), ctx)

@@ -1,0 +1,137 @@
+"""The real ServerApp and ClientApp, run through the in-process engine (no Ray, no mocks)."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from clients.app import app as client_app
+from mmn_fed import fit_preprocessor, load_model
+from mmn_fed.modules import module_of
+from server.aggregation import params_nbytes
+from server.engine import InProcessGrid, read_result, run_federation, run_inprocess, server_context, write_site_data
+from server.app import app as server_app
+
+FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8}  # small and fast
+
+
+def weights(run_dir):
+    return load_model(run_dir / "model.pt").model.state_dict()
+
+
+def test_site_without_a_modality_never_receives_or_sends_its_encoder(two_sites, tmp_path):
+    sites, schema = two_sites
+    seen = []  # every message as the ClientApp saw it, and its reply
+
+    def spying_client(msg, ctx):
+        reply = client_app(msg, ctx)
+        seen.append((ctx.node_config["partition-id"], msg, reply))
+        return reply
+
+    rc = {"num-server-rounds": 2, "seed": 0, "val-fraction": 0.0, "data-dir": str(write_site_data(tmp_path / "data", sites, schema)),
+          "run-dir": str(tmp_path / "run"), "local-epochs": 1, "state-size": 8, "hidden": 8}
+    grid = InProcessGrid(spying_client, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
+    server_app(grid, server_context(rc))
+
+    hungary = [(m, r) for pid, m, r in seen if pid == 1 and "arrays" in m.content]
+    assert len(hungary) == 4  # 2 rounds x (train + evaluate)
+    for msg, reply in hungary:
+        down = {module_of(k) for k in msg.content["arrays"].keys()}
+        assert "encoders.imaging" not in down and "encoders.rest" in down
+        if "arrays" in reply.content:
+            up = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"].keys()}
+            assert "encoders.imaging" not in {module_of(k) for k in up}
+            mine = {k: v.numpy() for k, v in weights(tmp_path / "run").items() if module_of(k) in down}
+            assert params_nbytes(up) == params_nbytes(mine)  # upload = exactly the modules it holds
+    comm = json.loads((tmp_path / "run" / "comm.json").read_text())
+    h_up = [c for c in comm if c["site"] == "Hungary" and c["direction"] == "up"]
+    assert all("encoders.imaging" not in c["modules"] for c in comm if c["site"] == "Hungary")
+    assert all(c["bytes"] < c["fedavg_bytes"] for c in h_up)
+    assert any(c["bytes"] == c["fedavg_bytes"] for c in comm if c["site"] == "Cleveland")
+
+
+def test_federated_preprocessing_equals_pooled_fit_and_ships_in_the_model(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    small = {n: df.iloc[:60] for n, df in sites.items()}
+    res = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", **FAST)
+    pooled = fit_preprocessor(schema, pd.concat(list(small.values()), ignore_index=True))
+    assert res.trained.preprocessor.to_dict() == json.loads(json.dumps(pooled.to_dict()))
+    assert res.trained.metadata["provenance"]["training"] == "federated"
+
+
+def test_records_history_and_model_change(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    train = {n: df.iloc[: int(len(df) * 0.7)] for n, df in sites.items()}
+    test = {n: df.iloc[int(len(df) * 0.7):] for n, df in sites.items()}
+    res = run_federation(train, schema, rounds=3, run_dir=tmp_path / "run", test_sites=test, val_fraction=0.2, **FAST)
+    assert [h["round"] for h in res.history] == [1, 2, 3]
+    assert all(h["bytes_up"] > 0 and "disease/auroc" in h["test"] for h in res.history)
+    recs = pd.DataFrame(res.records)
+    pooled = recs[(recs.site == "all") & (recs.state == "final") & (recs.combination == "all") & (recs.metric == "auroc")]
+    assert len(pooled) == 1 and pooled.value.iloc[0] > 0.6
+    assert set(recs.site) >= {"all", *sites}  # per site
+    assert (recs.combination != "all").any()  # per modality combination
+    fed = recs[recs.get("split") == "validation"]
+    assert set(fed.site) == set(sites) and set(fed.task) == {"disease"}
+    assert {"model", "training", "seed", "condition", "site", "task", "metric", "value", "state", "combination", "n"} <= set(recs.columns)
+
+
+class DiesInRound(InProcessGrid):
+    """Interrupts the run while sending round `die_at`'s training messages (like a killed server)."""
+
+    die_at = 3
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.group_id == str(self.die_at) and messages[0].metadata.message_type == "train":
+            raise KeyboardInterrupt("killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_interrupted_run_resumes_to_the_same_final_model(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    small = {n: df.iloc[:80] for n, df in sites.items()}
+    full = run_federation(small, schema, rounds=4, run_dir=tmp_path / "full", server_optimizer="fedavgm", server_lr=1.0, **FAST)
+    data = write_site_data(tmp_path / "cut" / "data", small, schema)
+    rc = {"num-server-rounds": 4, "data-dir": str(data), "run-dir": str(tmp_path / "cut"), "val-fraction": 0.0,
+          "server-optimizer": "fedavgm", "local-epochs": 1, "state-size": 8, "hidden": 8}
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(rc, len(small), grid_cls=DiesInRound)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ck["round"] == 2 and not (tmp_path / "cut" / "model.pt").exists()
+    run_inprocess(rc, len(small))  # same run directory: resumes after round 2
+    resumed = read_result(tmp_path / "cut")
+    a, b = full.trained.model.state_dict(), resumed.trained.model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert [h["round"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_checkpoint_from_other_settings_is_refused(heart_sites, tmp_path):
+    from server.app import FederationError
+
+    sites, schema = heart_sites
+    small = {n: df.iloc[:40] for n, df in list(sites.items())[:2]}
+    run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", **FAST)
+    with pytest.raises(FederationError, match="other settings"):
+        run_federation(small, schema, rounds=2, run_dir=tmp_path / "run", lr=0.1, **FAST)
+
+
+def test_keep_best_returns_the_round_with_the_best_federated_validation(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    small = {n: df.iloc[:80] for n, df in sites.items()}
+    res = run_federation(small, schema, rounds=3, run_dir=tmp_path / "run", val_fraction=0.25, keep_best=True, **FAST)
+    best = res.history[-1]["best_round"]
+    scores = [h["federated_eval"]["disease/auroc"] for h in res.history]
+    assert best == 1 + scores.index(max(scores))
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state = res.trained.model.state_dict()
+    assert all(torch.equal(state[k], ck["best"]["params"][k]) for k in state)
+
+
+def test_pfusion_federates_per_module_too(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    small = {n: df.iloc[:60] for n, df in list(sites.items())[:2]}
+    res = run_federation(small, schema, model_kind="pfusion", rounds=1, run_dir=tmp_path / "run", **FAST)
+    assert res.trained.config.kind == "pfusion"
+    assert "init_state" not in {m for c in res.comm for m in c["modules"]}
+    assert any(r["metric"] == "auroc" for r in res.records)

@@ -72,7 +72,7 @@ class Schema:
         unknown = set(raw) - {"modalities", "tasks", "columns", "sites"}
         if unknown:
             raise SchemaError(f"unknown schema section(s) {sorted(unknown)}; expected modalities, tasks, columns, sites")
-        mods_raw = raw.get("modalities")
+        mods_raw = _ordered_table(raw.get("modalities"), "columns")
         if not isinstance(mods_raw, Mapping) or not mods_raw:
             raise SchemaError("schema needs a non-empty [modalities] table: name = [columns...]")
         modalities: dict[str, tuple[str, ...]] = {}
@@ -91,7 +91,7 @@ class Schema:
                 seen[c] = name
             modalities[name] = tuple(cols)
 
-        tasks_raw = raw.get("tasks")
+        tasks_raw = _ordered_table(raw.get("tasks"), None)
         if not isinstance(tasks_raw, Mapping) or not tasks_raw:
             raise SchemaError("schema needs at least one task: [tasks.<name>] with column and kind")
         tasks: dict[str, Task] = {}
@@ -174,9 +174,11 @@ class Schema:
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form. Modalities and tasks are lists (not tables) so their order, which is the encoder
+        order and the task order, survives any JSON canonicalization that sorts keys."""
         d: dict[str, Any] = {
-            "modalities": {m: list(c) for m, c in self.modalities.items()},
-            "tasks": {t.name: t.to_dict() for t in self.tasks.values()},
+            "modalities": [{"name": m, "columns": list(c)} for m, c in self.modalities.items()],
+            "tasks": [{"name": t.name, **t.to_dict()} for t in self.tasks.values()],
             "columns": {
                 "categorical": list(self.categorical),
                 "numeric": list(self.numeric),
@@ -217,6 +219,16 @@ class Schema:
             {c: v for c, v in self.missing_codes.items() if c in keep},
             self.site_column,
         )
+
+
+def _ordered_table(raw: Any, value_key: str | None) -> Any:
+    """Accept a TOML table {name: value} or the ordered JSON list form [{"name": n, ...}] of to_dict()."""
+    if not isinstance(raw, list) or not all(isinstance(i, Mapping) and "name" in i for i in raw):
+        return raw
+    out: dict[str, Any] = {}
+    for item in raw:
+        out[item["name"]] = item[value_key] if value_key else {k: v for k, v in item.items() if k != "name"}
+    return out
 
 
 def _check_name(name: Any, what: str) -> None:

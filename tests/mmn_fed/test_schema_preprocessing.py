@@ -120,3 +120,14 @@ def test_builtin_datasets_load_with_their_schemas():
     df, schema = load_builtin("support2")
     for leak in ("num_sps", "num_surv2m", "num_surv6m", "num_hday", "fac_dnr"):
         assert leak not in schema.input_columns
+
+
+def test_modality_and_task_order_survive_key_sorting_json():
+    import json
+
+    df, schema = load_builtin("heart")
+    prep = fit_preprocessor(schema, df)
+    back = Preprocessor.from_dict(json.loads(json.dumps(prep.to_dict(), sort_keys=True)))
+    assert list(back.schema.modalities) == list(schema.modalities)  # the encoder order
+    assert list(back.schema.tasks) == list(schema.tasks)
+    assert back.schema == schema

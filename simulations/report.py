@@ -152,7 +152,7 @@ def _img(path: Path, alt: str) -> str:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "–" if v != v else f"{v:.3f}"
+        return "–" if v != v else f"{v:g}"
     return html.escape(str(v))
 
 
@@ -243,12 +243,13 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
     if explain:
         label, run_dir = explain
         t_imc = pd.read_csv(run_dir / "imc.csv")
-        p = plot_imc(t_imc, figs / "imc.png", title=f"IMC: encoder alone minus prior ({label})")
-        figures.append(_img(p, f"Individual modality contribution (IMC), {label}"))
-        p = plot_imc(t_imc, figs / "imc_abs.png", value="mean_abs_delta", title=f"IMC magnitude ({label})")
-        figures.append(_img(p, f"IMC magnitude (mean |encoder alone - prior|), {label}"))
+        p = plot_imc(t_imc, figs / "imc.png", title="IMC")
+        figures.append(_img(p, f"Individual modality contribution (IMC): encoder alone minus prior, mean over "
+                               f"clean test rows; {label}"))
+        p = plot_imc(t_imc, figs / "imc_abs.png", value="mean_abs_delta", title="IMC magnitude")
+        figures.append(_img(p, f"IMC magnitude (mean |encoder alone - prior|); {label}"))
         t_cp = pd.read_csv(run_dir / "cp.csv")
-        p = plot_cp(t_cp, figs / "cp.png", title=f"CP, one test patient ({label})")
+        p = plot_cp(t_cp, figs / "cp.png", title="CP, one test patient")
         figures.append(_img(p, f"Cumulative prediction (CP) of one test patient, {label}"))
 
     all_tasks = summarize(records, keys)

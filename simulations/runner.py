@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -213,6 +213,7 @@ def federation_supports(key: str) -> bool:
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
     """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
     fn = federation_entry()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
     r = sc.run
     extra: dict[str, Any] = {"state_size": r.state_size, "hidden": r.hidden, "batch_size": r.batch_size}
     balanced = r.balanced(model)

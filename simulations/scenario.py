@@ -122,8 +122,6 @@ class Scenario:
         run = _run(_table(raw, "run"))
         if "mnar_flipped" in test.conditions and not any(r.mechanism == "mnar" for r in rules):
             raise ScenarioError("test.conditions: 'mnar_flipped' needs at least one mnar rule in [[missingness]]")
-        if "local" in run.training and test.holdout_sites:
-            pass  # local models are scored on their own site only; holdout sites have none (documented)
         sweep = _table(raw, "sweep")
         scenario = cls(str(meta.get("name", "scenario")), str(meta.get("description", "")), data, schema, sites, rules,
                        test, run, {}, raw, base_dir)

@@ -2,10 +2,8 @@
 import json
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
-import tomli_w
 
 from mmn_fed import make_synthetic
 from simulations.report import summarize
@@ -18,7 +16,9 @@ def scenario(tmp_path_factory):
     d = tmp_path_factory.mktemp("cohort")
     df, schema = make_synthetic(n=500, modalities={"a": 3, "b": 3, "c": 2}, informativeness={"b": 2.0}, seed=0)
     df.to_csv(d / "cohort.csv", index=False)
-    (d / "schema.toml").write_text(tomli_w.dumps(schema.to_dict()))
+    mods = "\n".join(f'{m} = {list(cols)!r}'.replace("'", '"') for m, cols in schema.modalities.items())
+    (d / "schema.toml").write_text(f'[modalities]\n{mods}\n[tasks.outcome]\ncolumn = "outcome"\nkind = "binary"\n'
+                                   'threshold = 0\n')
     raw = {
         "scenario": {"name": "tiny"},
         "data": {"csv": "cohort.csv", "schema": "schema.toml", "tasks": ["outcome"]},
@@ -29,8 +29,7 @@ def scenario(tmp_path_factory):
                 "epochs": 3, "patience": 2},
         "sweep": {"missingness.0.fraction": [0.0, 0.8]},
     }
-    (d / "tiny.toml").write_text(tomli_w.dumps(raw))
-    return Scenario.from_toml(d / "tiny.toml")
+    return Scenario.from_dict(raw, base_dir=d)
 
 
 def test_prepare_splits_sites_and_applies_conditions(scenario):

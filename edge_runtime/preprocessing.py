@@ -94,38 +94,69 @@ def parse_numeric(values: Sequence, column: str, codes: tuple = ()) -> tuple[np.
     out = np.full(len(values), np.nan)
     issues: list[RowIssue] = []
     str_codes = {canonical_category(c) for c in codes}
+    # Raw values repeat (CSV strings, codes): parse each distinct value once.
+    cache: dict[Any, tuple[float, str | None]] = {}
     for i, v in enumerate(values):
-        if is_missing(v):
-            continue
-        if isinstance(v, (bool, np.bool_)):
-            issues.append(RowIssue(i, column, v, "expected a number, got a boolean", True))
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            if canonical_category(v) in str_codes:
-                continue
-            issues.append(RowIssue(i, column, v, "expected a number", True))
-            continue
-        if not math.isfinite(f):
-            issues.append(RowIssue(i, column, v, "non-finite number", True))
-            continue
-        if f in code_set:
-            continue
-        out[i] = f
+        key = (type(v), v) if _hashable(v) else None
+        r = cache.get(key) if key is not None else None
+        if r is None:
+            r = _parse_number(v, str_codes, code_set)
+            if key is not None:
+                cache[key] = r
+        f, problem = r
+        if problem is not None:
+            issues.append(RowIssue(i, column, v, problem, True))
+        elif f == f:
+            out[i] = f
     return out, issues
+
+
+def _hashable(v: Any) -> bool:
+    try:
+        hash(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _parse_number(v: Any, str_codes: set, code_set: set) -> tuple[float, str | None]:
+    """(value or NaN for missing, problem or None)."""
+    nan = float("nan")
+    if is_missing(v):
+        return nan, None
+    if isinstance(v, (bool, np.bool_)):
+        return nan, "expected a number, got a boolean"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        if canonical_category(v) in str_codes:
+            return nan, None
+        return nan, "expected a number"
+    if not math.isfinite(f):
+        return nan, "non-finite number"
+    if f in code_set:
+        return nan, None
+    return f, None
 
 
 def parse_categorical(values: Sequence, codes: tuple = ()) -> list[str | None]:
     """Canonical category strings, None for missing."""
     code_set = {canonical_category(c) for c in codes}
+    cache: dict[Any, str | None] = {}
     out: list[str | None] = []
     for v in values:
-        if is_missing(v):
-            out.append(None)
+        key = (type(v), v) if _hashable(v) else None
+        if key is not None and key in cache:
+            out.append(cache[key])
             continue
-        c = canonical_category(v)
-        out.append(None if c in code_set else c)
+        if is_missing(v):
+            c = None
+        else:
+            c = canonical_category(v)
+            c = None if c in code_set else c
+        if key is not None:
+            cache[key] = c
+        out.append(c)
     return out
 
 

@@ -1,0 +1,530 @@
+"""Load a verified bundle, describe it, predict from raw rows.
+
+    bundle = load_bundle("bundle/", trust_key="signer.pub")
+    bundle.describe()
+    preds = bundle.predict([{"age": 63, "sex": "Male", "cp": "typical angina"}], explain=True)
+
+Each sample runs the initial state, then the encoders of the modalities it has (in the bundle's order, or
+``order``), then the decoders: exactly ``MultiModN.forward`` with per-sample masking. Module graphs are
+composed into one ONNX graph per pattern of modalities (see compose.py) and sessions are cached, so a batch
+costs one session call: a batch whose rows share a pattern runs the encoders of that pattern only; a mixed
+batch runs the union of its patterns with ``where(mask, new, state)`` per encoder.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections import OrderedDict
+from collections.abc import Mapping as _MappingABC
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .compose import BATCH_INPUT, ModuleGraph, ModuleIO, WireError, compose, mask_input, output_name
+from .preprocessing import DataError, Preprocessor
+from .trust import BundleError, VerifiedBundle, read_manifest, verify_bundle
+
+DEFAULT_CHUNK = 1024  # rows per session call: bounds memory (~25 MB of working set) for any input size
+MAX_CACHED_SESSIONS = 64
+
+
+def session_options() -> ort.SessionOptions:
+    """Small-device settings: one thread, sequential, no CPU memory arena, no spinning."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = False
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class Step:
+    """The prediction after one step of the sequence (the paper's CP): ``name`` is 'prior' or '+<modality>'.
+    ``applied[i]`` tells whether row i's state changed at this step (its modality was present)."""
+
+    name: str
+    applied: np.ndarray
+    values: dict[str, np.ndarray]
+
+
+@dataclass
+class Predictions:
+    """Per-task predictions for n input rows, in input order.
+
+    values[task]: binary -> p(1) (n,); multiclass -> class probabilities (n, k) over ``classes(task)``;
+    regression -> value in the label's units (n,). NaN where ``ok`` is False, with ``reasons[i]`` saying why.
+    ``warnings[i]``: non-fatal issues of row i (e.g. an unknown category, treated as missing).
+    ``used[i]``: the modalities that row i's prediction used. ``notes``: issues of the whole input
+    (e.g. ignored columns). ``trajectory``: with explain=True, the prediction after every step.
+    """
+
+    tasks: dict[str, dict[str, Any]]
+    values: dict[str, np.ndarray]
+    ok: np.ndarray
+    reasons: list[str]
+    warnings: list[str]
+    used: list[str]
+    notes: list[str] = field(default_factory=list)
+    trajectory: list[Step] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    def classes(self, task: str) -> list[str]:
+        return list(self.tasks[task].get("classes", []))
+
+    def label(self, task: str) -> list[str | None]:
+        """Multiclass: the most probable class per row (None where not predicted)."""
+        if self.tasks[task]["kind"] != "multiclass":
+            raise ValueError(f"task '{task}' is {self.tasks[task]['kind']}; label() is for multiclass tasks")
+        cls = self.classes(task)
+        idx = np.argmax(np.nan_to_num(self.values[task], nan=-1.0), axis=1)
+        return [cls[j] if ok else None for j, ok in zip(idx, self.ok)]
+
+    def columns(self, explain: bool = False) -> list[str]:
+        cols: list[str] = []
+        for t, spec in self.tasks.items():
+            cols.append(t)
+            if spec["kind"] == "multiclass":
+                cols.extend(f"{t}_p_{c}" for c in spec["classes"])
+        if explain and self.trajectory:
+            cols.extend(f"{t}@{s.name}" for s in self.trajectory for t in self.tasks)
+        return cols + ["modalities", "warnings", "reason"]
+
+    def to_rows(self, explain: bool = False) -> list[dict[str, str]]:
+        """One dict of strings per row, keyed by ``columns()``: what the CLI writes to CSV."""
+        labels = {t: self.label(t) for t, s in self.tasks.items() if s["kind"] == "multiclass"}
+        rows = []
+        for i in range(len(self)):
+            ok = bool(self.ok[i])
+            r: dict[str, str] = {}
+            for t, spec in self.tasks.items():
+                v = self.values[t][i]
+                if spec["kind"] == "multiclass":
+                    r[t] = labels[t][i] if ok else ""
+                    for c, p in zip(spec["classes"], v):
+                        r[f"{t}_p_{c}"] = _fmt(p) if ok else ""
+                else:
+                    r[t] = _fmt(v) if ok else ""
+            if explain and self.trajectory:
+                for s in self.trajectory:
+                    for t, spec in self.tasks.items():
+                        shown = ok and (s.name == "prior" or bool(s.applied[i]))
+                        v = s.values[t][i]
+                        if spec["kind"] == "multiclass":
+                            r[f"{t}@{s.name}"] = spec["classes"][int(np.argmax(v))] if shown else ""
+                        else:
+                            r[f"{t}@{s.name}"] = _fmt(v) if shown else ""
+            r["modalities"] = self.used[i]
+            r["warnings"] = self.warnings[i]
+            r["reason"] = self.reasons[i]
+            rows.append(r)
+        return rows
+
+    @classmethod
+    def concat(cls, parts: Sequence["Predictions"]) -> "Predictions":
+        first = parts[0]
+        traj = None
+        if first.trajectory is not None:
+            traj = [Step(s.name, np.concatenate([p.trajectory[k].applied for p in parts]),  # type: ignore[index]
+                         {t: np.concatenate([p.trajectory[k].values[t] for p in parts]) for t in s.values})  # type: ignore[index]
+                    for k, s in enumerate(first.trajectory)]
+        notes = list(dict.fromkeys(n for p in parts for n in p.notes))
+        return cls(first.tasks, {t: np.concatenate([p.values[t] for p in parts]) for t in first.tasks},
+                   np.concatenate([p.ok for p in parts]), [r for p in parts for r in p.reasons],
+                   [w for p in parts for w in p.warnings], [u for p in parts for u in p.used], notes, traj)
+
+
+def _fmt(v: float) -> str:
+    return "" if not math.isfinite(v) else format(float(v), ".8g")
+
+
+@dataclass
+class _Composed:
+    session: ort.InferenceSession
+    x_names: tuple[str, ...]
+    outputs: list[str]
+    run: Any = None  # the session's run without the Python wrapper's per-call input checks (see _composed)
+
+
+class Bundle:
+    """A verified bundle, ready to predict. Build with ``load_bundle``."""
+
+    def __init__(self, verified: VerifiedBundle):
+        m = verified.manifest
+        self.path = verified.path
+        self.manifest = m
+        self.signed_by = verified.signed_by
+        try:
+            self.preprocessor = Preprocessor.from_dict(m["preprocessing"])
+            self.order: list[str] = list(m["order"])
+            self.tasks: dict[str, dict[str, Any]] = {t: dict(s) for t, s in m["tasks"].items()}
+            modules = m["modules"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest of {self.path} is incomplete: {e}") from None
+        self.schema = self.preprocessor.schema
+        self.dims = self.preprocessor.modality_dims
+        if sorted(self.order) != sorted(self.schema.modalities) or set(self.tasks) != set(self.schema.tasks):
+            raise BundleError("manifest modalities/tasks do not match its schema")
+        self._modules: dict[str, ModuleIO] = {}
+        for name in ["init_state"] + [f"encoders.{x}" for x in self.order] + [f"decoders.{t}" for t in self.tasks]:
+            spec = modules.get(name)
+            if spec is None or spec.get("file") not in verified.files:
+                raise BundleError(f"manifest of {self.path} has no file for module '{name}'")
+            try:
+                graph = ModuleGraph.parse(verified.files[spec["file"]])
+            except WireError as e:
+                raise BundleError(f"{spec['file']} is not a readable ONNX model: {e}") from None
+            io = ModuleIO(graph, tuple(spec["inputs"]), tuple(spec["outputs"]))
+            if set(io.inputs) != set(graph.inputs) or not set(io.outputs) <= set(graph.outputs):
+                raise BundleError(f"{spec['file']}: graph inputs {graph.inputs} / outputs {graph.outputs} do not match "
+                                  f"the manifest ({list(io.inputs)} / {list(io.outputs)})")
+            if name.startswith("encoders."):
+                x = name.split(".", 1)[1]
+                declared = spec.get("shapes", {}).get(io.inputs[1], [None, self.dims[x]])[-1]
+                if len(io.inputs) != 2 or declared != self.dims[x]:
+                    raise BundleError(f"{spec['file']} takes {declared} features but the preprocessing makes "
+                                      f"{self.dims[x]} for modality '{x}'")
+            self._modules[name] = io
+        self._kinds = {t: s["kind"] for t, s in self.tasks.items()}
+        self._task_names = list(self.tasks)
+        self._batch: dict[int, np.ndarray] = {}  # the int64 batch-size input, reused per size
+        self._options = session_options()
+        self._sessions: OrderedDict[tuple, _Composed] = OrderedDict()
+        known = set(self.schema.input_columns) | {t.column for t in self.schema.tasks.values()}
+        self._expected_other = known | ({self.schema.site_column} if self.schema.site_column else set())
+
+    # ---- description --------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Modalities (columns, feature size), tasks (kind, classes), files and sizes, provenance, trust."""
+        m = self.manifest
+        return {
+            "model_id": m.get("model_id"),
+            "format_version": m.get("format_version"),
+            "signed_by": self.signed_by,
+            "modalities": {x: {"columns": list(self.schema.modalities[x]), "features": self.dims[x]} for x in self.order},
+            "order": list(self.order),
+            "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes")} for t, s in self.tasks.items()},
+            "files": {f: e["bytes"] for f, e in m["files"].items()},
+            "total_bytes": sum(e["bytes"] for e in m["files"].values()),
+            "opset": m.get("opset"),
+            "provenance": m.get("provenance", {}),
+        }
+
+    # ---- composed sessions --------------------------------------------------------------------------
+    def _composed(self, steps: tuple[str, ...], masked: bool, trajectory: bool) -> _Composed:
+        key = (steps, masked, trajectory)
+        c = self._sessions.get(key)
+        if c is not None:
+            self._sessions.move_to_end(key)
+            return c
+        try:
+            sess = ort.InferenceSession(self._compose_bytes(steps, masked, trajectory), self._options,
+                                        providers=["CPUExecutionProvider"])
+        except (WireError, RuntimeError, ValueError) as e:  # onnxruntime raises RuntimeError subclasses
+            raise BundleError(f"the modules of {self.path} do not compose for modalities {list(steps)}: {e}") from None
+        c = _Composed(sess, tuple(self._modules[f"encoders.{x}"].inputs[1] for x in steps),
+                      [output_name(t) for t in self.tasks])
+        # At batch 1 the public run()'s input validation is ~20% of a call; our feeds are built from the
+        # graph's own names and dtypes, so call the binding directly when this onnxruntime exposes it.
+        raw = getattr(sess, "_sess", None)
+        if raw is not None and hasattr(raw, "run"):
+            options = ort.RunOptions()
+            c.run = lambda outputs, feed: raw.run(outputs, feed, options)
+        else:
+            c.run = sess.run
+        self._sessions[key] = c
+        if len(self._sessions) > MAX_CACHED_SESSIONS:
+            self._sessions.popitem(last=False)
+        return c
+
+    def _compose_bytes(self, steps: tuple[str, ...], masked: bool, trajectory: bool) -> bytes:
+        encs = [(x, self._modules[f"encoders.{x}"], self.dims[x]) for x in steps]
+        decs = [(t, self._modules[f"decoders.{t}"], s["kind"], len(s["classes"]) if s["kind"] == "multiclass" else 1)
+                for t, s in self.tasks.items()]
+        return compose(self._modules["init_state"], encs, decs, masked, trajectory)
+
+    def run(self, features: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
+            order: Sequence[str] | None = None, trajectory: bool = False):
+        """Pre-encoded inputs (``Preprocessor.encode`` output: float32 (n, d) and bool (n,) per modality)
+        -> ({task: prediction array}, trajectory or None). Rows with no modality get the prior's prediction.
+        The trajectory is a list of (step name, applied mask, {task: array}) over 'prior' and every modality."""
+        order = self.order if order is None else list(order)
+        n = len(next(iter(present.values())))
+        if n == 1:  # fast path: the composed graph of this row's modalities, no masks
+            steps = tuple([x for x in order if present[x][0]])
+            masked = False
+        else:  # encoders of the modalities any row has; masks only if rows differ
+            counts = [np.count_nonzero(present[x]) for x in order]
+            steps = tuple(x for x, c in zip(order, counts) if c)
+            masked = any(0 < c < n for c in counts)
+        c = self._composed(steps, masked, trajectory)
+        batch = self._batch.get(n)
+        if batch is None:
+            batch = np.array([n], dtype=np.int64)
+            if n <= 4096:
+                self._batch[n] = batch
+        feed: dict[str, np.ndarray] = {BATCH_INPUT: batch}
+        for x, name in zip(steps, c.x_names):
+            a = features[x]
+            feed[name] = a if a.dtype == np.float32 else np.asarray(a, dtype=np.float32)
+            if masked:
+                feed[mask_input(x)] = np.asarray(present[x], dtype=bool).reshape(n, 1)
+        outs = c.run(c.outputs, feed)
+        if not trajectory:
+            return {t: self._finish(t, o) for t, o in zip(self._task_names, outs)}, None
+        S = len(steps) + 1
+        result = {t: self._finish(t, o.reshape(S, n, -1)) for t, o in zip(self.tasks, outs)}
+        traj = [("prior", np.ones(n, dtype=bool), {t: v[0] for t, v in result.items()})]
+        k = 0
+        for x in order:
+            if x in steps:
+                k += 1
+            traj.append((f"+{x}", np.asarray(present[x], dtype=bool), {t: v[k] for t, v in result.items()}))
+        return {t: v[-1] for t, v in result.items()}, traj
+
+    def _finish(self, task: str, out: np.ndarray) -> np.ndarray:
+        kind = self._kinds[task]
+        if kind == "multiclass":
+            return out
+        if kind == "binary":
+            return out[..., 0]
+        spec = self.tasks[task]  # regression: de-standardize in float64, as training standardized targets
+        return out[..., 0].astype(np.float64) * spec["std"] + spec["mean"]
+
+    # ---- raw rows -----------------------------------------------------------------------------------
+    def predict(self, rows: Any, explain: bool = False, order: Sequence[str] | None = None,
+                chunk_size: int = DEFAULT_CHUNK, min_modalities: int = 1) -> Predictions:
+        """Predict from raw rows in the training data's format: a list of dicts, a dict of columns, or a
+        CSV path. Rows are processed ``chunk_size`` at a time. A bad row gets NaN predictions and a reason;
+        other rows are unaffected. Rows with fewer than ``min_modalities`` modalities present are not
+        predicted (default 1: no prediction from the prior alone). ``explain`` adds the trajectory."""
+        order = self._check_order(order)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if isinstance(rows, (str, Path)):
+            parts = [self._predict_chunk(cols, pre, explain, order, min_modalities, notes)
+                     for cols, pre, notes in read_csv_chunks(rows, chunk_size, self.column_notes)]
+        else:
+            table, pre = to_columns(rows)
+            n = len(pre)
+            notes = self.column_notes(list(table), n)
+            parts = [self._predict_chunk({c: v[i:i + chunk_size] for c, v in table.items()}, pre[i:i + chunk_size],
+                                         explain, order, min_modalities, notes)
+                     for i in range(0, n, chunk_size)]
+            if not parts:
+                parts = [self._predict_chunk({}, [], explain, order, min_modalities, notes)]
+        if len(parts) == 1:
+            return parts[0]
+        return Predictions.concat(parts)
+
+    def predict_csv(self, input: str | Path, output: str | Path, explain: bool = False,
+                    order: Sequence[str] | None = None, chunk_size: int = DEFAULT_CHUNK, min_modalities: int = 1,
+                    keep: Sequence[str] = ()) -> dict[str, Any]:
+        """Stream a CSV through ``predict`` and write one output row per input row, in input order
+        (``keep``: input columns copied to the output first, e.g. an id). Memory is bounded by
+        ``chunk_size`` whatever the file size. Returns counts, notes and the first problems."""
+        order = self._check_order(order)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        output = Path(output)
+        tmp = output.with_name(output.name + ".partial")
+        summary: dict[str, Any] = {"rows": 0, "predicted": 0, "notes": [], "problems": []}
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = None
+                for cols, pre, notes in read_csv_chunks(input, chunk_size, self.column_notes):
+                    if writer is None:
+                        absent = [k for k in keep if k not in cols]
+                        if absent:
+                            raise DataError(f"--keep column(s) {absent} are not in the input")
+                        summary["notes"] = notes
+                    p = self._predict_chunk(cols, pre, explain, order, min_modalities, notes)
+                    if writer is None:
+                        writer = csv.DictWriter(f, fieldnames=list(keep) + p.columns(explain))
+                        writer.writeheader()
+                    rows = p.to_rows(explain)
+                    for i, r in enumerate(rows):
+                        for k in keep:
+                            r[k] = cols[k][i] if cols[k][i] is not None else ""
+                        if r["reason"] and len(summary["problems"]) < 5:
+                            summary["problems"].append(f"row {summary['rows'] + i + 1}: {r['reason']}")
+                    writer.writerows(rows)
+                    summary["rows"] += len(p)
+                    summary["predicted"] += int(p.ok.sum())
+            tmp.replace(output)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return summary
+
+    def _check_order(self, order: Sequence[str] | None) -> list[str]:
+        if order is None:
+            return self.order
+        order = list(order)
+        unknown = [x for x in order if x not in self.dims]
+        if unknown or len(set(order)) != len(order):
+            raise ValueError(f"order must list distinct modalities of the model {self.order}; got {order}")
+        return order
+
+    def column_notes(self, columns: Sequence[str], n: int) -> list[str]:
+        """Whole-input checks on the column names. Raises DataError when no column is a model input."""
+        notes = []
+        if n == 0:
+            notes.append("input has no rows: nothing to predict")
+            return notes
+        inputs = set(self.schema.input_columns)
+        if columns and not inputs & set(columns):  # wrong file; (no columns at all: each row says why)
+            shown = list(columns)[:10]
+            raise DataError(f"none of the input's columns {shown} is an input of the model; expected columns of "
+                            f"{ {x: list(c) for x, c in self.schema.modalities.items()} }")
+        ignored = [c for c in columns if c not in self._expected_other]
+        if ignored:
+            notes.append(f"ignored {len(ignored)} column(s) that are not model inputs: {ignored[:20]}")
+        absent = [c for c in self.schema.input_columns if c not in columns]
+        if absent:
+            notes.append(f"input has no column(s) {absent}: treated as missing for every row")
+        return notes
+
+    def _predict_chunk(self, cols: dict[str, list], pre: Sequence[str], explain: bool, order: list[str],
+                       min_modalities: int, notes: list[str]) -> Predictions:
+        n = len(pre)
+        table = {c: (cols[c] if c in cols else [None] * n) for c in self.schema.input_columns}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing values are reported per row below
+            enc = self.preprocessor.encode(table, on_error="collect")
+        reasons = list(pre)
+        warnings = [""] * n
+        for issue in enc.issues:
+            text = f"column '{issue.column}': {issue.message} (value {issue.value!r})"
+            if issue.fatal:
+                reasons[issue.row] = f"{reasons[issue.row]}; {text}" if reasons[issue.row] else text
+            else:
+                warnings[issue.row] = f"{warnings[issue.row]}; {text}" if warnings[issue.row] else text
+        for x in order:  # finite in the CSV but beyond float32 once standardized (e.g. 1e300): refuse the row
+            bad = ~np.isfinite(enc.features[x])
+            if bad.any():
+                names = self.preprocessor.feature_names(x)
+                for i, j in zip(*np.nonzero(bad)):
+                    text = f"column '{names[j].split('=')[0]}': value too large to encode"
+                    if text not in reasons[i]:
+                        reasons[i] = f"{reasons[i]}; {text}" if reasons[i] else text
+                enc.features[x][bad] = 0.0
+        count = sum(enc.present[x].astype(np.int64) for x in order) if order else np.zeros(n, np.int64)
+        for i in np.flatnonzero((count < min_modalities) & np.array([not r for r in reasons], dtype=bool)):
+            reasons[i] = ("no value for any input column of the model" if count[i] == 0 else
+                          f"only {count[i]} modality present; at least {min_modalities} required")
+        ok = np.array([not r for r in reasons], dtype=bool) if n else np.zeros(0, dtype=bool)
+        values = {t: np.full((n, len(s["classes"])) if s["kind"] == "multiclass" else n, np.nan)
+                  for t, s in self.tasks.items()}
+        traj = None
+        if explain:
+            traj = [Step(name, np.zeros(n, dtype=bool), {t: v.copy() for t, v in values.items()})
+                    for name in ["prior"] + [f"+{x}" for x in order]]
+        if ok.any():
+            idx = None if ok.all() else np.flatnonzero(ok)
+            feats = {x: (enc.features[x] if idx is None else enc.features[x][idx]) for x in order}
+            pres = {x: (enc.present[x] if idx is None else enc.present[x][idx]) for x in order}
+            final, steps = self.run(feats, pres, order, trajectory=explain)
+            sel = slice(None) if idx is None else idx
+            for t, v in final.items():
+                values[t][sel] = v
+            if traj is not None and steps is not None:
+                for s, (_, applied, vals) in zip(traj, steps):
+                    s.applied[sel] = applied
+                    for t, v in vals.items():
+                        s.values[t][sel] = v
+        code = np.zeros(n, dtype=np.int64)  # pattern of modalities per row, as bits in ``order``
+        for j, x in enumerate(order):
+            code |= enc.present[x].astype(np.int64) << j
+        names = {int(k): "+".join(x for j, x in enumerate(order) if k >> j & 1) for k in np.unique(code)}
+        used = [names[k] if good else "" for k, good in zip(code.tolist(), ok.tolist())]
+        return Predictions(self.tasks, values, ok, reasons, warnings, used, notes, traj)
+
+
+# ---- input tables -----------------------------------------------------------------------------------
+
+def to_columns(rows: Any) -> tuple[dict[str, list], list[str]]:
+    """A list of dict rows or a dict of columns -> (columns, per-row pre-reasons ('' = fine))."""
+    if isinstance(rows, _MappingABC):
+        cols = {str(c): list(v) if not isinstance(v, (str, bytes)) else None for c, v in rows.items()}
+        bad = [c for c, v in cols.items() if v is None]
+        if bad:
+            raise DataError(f"a dict of columns must map each column to a sequence of values; {bad[:5]} are strings")
+        lengths = {len(v) for v in cols.values()}
+        if len(lengths) > 1:
+            raise DataError(f"columns have different lengths: {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
+        return cols, [""] * n  # type: ignore[return-value]
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise DataError(f"rows must be a list of dicts, a dict of columns, or a CSV path; got {type(rows).__name__}")
+    rows = list(rows)
+    pre = ["" if type(r) is dict or isinstance(r, _MappingABC) else
+           f"row is a {type(r).__name__}, expected a mapping of column -> value" for r in rows]
+    good = [r if not p else {} for r, p in zip(rows, pre)]
+    names: dict[str, None] = {}
+    for r in good:
+        names.update(dict.fromkeys(r))
+    cols = {str(c): [r.get(c) for r in good] for c in names}
+    return cols, pre
+
+
+def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
+                    notes_for=None) -> Iterator[tuple[dict[str, list], list[str], list[str]]]:
+    """Stream a CSV in chunks of (columns, per-row pre-reasons, whole-input notes). Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        while header is not None and not header:
+            header = next(reader, None)
+        if header is None:
+            raise DataError(f"input CSV {path} is empty: expected a header row naming the model's input columns")
+        header = [h.strip() for h in header]
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise DataError(f"input CSV {path} has duplicate column(s) {dup}")
+        width = len(header)
+        buf: list[list[str]] = []
+        first = True
+        notes: list[str] = []
+
+        def emit(block: list[list[str]]):
+            pre = ["" if len(r) <= width else f"row has {len(r)} fields but the header has {width}" for r in block]
+            cols = {h: [r[j] if j < len(r) else None for r in block] for j, h in enumerate(header)}
+            return cols, pre
+
+        for row in reader:
+            if not row:
+                continue
+            buf.append(row)
+            if len(buf) >= chunk_size:
+                cols, pre = emit(buf)
+                if first:
+                    notes = notes_for(header, len(buf)) if notes_for else []
+                    first = False
+                yield cols, pre, notes
+                buf = []
+        if buf or first:
+            cols, pre = emit(buf)
+            if first:
+                notes = notes_for(header, len(buf)) if notes_for else []
+            yield cols, pre, notes
+
+
+def load_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = False) -> Bundle:
+    """Verify a bundle (signature against ``trust_key``, then every file's hash) and load it.
+    Raises UntrustedBundleError before any ONNX session exists if anything does not verify."""
+    return Bundle(verify_bundle(path, trust_key, allow_unsigned))
+
+
+__all__ = ["Bundle", "Predictions", "Step", "load_bundle", "read_csv_chunks", "read_manifest", "session_options"]

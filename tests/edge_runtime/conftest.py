@@ -1,0 +1,52 @@
+"""One small heart model, exported once per test session as a signed bundle (and an unsigned copy)."""
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class Heart:
+    df: object  # pandas DataFrame of the built-in heart table
+    trained: object  # mmn_fed TrainedModel
+    model_path: Path
+    bundle: Path  # signed
+    unsigned: Path
+    private_key: Path
+    public_key: Path
+    other_public_key: Path
+
+
+@pytest.fixture(scope="session")
+def heart(tmp_path_factory) -> Heart:
+    import torch
+
+    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
+    from mmn_fed.api import save_trained
+    from mmn_fed.export import export_bundle, generate_keypair
+
+    root = tmp_path_factory.mktemp("edge")
+    df, schema = load_builtin("heart")
+    torch.manual_seed(0)
+    res = train_centralized(df, schema, ModelConfig(dropout=0.0), TrainConfig(epochs=3, patience=3, seed=0))
+    model_path = save_trained(root / "model.pt", res.trained)
+    priv, pub = generate_keypair(root / "keys")
+    _, other_pub = generate_keypair(root / "other-keys")
+    bundle = export_bundle(model_path, root / "bundle", sign_key=priv)
+    unsigned = export_bundle(model_path, root / "unsigned")
+    res.trained.model.eval()
+    return Heart(df, res.trained, model_path, bundle, unsigned, priv, pub, other_pub)
+
+
+@pytest.fixture(scope="session")
+def bundle(heart):
+    from edge_runtime import load_bundle
+
+    return load_bundle(heart.bundle, trust_key=heart.public_key)
+
+
+@pytest.fixture()
+def bundle_copy(heart, tmp_path) -> Path:
+    """A private copy of the signed bundle, free to damage."""
+    return Path(shutil.copytree(heart.bundle, tmp_path / "bundle"))

@@ -2,6 +2,9 @@
 site name from node config), and for each message uses only the modules the server sent it.
 
 Handlers are thin: they unpack a message, call ``clients.site``, and pack the reply (``clients.protocol``).
+The train handler's reply passes through two mods: ``privacy_mod`` (clip + Gaussian noise per module when
+``dp-noise-multiplier`` > 0) and, outside it, ``secagg_mod`` (masks the reply when the message carries a
+secure-aggregation record). Both pass through otherwise.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ from edge_runtime.schema import Schema
 from mmn_fed.model import ModelConfig
 
 from . import protocol as P
+from .privacy import privacy_mod
+from .secagg import register_handlers, secagg_mod
 from .site import LocalSettings, Site, load_rows, site_source
 
 app = ClientApp()
+register_handlers(app)  # query.secagg_keys / secagg_shares / secagg_unmask: used only under secure aggregation
 
 _SITES: dict = {}
 _PREPS: dict[str, Preprocessor] = {}
@@ -27,6 +33,8 @@ _PREPS: dict[str, Preprocessor] = {}
 def _site(context: Context) -> Site:
     src = site_source(context.node_config, context.run_config)
     if src not in _SITES:
+        if len(_SITES) >= 32:  # sweeps create many sites in one process: keep the newest
+            _SITES.pop(next(iter(_SITES)))
         _SITES[src] = Site(src.name, load_rows(src))
     return _SITES[src]
 
@@ -70,7 +78,7 @@ def profile(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": _site_record(site), "counts": MetricRecord(counts)}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod, privacy_mod])  # both pass through unless the server switched them on
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the received modules only; reply with them, their counts and the loss."""
     config, settings = _unpack(msg)

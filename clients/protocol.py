@@ -6,6 +6,9 @@ Message types (Flower's ``<category>.<action>``):
 - ``query.profile``: config {prep, model-config} -> site {name}, counts: samples per module the site holds.
 - ``train``: arrays (the site's modules only), config -> arrays (same keys), counts, metrics, site.
 - ``evaluate``: arrays, config -> metrics (``<task>/<metric>``), records {json: tidy records}, site.
+- with ``secure-aggregation``: ``query.secagg_keys``, ``query.secagg_shares`` before ``train`` (whose message then
+  carries a ``secagg`` record and whose reply carries ``secagg-masked`` instead of arrays and counts), and
+  ``query.secagg_unmask`` after it (``clients.secagg``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 
 # run-config keys that travel to sites in every message config
-SITE_SETTINGS = ("local-epochs", "lr", "mu", "batch-size", "weight-decay", "seed", "val-fraction", "balance-missingness")
+SITE_SETTINGS = ("local-epochs", "lr", "mu", "batch-size", "weight-decay", "seed", "val-fraction", "balance-missingness",
+                 # differential privacy at the site (clients.privacy; off while dp-noise-multiplier is 0)
+                 "dp-clip", "dp-noise-multiplier", "dp-delta")
 
 
 def to_arrayrecord(params: Mapping[str, np.ndarray]) -> ArrayRecord:

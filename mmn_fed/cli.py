@@ -16,6 +16,10 @@ PLUGINS = {
     "deploy-local": "server.deploy",
     "export": "mmn_fed.export",
     "keygen": "mmn_fed.export",
+    "site-key": "server.enrol",
+    "enrol": "server.enrol",
+    "revoke": "server.enrol",
+    "sites": "server.enrol",
 }
 
 

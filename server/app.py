@@ -30,7 +30,7 @@ from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor, save_model
 
 from .aggregation import ServerOptimizer
-from .strategy import ModularFedAvg, SiteInfo
+from .strategy import AGGREGATIONS, ModularFedAvg, SecureModularFedAvg, SiteInfo
 
 app = ServerApp()
 
@@ -62,6 +62,12 @@ class FederationConfig:
     run_dir: str = "runs/federated"
     server_optimizer: str = "none"
     server_lr: float = 1.0
+    aggregation: str = "mean"  # mean | trimmed-mean | median (robust rules: server.robust)
+    trim: float = 0.25  # trimmed-mean: share of holders cut at each end, per coordinate
+    secure_aggregation: bool = False  # server.secagg: the server learns only per-module sums
+    dp_clip: float = 1.0  # clients.privacy: L2 bound on each module's update (with dp-noise-multiplier > 0)
+    dp_noise_multiplier: float = 0.0  # 0 = no differential privacy
+    dp_delta: float = 1e-5
     keep_best: bool = False  # final model = the round with the best federated validation score (needs val-fraction > 0)
     min_nodes: int = 0  # wait until this many nodes are connected (0: take those connected)
     node_wait: float = 120.0
@@ -85,11 +91,35 @@ class FederationConfig:
         return ModelConfig(kind=self.model, state_size=self.state_size, hidden=self.hidden)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed (rounds may grow)."""
+        """What must match for a checkpoint to be resumed (rounds may grow). Security settings left at their
+        defaults are omitted, so checkpoints written before they existed still resume."""
         d = asdict(self)
         for k in ("num_server_rounds", "run_dir", "min_nodes", "node_wait", "timeout", "data_dir"):
             d.pop(k)
+        defaults = FederationConfig()
+        for k in _SECURITY_KEYS:
+            if d[k] == getattr(defaults, k):
+                d.pop(k)
         return d
+
+    def check(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise FederationError(f"aggregation '{self.aggregation}' unknown; expected one of {', '.join(AGGREGATIONS)}")
+        if self.secure_aggregation and self.aggregation != "mean":
+            raise FederationError(f"aggregation '{self.aggregation}' needs each site's update and cannot run under "
+                                  "secure aggregation; use aggregation = \"mean\"")
+
+    def strategy(self) -> ModularFedAvg:
+        """The per-module strategy these settings ask for (secure or plaintext, with its aggregation rule)."""
+        self.check()
+        kw = dict(optimizer=ServerOptimizer(kind=self.server_optimizer, lr=self.server_lr), aggregation=self.aggregation,
+                  trim=self.trim)
+        if self.secure_aggregation:
+            return SecureModularFedAvg(**kw, secagg_timeout=self.timeout)
+        return ModularFedAvg(**kw)
+
+
+_SECURITY_KEYS = ("aggregation", "trim", "secure_aggregation", "dp_clip", "dp_noise_multiplier", "dp_delta")
 
 
 def load_schema(cfg: FederationConfig) -> Schema:
@@ -166,7 +196,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     schema = load_schema(cfg)
     nodes = wait_for_nodes(grid, cfg)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
-    strategy = ModularFedAvg(optimizer=ServerOptimizer(kind=cfg.server_optimizer, lr=cfg.server_lr))
+    strategy = cfg.strategy()
     if ckpt:
         prep_json, params, start, history = ckpt["prep"], ckpt["params"], ckpt["round"] + 1, json.loads(ckpt["history"])
         best = (ckpt["best"]["score"], ckpt["best"]["round"], ckpt["best"]["params"])
@@ -186,22 +216,12 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     tests = test_frames(cfg)
     config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()), **cfg.site_config()})
     for rnd in range(start, cfg.num_server_rounds + 1):
-        t0 = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, P.to_arrayrecord(params), config, grid), timeout=cfg.timeout)
-        arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if arrays is not None:
-            params = P.from_arrayrecord(arrays)
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, P.to_arrayrecord(params), config, grid), timeout=cfg.timeout)
-        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
-        entry = {"round": rnd, "seconds": time.perf_counter() - t0,
-                 "train": dict(train_metrics or {}), "federated_eval": dict(eval_metrics or {}),
-                 "bytes_down": sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == "down"),
-                 "bytes_up": sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == "up")}
+        params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
         if tests:
             entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
-                             test_records(params, prep, cfg, tests, per_combination=False)
+                             held_out_records(params, prep, cfg, tests, per_combination=False)
                              if r["site"] == "all" and r["state"] == "final"}
-        score = validation_score(eval_metrics, prep.schema)
+        score = validation_score(entry["federated_eval"], prep.schema)
         if score > best[0]:
             best = (score, rnd, params)
         entry["best_round"] = best[1]
@@ -213,6 +233,28 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
         params = best[2]
     return finish(run_dir, cfg, params, prep, strategy, history, tests)
+
+
+def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
+              timeout: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train (each site its modules), aggregate per module, evaluate per site. Returns (params, history entry)."""
+    t0 = time.perf_counter()
+    replies = grid.send_and_receive(strategy.configure_train(rnd, P.to_arrayrecord(params), config, grid), timeout=timeout)
+    arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+    if arrays is None:
+        raise FederationError(f"round {rnd}: no site returned an update; failures: {strategy.round_failures(rnd)}")
+    params = P.from_arrayrecord(arrays)
+    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, P.to_arrayrecord(params), config, grid), timeout=timeout)
+    eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+    moved = lambda d: sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == d)  # noqa: E731
+    entry = {"round": rnd, "seconds": time.perf_counter() - t0, "train": dict(train_metrics or {}),
+             "federated_eval": dict(eval_metrics or {}), "bytes_down": moved("down"), "bytes_up": moved("up"),
+             "rejected": {f["site"]: f["reason"] for f in strategy.round_failures(rnd) if f["phase"] == "validation"},
+             "failures": [f for f in strategy.round_failures(rnd) if f["phase"] != "validation"]}
+    secagg = [r for r in getattr(strategy, "secagg_rounds", []) if r["round"] == rnd]
+    if secagg:
+        entry["secagg"] = secagg[-1]
+    return params, entry
 
 
 def validation_score(eval_metrics, schema: Schema) -> float:
@@ -230,7 +272,7 @@ def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: Fede
     return model
 
 
-def test_records(params, prep: Preprocessor, cfg: FederationConfig, tests: Mapping[str, pd.DataFrame],
+def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: Mapping[str, pd.DataFrame],
                  per_combination: bool = True) -> list[dict[str, Any]]:
     """Global model on held-out rows: pooled (site 'all') and per site, per modality combination."""
     model = global_model(params, prep, cfg)
@@ -254,11 +296,14 @@ def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, str
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:
-        records = test_records(params, prep, cfg, tests) + records
+        records = held_out_records(params, prep, cfg, tests) + records
     write_metrics(run_dir / "metrics.json", records)
     _write_json(run_dir / "history.json", history)
     _write_json(run_dir / "comm.json", strategy.comm)
     _write_json(run_dir / "evaluation.json", strategy.evaluations)
+    _write_json(run_dir / "failures.json", strategy.failures)  # failed sites and rejected updates, per round
+    if isinstance(strategy, SecureModularFedAvg):
+        _write_json(run_dir / "secagg.json", strategy.secagg_rounds)
     return {"run_dir": str(run_dir), "history": history}
 
 
@@ -278,7 +323,7 @@ def save_checkpoint(path: Path, cfg: FederationConfig, rnd: int, params, prep_js
         "strategy": {"optimizer": {"kind": opt["kind"], "steps": opt["steps"],
                                    "m": {k: torch.from_numpy(v) for k, v in opt["m"].items()},
                                    "v": {k: torch.from_numpy(v) for k, v in opt["v"].items()}},
-                     "comm": st["comm"], "evaluations": st["evaluations"]},
+                     **{k: v for k, v in st.items() if k != "optimizer"}},
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)

@@ -114,6 +114,7 @@ class LocalDeployment:
     auth: bool = True
     procs: list[subprocess.Popen] = field(default_factory=list)
     port: int = 0
+    stopped_pids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -153,16 +154,25 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n' + "\n".join(conn) + "\n")
         self._spawn("superlink", link)
         self._wait_port(self.port, "SuperLink")
-        for i, nc in enumerate(self.node_configs):
-            cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                   "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in nc.items())]
-            cmd += ["--root-certificates", str(creds / "tls" / "ca.pem")] if self.tls else ["--insecure"]
-            if self.auth:
-                priv, pub = make_node_key(creds / "nodes", f"node{i}")
-                self.flwr(["supernode", "register", str(pub), CONNECTION], timeout=60)
-                cmd += ["--auth-supernode-private-key", str(priv)]
-            self._spawn(f"supernode{i}", cmd)
+        for nc in self.node_configs:
+            self.add_node(nc)
         return self
+
+    def add_node(self, node_config: Mapping[str, object], register: bool = True,
+                 extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """Start one SuperNode (with a fresh key pair, registered with the SuperLink unless ``register``
+        is False: such a node must be refused when authentication is on)."""
+        i = sum(1 for p in self.logs.glob("supernode*.log"))
+        creds = self.workdir / "credentials"
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+               "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())]
+        cmd += ["--root-certificates", str(creds / "tls" / "ca.pem")] if self.tls else ["--insecure"]
+        if self.auth:
+            priv, pub = make_node_key(creds / "nodes", f"node{i}")
+            if register:
+                self.flwr(["supernode", "register", str(pub), CONNECTION], timeout=60)
+            cmd += ["--auth-supernode-private-key", str(priv)]
+        return self._spawn(f"supernode{i}", cmd + list(extra_args))
 
     def _wait_port(self, port: int, what: str, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
@@ -195,23 +205,16 @@ class LocalDeployment:
         return res
 
     def stop(self) -> None:
-        """Stop every process started here (their process groups), newest first."""
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        end = time.monotonic() + 10
-        for p in reversed(self.procs):
+        """Stop every process started here and all their descendants (SuperExecs, flwr-serverapp and
+        flwr-clientapp processes run in sessions of their own, so a process group is not enough)."""
+        pids = [d for p in self.procs for d in _descendants(p.pid)]
+        self.stopped_pids = sorted(set(pids))
+        _terminate(pids)
+        for p in self.procs:
             try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
     def __enter__(self) -> "LocalDeployment":
         try:
@@ -278,22 +281,30 @@ def stop_listener(port: int, timeout: float = 10.0) -> None:
     """Stop the process listening on ``port`` and all its descendants: the local SuperLink that
     ``flwr run`` starts (detached) for a simulation, with its SuperExec and simulation processes."""
     pid = _listener_pid(port)
-    if pid is None:
-        return
-    pids = _descendants(pid)
+    if pid is not None:
+        _terminate(_descendants(pid), timeout)
+
+
+def _terminate(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL whatever is still running."""
     for p in pids:
         try:
             os.kill(p, signal.SIGTERM)
         except ProcessLookupError:
             pass
     end = time.monotonic() + timeout
-    while time.monotonic() < end and any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids):
+    while time.monotonic() < end and any(_alive(p) for p in pids):
         time.sleep(0.2)
     for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "X")
 
 
 def _state(pid: int) -> str:
@@ -324,7 +335,9 @@ def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str,
     t0 = time.perf_counter()
     with LocalDeployment(workdir, node_configs, tls=tls, auth=auth) as dep:
         dep.run_app(APP_DIR, rc, timeout=timeout)
-    return read_result(Path(str(rc["run-dir"])), time.perf_counter() - t0)
+    res = read_result(Path(str(rc["run-dir"])), time.perf_counter() - t0)
+    res.extra["stopped_pids"] = dep.stopped_pids
+    return res
 
 
 def register(subparsers) -> None:
@@ -342,6 +355,15 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/deploy-local", help="run directory (model.pt, metrics.json, logs)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    p.add_argument("--aggregation", choices=["mean", "trimmed-mean", "median"], default="mean",
+                   help="per-module aggregation rule (robust rules against a malicious site; not with secure aggregation)")
+    p.add_argument("--trim", type=float, default=0.25, help="trimmed-mean: share of sites cut at each end")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="pairwise-masked secure aggregation: the server learns only per-module sums")
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                   help="differential privacy at the sites: Gaussian noise std / clip (0 = off)")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: L2 bound per module update")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="differential privacy: delta of the reported epsilon")
     p.set_defaults(func=_deploy_local)
 
 
@@ -357,9 +379,15 @@ def _deploy_local(args) -> int:
     out = Path(args.out).resolve()
     rc = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr, "mu": args.mu,
           "model": args.model, "tasks": args.tasks, "seed": args.seed, "dataset": args.dataset,
-          "run-dir": str(out / "run")}
+          "run-dir": str(out / "run"), "aggregation": args.aggregation, "trim": args.trim,
+          "secure-aggregation": args.secure_aggregation, "dp-clip": args.dp_clip,
+          "dp-noise-multiplier": args.dp_noise_multiplier, "dp-delta": args.dp_delta}
+    if args.secure_aggregation and args.aggregation != "mean":
+        raise ValueError("--aggregation trimmed-mean/median needs each site's update: not with --secure-aggregation")
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
-          f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}; logs in {out / 'logs'}", flush=True)
+          f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
+          f"{', secure aggregation' if args.secure_aggregation else ''}, aggregation {args.aggregation}"
+          f"; logs in {out / 'logs'}", flush=True)
     res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
     last = res.history[-1] if res.history else {}
     print(json.dumps({"run_dir": str(res.run_dir), "seconds": round(res.seconds, 1), "rounds": len(res.history),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -81,7 +81,6 @@ class InProcessGrid(Grid):
             try:
                 reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # a failing site is a failed reply, as in Flower's engines
-                from flwr.app import Error
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=delivered)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             replies.append(reply)
@@ -156,7 +155,7 @@ class FederationResult:
     evaluations: list[dict]
     run_dir: Path
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "failures" (failed sites, rejected updates), "secagg" (per round)
 
 
 def write_site_data(data_dir: Path, sites: Mapping[str, pd.DataFrame], schema: Schema,
@@ -188,6 +187,9 @@ def run_federation(
     mu: float = 0.0,
     test_sites: Mapping[str, pd.DataFrame] | None = None,
     val_fraction: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.25,
+    secure_aggregation: bool = False,
     **run_config: Any,
 ) -> FederationResult:
     """Federate MultiModN (or P-Fusion) over ``sites`` (name -> rows) and return the final model,
@@ -195,7 +197,11 @@ def run_federation(
     combination, plus the last round's federated evaluation), and the communication log.
 
     engine: ``inprocess`` (default; fast) or ``ray`` (Flower's simulation engine). Extra keyword
-    arguments are run-config keys with ``_`` for ``-`` (e.g. ``server_optimizer="fedadam"``).
+    arguments are run-config keys with ``_`` for ``-`` (e.g. ``server_optimizer="fedadam"``,
+    ``dp_noise_multiplier=1.0, dp_clip=0.5``). Update validation is always on (rejections in each history
+    entry's ``rejected`` and in ``run_dir/failures.json``). ``aggregation``: ``mean`` | ``trimmed-mean``
+    (with ``trim``) | ``median``. ``secure_aggregation=True``: the server learns only per-module sums
+    (``mean`` only; per-round protocol records in ``run_dir/secagg.json`` and history ``secagg``).
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """
     if engine not in ("inprocess", "ray"):
@@ -206,6 +212,7 @@ def run_federation(
     data_dir = write_site_data(run_dir / "data", sites, schema, test_sites)
     rc = {"num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "mu": mu, "seed": seed,
           "model": model_kind, "data-dir": str(data_dir), "run-dir": str(run_dir), "val-fraction": val_fraction,
+          "aggregation": aggregation, "trim": trim, "secure-aggregation": secure_aggregation,
           **{k.replace("_", "-"): v for k, v in run_config.items()}}
     t0 = time.perf_counter()
     if engine == "inprocess":
@@ -218,5 +225,6 @@ def run_federation(
 def read_result(run_dir: Path, seconds: float = 0.0) -> FederationResult:
     run_dir = Path(run_dir)
     load = lambda name: json.loads((run_dir / name).read_text())  # noqa: E731
+    extra = {name: load(f"{name}.json") for name in ("failures", "secagg") if (run_dir / f"{name}.json").exists()}
     return FederationResult(load_model(run_dir / "model.pt"), load("history.json"), read_metrics(run_dir / "metrics.json"),
-                            load("comm.json"), load("evaluation.json"), run_dir, seconds)
+                            load("comm.json"), load("evaluation.json"), run_dir, seconds, extra)

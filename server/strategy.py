@@ -2,9 +2,15 @@
 
 - ``configure_train``: each site gets only its modules (initial state, encoders of the modalities it holds,
   decoders of the tasks it has labels for), as learned from its ``query.profile`` reply.
-- ``aggregate_train``: ``server.aggregation.aggregate_modules`` (+ the optional server optimizer).
+- ``aggregate_train``: ``server.validation.validate_updates`` (always on: malformed, unexpected or outlying
+  updates are rejected, logged and recorded; the round goes on with the others), then per-module averaging
+  (``aggregation``: ``mean`` = ``server.aggregation.aggregate_modules``; ``trimmed-mean`` or ``median`` from
+  ``server.robust``) and the optional server optimizer.
 - ``configure_evaluate`` / ``aggregate_evaluate``: the same subsets, metrics per site and task.
 Every message's parameter bytes are logged against what whole-model FedAvg would send.
+
+``SecureModularFedAvg`` is the same strategy under secure aggregation (``server.secagg``): the server only
+learns each module's weighted sum over the sites holding it.
 """
 from __future__ import annotations
 
@@ -23,6 +29,11 @@ from clients import protocol as P
 from mmn_fed.modules import module_of, select_modules
 
 from .aggregation import ServerOptimizer, SiteUpdate, aggregate_modules, params_nbytes
+from .robust import median_modules, trimmed_mean_modules
+from .secagg import MASKED, SecAggError, SecureAggregationMixin, excluded_modules
+from .validation import validate_updates
+
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 
 
 @dataclass
@@ -46,7 +57,16 @@ class ModularFedAvg(Strategy):
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     comm: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # errors and rejected updates, per round
+    aggregation: str = "mean"  # mean | trimmed-mean | median
+    trim: float = 0.25  # trimmed-mean: share of the holders cut at each end, per coordinate
     _global: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation '{self.aggregation}' unknown; expected one of {', '.join(AGGREGATIONS)}")
+        if self.aggregation == "trimmed-mean" and not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
 
     # ---- training ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -54,20 +74,46 @@ class ModularFedAvg(Strategy):
         return self._messages(P.TRAIN, server_round, config, "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, losses = [], {}
+        updates, losses, replies_metrics = [], {}, []
         for r in self._ok(replies, "train"):
             site = self.sites[r.metadata.src_node_id]
             params = P.from_arrayrecord(r.content["arrays"])
             self._log_bytes(server_round, site.name, "train", "up", params)
             updates.append(SiteUpdate(site.name, params, dict(r.content["counts"])))
             losses[site.name] = float(r.content["metrics"].get("train_loss", np.nan))
+            replies_metrics.append(dict(r.content["metrics"]))
         if not updates:
             return None, None
-        averaged, totals = aggregate_modules(self._global, updates)
-        new = self.optimizer.step(self._global, averaged, list(totals))
-        metrics = {"sites": len(updates), "train_loss": float(np.nanmean(list(losses.values())))}
+        report = validate_updates(self._global, updates, sent={s.name: s.modules for s in self.sites.values()},
+                                  max_counts={s.name: s.counts for s in self.sites.values()})
+        self._record_rejections(server_round, report.rejected)
+        metrics = {"sites": len(report.accepted), "rejected": len(report.rejected),
+                   "train_loss": float(np.nanmean([losses[u.site] for u in report.accepted] or [np.nan]))}
         metrics.update({f"train_loss/{s}": v for s, v in losses.items()})
+        metrics.update(_dp_metrics(replies_metrics))
+        if not report.accepted:  # every reply rejected: the model stays as it was, the federation goes on
+            log(WARNING, "round %d: every update was rejected; the model is unchanged", server_round)
+            return P.to_arrayrecord(self._global), P.metric_record(metrics)
+        averaged, totals = self.combine(report.accepted)
+        new = self.optimizer.step(self._global, averaged, list(totals))
         return P.to_arrayrecord(new), P.metric_record(metrics)
+
+    def combine(self, updates: list[SiteUpdate]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Per-module aggregation of validated updates with the configured rule."""
+        if self.aggregation == "trimmed-mean":
+            return trimmed_mean_modules(self._global, updates, trim=self.trim)
+        if self.aggregation == "median":
+            return median_modules(self._global, updates)
+        return aggregate_modules(self._global, updates)
+
+    def _record_rejections(self, server_round: int, rejected: Mapping[str, list[str]]) -> None:
+        """Rejected updates join the round's failures (phase "validation"); already logged by server.validation."""
+        for site, reasons in rejected.items():
+            self.failures.append({"round": server_round, "phase": "validation", "site": site, "reason": "; ".join(reasons)})
+            log(WARNING, "round %d: update of site '%s' rejected: %s", server_round, site, "; ".join(reasons))
+
+    def round_failures(self, server_round: int) -> list[dict[str, Any]]:
+        return [f for f in self.failures if str(f["round"]) == str(server_round)]
 
     # ---- evaluation ----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -113,6 +159,9 @@ class ModularFedAvg(Strategy):
         ok = []
         for r in replies:
             if r.has_error():
+                site = self.sites.get(r.metadata.src_node_id)
+                self.failures.append({"round": r.metadata.group_id, "phase": phase, "site": site.name if site else None,
+                                      "reason": r.error.reason})
                 log(WARNING, "%s: node %s replied with an error: %s", phase, r.metadata.src_node_id, r.error.reason)
             elif r.metadata.src_node_id not in self.sites:
                 log(WARNING, "%s: reply from unknown node %s ignored", phase, r.metadata.src_node_id)
@@ -123,9 +172,87 @@ class ModularFedAvg(Strategy):
     # ---- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state(), "comm": json.dumps(self.comm),
-                "evaluations": json.dumps(self.evaluations)}
+                "evaluations": json.dumps(self.evaluations), "failures": json.dumps(self.failures, default=str)}
 
     def load_state(self, state: Mapping) -> None:
         self.optimizer.load_state(state["optimizer"])
         self.comm = json.loads(state["comm"])
         self.evaluations = json.loads(state["evaluations"])
+        self.failures = json.loads(state.get("failures", "[]"))
+
+
+def _dp_metrics(metrics: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Differential privacy (clients.privacy): the largest epsilon any site reports having spent."""
+    eps = [float(m["dp_epsilon"]) for m in metrics if "dp_epsilon" in m]
+    return {"dp_epsilon": max(eps)} if eps else {}
+
+
+@dataclass
+class SecureModularFedAvg(SecureAggregationMixin, ModularFedAvg):
+    """Per-module FedAvg under secure aggregation (``server.secagg``): the server sums masked vectors and learns
+    each module's weighted sum over the surviving sites that hold it, never one site's update. Validation can
+    then only be structural (``SecAggServer.collect_masked``: modules and vector shapes); robust rules cannot
+    apply (they need each site's values). Modules held by fewer than two sites are left out of the secure sum
+    and stay as they are. If too few sites take part (below the threshold ``t = n - ceil(n/3)``), the round is
+    logged and recorded in ``failures`` and the model is left unchanged. ``secagg_rounds``: per round,
+    survivors, dropped, hidden modules, rejected sites and the protocol's bytes up and down."""
+
+    secagg_rounds: list[dict[str, Any]] = field(default_factory=list)
+    secagg_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.aggregation != "mean":
+            raise ValueError(f"aggregation '{self.aggregation}' needs each site's update: it cannot be combined "
+                             "with secure aggregation (use 'mean')")
+        self._secagg_failed = False
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._secagg = None
+        try:
+            msgs = super().configure_train(server_round, arrays, config, grid)
+        except SecAggError as e:  # e.g. fewer sites than a secure sum needs
+            log(WARNING, "round %d: secure aggregation could not start: %s", server_round, e)
+            msgs = []
+        self._secagg_failed = not msgs
+        if self._secagg_failed:
+            self.failures.append({"round": server_round, "phase": "secagg", "site": None,
+                                  "reason": "secure aggregation could not start (too few sites); model unchanged"})
+        else:
+            left_out = excluded_modules(self._global, self._secagg.plan)
+            if left_out:
+                log(WARNING, "round %d: modules held by fewer than %d sites stay unchanged under secure aggregation: %s",
+                    server_round, self.secagg_min_holders, ", ".join(left_out))
+        return msgs
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        ok = self._ok(replies, "train")  # records failed sites
+        for r in ok:
+            site = self.sites[r.metadata.src_node_id]
+            if MASKED in r.content:  # masked vectors are keyed by module, uint64 (what the site really sent)
+                rec = r.content[MASKED]
+                self.comm.append({"round": server_round, "site": site.name, "phase": "train", "direction": "up",
+                                  "bytes": int(sum(rec[m].numpy().nbytes for m in rec.keys())),
+                                  "fedavg_bytes": params_nbytes(self._global), "modules": sorted(rec.keys())})
+        if self._secagg_failed:
+            return P.to_arrayrecord(self._global), MetricRecord({"sites": 0})
+        if not ok:
+            return None, None
+        n_rounds = len(self.secagg_rounds)
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is None:  # too few sites survived to unmask: logged by the mixin
+            self.failures.append({"round": server_round, "phase": "secagg", "site": None,
+                                  "reason": "secure aggregation aborted (too few survivors); model unchanged"})
+            return P.to_arrayrecord(self._global), MetricRecord({"sites": 0})
+        if len(self.secagg_rounds) > n_rounds:
+            self._record_rejections(server_round, {s: [r] for s, r in self.secagg_rounds[-1]["rejected"].items()})
+        extra = _dp_metrics([dict(r.content["metrics"]) for r in ok if "metrics" in r.content])
+        return arrays, MetricRecord({**dict(metrics or {}), **extra})
+
+    def state(self) -> dict:
+        return {**super().state(), "secagg_rounds": json.dumps(self.secagg_rounds)}
+
+    def load_state(self, state: Mapping) -> None:
+        super().load_state(state)
+        self.secagg_rounds = json.loads(state.get("secagg_rounds", "[]"))

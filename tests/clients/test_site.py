@@ -94,3 +94,15 @@ def test_missing_data_file_is_named(heart, make_message, tmp_path):
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "nope.csv")}, state=RecordDict(), run_config={})
     with pytest.raises(SiteDataError, match="nope.csv"):
         client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord({"schema": "{}"})})), ctx)
+
+
+def test_balance_missingness_setting_reaches_local_training(heart):
+    df, schema = heart
+    rows = df[df.dataset.isin(["Switzerland", "VA Long Beach"])].reset_index(drop=True)  # label-dependent gaps
+    prep = fit_preprocessor(schema, rows)
+    params = {k: v.numpy().copy() for k, v in build_from_preprocessor(prep, MC).state_dict().items()}
+    site = Site("mixed", rows)
+    plain, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=1, val_fraction=0.0), params, 1)
+    balanced, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=1, val_fraction=0.0, balance_missingness=True), params, 1)
+    assert LocalSettings.from_config({"balance-missingness": True}).balance_missingness
+    assert any(not np.array_equal(plain[k], balanced[k]) for k in plain)

@@ -21,26 +21,19 @@ def test_inprocess_and_ray_give_the_same_final_weights(heart_sites, tmp_path):
     assert [h["round"] for h in b.history] == [1, 2]
 
 
-def _flower_processes():
+def _running(pid):
     from pathlib import Path
 
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "flower-super" in cmd or "flwr-clientapp" in cmd or "flwr-serverapp" in cmd:
-                out.append((int(d.name), cmd))
-    return out
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 @pytest.mark.slow
 def test_deployment_engine_on_loopback_with_tls_and_node_auth(heart_sites, tmp_path):
     sites, schema = heart_sites
     two = {n: sites[n].iloc[:80] for n in ("Cleveland", "Hungary")}
-    before = {pid for pid, _ in _flower_processes()}
     rc = {"num-server-rounds": 2, "local-epochs": 1, "state-size": 8, "hidden": 8, "tasks": "disease",
           "dataset": "heart", "run-dir": str(tmp_path / "run")}
     res = run_deployment(two, rc, tmp_path / "deploy", tls=True, auth=True)
@@ -48,7 +41,8 @@ def test_deployment_engine_on_loopback_with_tls_and_node_auth(heart_sites, tmp_p
     assert {r["site"] for r in res.evaluations} == {"Cleveland", "Hungary"}
     assert any(r["metric"] == "auroc" for r in res.records)
     log = (tmp_path / "deploy" / "logs" / "superlink.log").read_text()
-    assert "--insecure" not in log
+    assert "running on https://127.0.0.1" in log  # TLS
+    assert log.count("[ControlServicer.RegisterNode] Created node_id") == 2  # both nodes registered by key
     # the global model changed from its seeded initialization
     import torch
     from mmn_fed.model_io import build_from_preprocessor
@@ -57,5 +51,16 @@ def test_deployment_engine_on_loopback_with_tls_and_node_auth(heart_sites, tmp_p
     init = build_from_preprocessor(res.trained.preprocessor, res.trained.config).state_dict()
     assert max_diff(init, res.trained.model.state_dict()) > 1e-3
     # every process it started is gone
-    leftover = [(p, c) for p, c in _flower_processes() if p not in before]
-    assert not leftover, leftover
+    started = res.extra["stopped_pids"]
+    assert len(started) >= 3  # SuperLink and two SuperNodes, at least
+    assert not [p for p in started if _running(p)]
+
+
+@pytest.mark.slow
+def test_unregistered_supernode_is_refused(tmp_path):
+    from server.deploy import LocalDeployment
+
+    with LocalDeployment(tmp_path / "deploy", []) as dep:
+        node = dep.add_node({"site-name": "intruder"}, register=False, extra_args=["--max-retries", "2"])
+        assert node.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (tmp_path / "deploy" / "logs" / "supernode0.log").read_text()

@@ -63,7 +63,9 @@ def test_records_history_and_model_change(heart_sites, tmp_path):
     sites, schema = heart_sites
     train = {n: df.iloc[: int(len(df) * 0.7)] for n, df in sites.items()}
     test = {n: df.iloc[int(len(df) * 0.7):] for n, df in sites.items()}
-    res = run_federation(train, schema, rounds=3, run_dir=tmp_path / "run", test_sites=test, val_fraction=0.2, **FAST)
+    # batch 16: with the tiny FAST model, 3 rounds at the auto batch size (32) are too few to learn reliably
+    res = run_federation(train, schema, rounds=3, run_dir=tmp_path / "run", test_sites=test, val_fraction=0.2,
+                         batch_size=16, **FAST)
     assert [h["round"] for h in res.history] == [1, 2, 3]
     assert all(h["bytes_up"] > 0 and "disease/auroc" in h["test"] for h in res.history)
     recs = pd.DataFrame(res.records)
@@ -135,3 +137,21 @@ def test_pfusion_federates_per_module_too(heart_sites, tmp_path):
     assert res.trained.config.kind == "pfusion"
     assert "init_state" not in {m for c in res.comm for m in c["modules"]}
     assert any(r["metric"] == "auroc" for r in res.records)
+
+
+def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sites, tmp_path):
+    from server.app import FederationError
+
+    sites, schema = heart_sites
+    small = {n: df.iloc[:40] for n, df in list(sites.items())[:2]}
+    rc = {"num-server-rounds": 1, "data-dir": str(write_site_data(tmp_path / "data", small, schema)),
+          "run-dir": str(tmp_path / "run"), "val-fraction": 0.0, "state-size": 8, "hidden": 8}
+
+    def broken_training(msg, ctx):
+        if msg.metadata.message_type == "train":
+            raise RuntimeError("disk full")
+        return client_app(msg, ctx)
+
+    grid = InProcessGrid(broken_training, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
+    with pytest.raises(FederationError, match="disk full"):
+        server_app(grid, server_context(rc))

@@ -25,10 +25,10 @@ def test_only_ec_public_keys_are_accepted(tmp_path):
 
 
 def _supernode(dep, priv, name):
-    from server.deploy import free_port
+    from server.deploy import _bin, free_port
 
     log = open(dep.logs / f"{name}.log", "wb")
-    p = subprocess.Popen(["flower-supernode", "--superlink", f"127.0.0.1:{dep.port}", "--port", str(free_port()),
+    p = subprocess.Popen([_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}", "--port", str(free_port()),
                           "--root-certificates", str(dep.workdir / "credentials" / "tls" / "ca.pem"),
                           "--auth-supernode-private-key", str(priv), "--max-retries", "2"],
                          stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.workdir, start_new_session=True)

@@ -154,12 +154,13 @@ def export_modules(model: MultiModN, dims: dict[str, int], opset: int = DEFAULT_
         for m in model.modalities:
             name = encoder_module(m)
             state, x = torch.randn(3, s, generator=gen), torch.randn(3, dims[m], generator=gen)
-            proto = _torch_to_onnx(_Encoder(model.encoders[m]), (state, x), ["state", "x"], ["new_state"], opset)
+            expected = model.encoders[m](state, x).numpy()
+            # eval(): the exporter restores the wrapper's training mode on its children afterwards
+            proto = _torch_to_onnx(_Encoder(model.encoders[m]).eval(), (state, x), ["state", "x"], ["new_state"], opset)
             proto = onnx.compose.add_prefix(proto, name + ".")
             ir_version = proto.ir_version
             data = proto.SerializeToString()
-            _check(data, {f"{name}.state": state.numpy(), f"{name}.x": x.numpy()},
-                   model.encoders[m](state, x).numpy(), name)
+            _check(data, {f"{name}.state": state.numpy(), f"{name}.x": x.numpy()}, expected, name)
             out[name] = {"onnx": data, "inputs": [f"{name}.state", f"{name}.x"], "outputs": [f"{name}.new_state"],
                          "shapes": {f"{name}.state": ["batch", s], f"{name}.x": ["batch", dims[m]],
                                     f"{name}.new_state": ["batch", s]}, "modality": m}
@@ -167,9 +168,9 @@ def export_modules(model: MultiModN, dims: dict[str, int], opset: int = DEFAULT_
             name = decoder_module(t)
             dec = model.decoders[t]
             state = torch.randn(3, s, generator=gen)
+            expected = dec(state).numpy()
             proto = onnx.compose.add_prefix(_torch_to_onnx(dec, (state,), ["state"], ["logits"], opset), name + ".")
             data = proto.SerializeToString()
-            expected = dec(state).numpy()
             _check(data, {f"{name}.state": state.numpy()}, expected, name)
             out[name] = {"onnx": data, "inputs": [f"{name}.state"], "outputs": [f"{name}.logits"],
                          "shapes": {f"{name}.state": ["batch", s], f"{name}.logits": ["batch", int(expected.shape[1])]},

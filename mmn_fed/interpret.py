@@ -83,7 +83,7 @@ def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None,
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * matrix.shape[1], 1.0 + 0.5 * matrix.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.1 * matrix.shape[1]), 1.0 + 0.5 * matrix.shape[0]))
     norm = None
     if center is not None:
         lim = max(float(np.nanmax(np.abs(matrix.values))), 1e-6)

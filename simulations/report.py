@@ -278,6 +278,13 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
                  f"{list(sc.run.seeds)}; test share {sc.test.fraction:.0%} of each site.</p>")
     if notes:
         parts.append(f"<ul>{notes}</ul>")
+    balanced = [m for m in sc.run.models if sc.run.balanced(m)]
+    if balanced:
+        parts.append(
+            f"<p class='warn'><b>Loss correction:</b> {', '.join(balanced)} trained with <code>balance_missingness</code> "
+            "(each loss cell weighted by p(y) / p(y | modalities seen so far), so presence patterns carry no label "
+            "information). Without it, in our measurements MultiModN also collapses under label-flipped MNAR, like "
+            "P-Fusion: see docs/simulations.md and the <code>exp4-mnar-controls</code> scenario.</p>")
     parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
     parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
                  "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")

@@ -87,6 +87,10 @@ def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path
     axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=11)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -117,11 +121,7 @@ def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
@@ -136,11 +136,7 @@ def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
             ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ---- the report -------------------------------------------------------------------------------

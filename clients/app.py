@@ -9,6 +9,7 @@ secure-aggregation record). Both pass through otherwise.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,11 +33,14 @@ _PREPS: dict[str, Preprocessor] = {}
 
 def _site(context: Context) -> Site:
     src = site_source(context.node_config, context.run_config)
-    if src not in _SITES:
+    # keyed on the file's mtime too: a re-run that rewrites the same data dir must not train on stale rows
+    path = Path(src.path) if getattr(src, "path", None) else None
+    key = (src, path.stat().st_mtime_ns if path is not None and path.exists() else None)
+    if key not in _SITES:
         if len(_SITES) >= 32:  # sweeps create many sites in one process: keep the newest
             _SITES.pop(next(iter(_SITES)))
-        _SITES[src] = Site(src.name, load_rows(src))
-    return _SITES[src]
+        _SITES[key] = Site(src.name, load_rows(src))
+    return _SITES[key]
 
 
 def _prep(config: ConfigRecord) -> tuple[Preprocessor, str]:

@@ -132,7 +132,8 @@ def apply_rules(
         if rule.phase not in ("both", phase):
             eligible[:] = False
         hit = eligible & condition(rule, schema, df, flip=flip_mnar and rule.mechanism == "mnar", labels=labels)
-        draw = rule_rng(seed, i, f"{phase}{'-flip' if flip_mnar else ''}").random(len(df))
+        # only MNAR rules change under the flip: other rules draw the same rows as in the scenario condition
+        draw = rule_rng(seed, i, f"{phase}{'-flip' if flip_mnar and rule.mechanism == 'mnar' else ''}").random(len(df))
         lose = hit & (draw < rule.fraction)
         if lose.any():
             cols = list(schema.modalities[rule.modality])

@@ -18,7 +18,7 @@ import pandas as pd
 
 from mmn_fed import load_builtin
 from mmn_fed.training import split_indices
-from server.engine import run_federation
+from server.engines import run_federation
 
 
 def main() -> None:

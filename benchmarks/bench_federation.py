@@ -30,7 +30,7 @@ from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized  #
 from mmn_fed.data import encode  # noqa: E402
 from mmn_fed.evaluation import predict_final  # noqa: E402
 from mmn_fed.metrics import auroc, mean_ci95  # noqa: E402
-from server.engine import run_federation  # noqa: E402
+from server.engines import run_federation  # noqa: E402
 
 
 def heart_split():
@@ -139,7 +139,7 @@ def cost(args, workdir: Path) -> dict:
     out = {}
     # in-process: in a fresh interpreter, so its peak RSS is the federation's alone
     code = ("import json,resource,time,sys; sys.path.insert(0,'benchmarks'); import bench_federation as b;"
-            "from server.engine import run_federation; schema,train,test,sites,tests=b.heart_split(); t0=time.perf_counter();"
+            "from server.engines import run_federation; schema,train,test,sites,tests=b.heart_split(); t0=time.perf_counter();"
             f"r=run_federation(sites,schema,rounds={args.rounds},seed=0,run_dir='{workdir / 'cost_inproc'}',local_epochs={args.local_epochs});"
             "print(json.dumps({'seconds':time.perf_counter()-t0,'peak_rss':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024,"
             "'comm':r.comm,'rounds':len(r.history)}))")

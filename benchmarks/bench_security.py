@@ -93,7 +93,8 @@ def federation_time(rounds: int, state_size: int, hidden: int) -> None:
 
     import clients.app as A
     from server import app as server_app
-    from server.engine import InProcessGrid, server_context, write_site_data
+    from server.engines import write_site_data
+    from server.engines.inprocess import InProcessGrid, server_context
 
     df, schema = load_builtin("heart")
     schema = schema.subset(tasks=["disease"])

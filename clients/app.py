@@ -1,7 +1,8 @@
 """Flower ClientApp: a site. It loads its own rows (simulation: by partition id; deployment: a CSV and a
 site name from node config), and for each message uses only the modules the server sent it.
 
-Handlers are thin: they unpack a message, call ``clients.site``, and pack the reply (``clients.protocol``).
+Handlers are thin: they unpack a message, call ``clients.site``, and pack the reply
+(names in ``mmn_fed.protocol``, conversion in ``mmn_fed.records``).
 The train handler's reply passes through two mods: ``privacy_mod`` (clip + Gaussian noise per module when
 ``dp-noise-multiplier`` > 0) and, outside it, ``secagg_mod`` (masks the reply when the message carries a
 secure-aggregation record). Both pass through otherwise.
@@ -17,9 +18,10 @@ from flwr.clientapp import ClientApp
 
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
+from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.model import ModelConfig
 
-from . import protocol as P
 from .privacy import privacy_mod
 from .secagg import register_handlers, secagg_mod
 from .site import LocalSettings, Site, load_rows, site_source
@@ -54,7 +56,7 @@ def _prep(config: ConfigRecord) -> tuple[Preprocessor, str]:
 
 def _unpack(msg: Message) -> tuple[ConfigRecord, LocalSettings]:
     torch.set_num_threads(1)  # tiny modules: one thread is fastest, and keeps engines bit-identical
-    config = msg.content["config"]
+    config = msg.content[P.CONFIG]
     return config, LocalSettings.from_config(config)
 
 
@@ -62,24 +64,24 @@ def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name, "rows": len(site.rows)})
 
 
-@app.query("summary")
+@app.query(P.SUMMARY_ACTION)
 def summary(msg: Message, context: Context) -> Message:
     """Mergeable preprocessing summary of this site's training rows."""
     config, settings = _unpack(msg)
     site = _site(context)
     schema = Schema.from_dict(json.loads(str(config["schema"])))
-    content = RecordDict({"site": _site_record(site), "summary": P.json_record(site.summary(schema, settings))})
+    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings))})
     return Message(content, reply_to=msg)
 
 
-@app.query("profile")
+@app.query(P.PROFILE_ACTION)
 def profile(msg: Message, context: Context) -> Message:
     """Samples per module this site can train (modalities present, tasks labelled)."""
     config, settings = _unpack(msg)
     site = _site(context)
     prep, key = _prep(config)
     counts = site.module_counts(prep, key, settings, ModelConfig.from_dict(json.loads(str(config["model-config"]))))
-    return Message(RecordDict({"site": _site_record(site), "counts": MetricRecord(counts)}), reply_to=msg)
+    return Message(RecordDict({P.SITE: _site_record(site), P.COUNTS: MetricRecord(counts)}), reply_to=msg)
 
 
 @app.train(mods=[secagg_mod, privacy_mod])  # both pass through unless the server switched them on
@@ -88,11 +90,11 @@ def train(msg: Message, context: Context) -> Message:
     config, settings = _unpack(msg)
     site = _site(context)
     prep, key = _prep(config)
-    params = P.from_arrayrecord(msg.content["arrays"])
+    params = R.from_arrayrecord(msg.content[P.ARRAYS])
     new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
                                       settings, params, int(config["server-round"]))
-    content = RecordDict({"arrays": P.to_arrayrecord(new), "counts": MetricRecord(counts),
-                          "metrics": P.metric_record(metrics), "site": _site_record(site)})
+    content = RecordDict({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
+                          P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
 
 
@@ -103,10 +105,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
     prep, key = _prep(config)
     mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
-    records = site.evaluate(prep, key, mc, settings, P.from_arrayrecord(msg.content["arrays"]),
+    records = site.evaluate(prep, key, mc, settings, R.from_arrayrecord(msg.content[P.ARRAYS]),
                             {"model": mc.kind, "training": "federated", "seed": settings.seed,
                              "round": int(config["server-round"])})
     flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
     flat.update({f"{r['task']}/n": r["n"] for r in records})
-    content = RecordDict({"metrics": P.metric_record(flat), "records": P.json_record(records), "site": _site_record(site)})
+    content = RecordDict({P.METRICS: R.metric_record(flat), P.RECORDS: R.json_record(records), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)

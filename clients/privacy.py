@@ -23,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
+from mmn_fed import protocol as P
 from mmn_fed.modules import group_by_module
 
 DEFAULT_ORDERS = tuple([1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0,
@@ -130,7 +131,7 @@ def privacy_mod(msg, context, call_next):
     ``dp_clipped_fraction``. Put it inside ``secagg_mod``: ``@app.train(mods=[secagg_mod, privacy_mod])``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-    cfg = msg.content["config"] if "config" in msg.content else {}
+    cfg = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
     sigma = float(cfg.get("dp-noise-multiplier", 0.0))
     if sigma <= 0:
         return call_next(msg, context)
@@ -138,16 +139,16 @@ def privacy_mod(msg, context, call_next):
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    received = {k: msg.content["arrays"][k].numpy() for k in msg.content["arrays"].keys()}
-    new = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"].keys()}
+    received = {k: msg.content[P.ARRAYS][k].numpy() for k in msg.content[P.ARRAYS].keys()}
+    new = {k: reply.content[P.ARRAYS][k].numpy() for k in reply.content[P.ARRAYS].keys()}
     noisy, norms = privatize_update(new, received, dp, np.random.default_rng())  # OS entropy: not reproducible
     spent = np.asarray(context.state[DP_STATE]["rdp"], dtype=np.float64) if DP_STATE in context.state \
         else np.zeros(len(DEFAULT_ORDERS))
     spent = spent + len(norms) * gaussian_rdp(sigma)
     context.state[DP_STATE] = ConfigRecord({"rdp": [float(x) for x in spent]})
-    reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in noisy.items()})
-    metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+    reply.content[P.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in noisy.items()})
+    metrics = dict(reply.content[P.METRICS]) if P.METRICS in reply.content else {}
     metrics["dp_epsilon"] = rdp_to_epsilon(spent, dp.delta)[0]
     metrics["dp_clipped_fraction"] = float(np.mean([n > dp.clip for n in norms.values()]))
-    reply.content["metrics"] = MetricRecord(metrics)
+    reply.content[P.METRICS] = MetricRecord(metrics)
     return reply

@@ -13,7 +13,7 @@ from pathlib import Path
 # name -> "module" exposing register(subparsers). Imported only when the command line needs it.
 PLUGINS = {
     "simulate": "simulations.cli",
-    "deploy-local": "server.deploy",
+    "deploy-local": "server.engines.deployment",
     "export": "mmn_fed.export",
     "keygen": "mmn_fed.export",
     "site-key": "server.enrol",

@@ -21,9 +21,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from clients import protocol as P
 from edge_runtime.preprocessing import Preprocessor, merge_summaries
 from edge_runtime.schema import Schema
+from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.data import encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
@@ -161,7 +162,7 @@ def wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
 
 
 def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, Any], timeout: float) -> dict[int, Message]:
-    msgs = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
+    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
                     group_id="0") for n in nodes]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
     failed = {n: (replies[n].error.reason if n in replies else "no reply") for n in nodes
@@ -174,14 +175,14 @@ def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, 
 def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> Preprocessor:
     """Sites send mergeable summaries of their training rows (never rows); the server merges them."""
     replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), **cfg.site_config()}, cfg.timeout)
-    ordered = sorted(replies.values(), key=lambda r: str(r.content["site"]["name"]))
-    return Preprocessor.from_summary(schema, merge_summaries([P.from_json_record(r.content["summary"]) for r in ordered]))
+    ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
+    return Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered]))
 
 
 def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
     replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
                                              **cfg.site_config()}, cfg.timeout)
-    sites = {n: SiteInfo(n, str(r.content["site"]["name"]), {k: int(v) for k, v in r.content["counts"].items()})
+    sites = {n: SiteInfo(n, str(r.content[P.SITE]["name"]), {k: int(v) for k, v in r.content[P.COUNTS].items()})
              for n, r in replies.items()}
     names = [s.name for s in sites.values()]
     if len(set(names)) != len(names):
@@ -239,12 +240,12 @@ def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, n
               timeout: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train (each site its modules), aggregate per module, evaluate per site. Returns (params, history entry)."""
     t0 = time.perf_counter()
-    replies = grid.send_and_receive(strategy.configure_train(rnd, P.to_arrayrecord(params), config, grid), timeout=timeout)
+    replies = grid.send_and_receive(strategy.configure_train(rnd, R.to_arrayrecord(params), config, grid), timeout=timeout)
     arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     if arrays is None:
         raise FederationError(f"round {rnd}: no site returned an update; failures: {strategy.round_failures(rnd)}")
-    params = P.from_arrayrecord(arrays)
-    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, P.to_arrayrecord(params), config, grid), timeout=timeout)
+    params = R.from_arrayrecord(arrays)
+    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, R.to_arrayrecord(params), config, grid), timeout=timeout)
     eval_metrics = strategy.aggregate_evaluate(rnd, replies)
     moved = lambda d: sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == d)  # noqa: E731
     entry = {"round": rnd, "seconds": time.perf_counter() - t0, "train": dict(train_metrics or {}),

@@ -13,8 +13,6 @@ named SuperLink connection in ``$FLWR_HOME/config.toml``; ``register`` adds the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,23 +20,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .credentials import make_node_key
+from .processes import flower_bin, flower_env
+
 
 class EnrolmentError(RuntimeError):
     """``flwr supernode ...`` failed or the key file is not an EC public key in OpenSSH/PEM format."""
 
 
-def _flwr() -> str:
-    cand = Path(sys.executable).parent / "flwr"
-    return str(cand) if cand.exists() else (shutil.which("flwr") or "flwr")
-
-
 def _run(args: list[str], flwr_home: Path | str | None, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    res = subprocess.run([_flwr(), *args, "--format", "json"], env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], env=flower_env(flwr_home),
+                         capture_output=True, text=True, timeout=timeout)
     try:
         out = json.loads(res.stdout)
     except json.JSONDecodeError:
@@ -51,8 +43,6 @@ def _run(args: list[str], flwr_home: Path | str | None, timeout: float) -> dict:
 def new_site_key(directory: Path | str, name: str) -> tuple[Path, Path]:
     """A site's key pair (P-384; private key in OpenSSH format, mode 0600): (private, public) paths.
     Run at the site; only the ``.pub`` file goes to the federation operator."""
-    from .deploy import make_node_key  # one implementation of the key format
-
     return make_node_key(Path(directory), name)
 
 

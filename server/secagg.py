@@ -2,7 +2,7 @@
 removes what is left of the masks. It ends up with each module's sum of ``count * value`` over the sites
 that hold it and the sum of their counts (the per-module weighted average), never one site's update.
 
-The protocol and its fixed-point error bound are described in ``clients.secagg`` and docs/security.md.
+The protocol and its fixed-point error bound are described in ``mmn_fed.secagg`` and docs/security.md.
 
 Integration with the per-module strategy (four exchanges per round; a site may drop at any point):
 
@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.secagg import (FRAC_BITS, KEYS_ACTION, MASKED, SECAGG, SHARES_ACTION, UNMASK_ACTION, RoundPlan,
-                            SecAggClient, SecAggError, default_threshold, dequantize, pair_seed, pair_sign, prg,
-                            self_seed, shamir_combine)
+from mmn_fed import protocol as P
 from mmn_fed.modules import group_by_module, module_of
+from mmn_fed.secagg import (FRAC_BITS, KEYS_ACTION, MASKED, SECAGG, SHARES_ACTION, UNMASK_ACTION, RoundPlan, SecAggClient,
+                            SecAggError, default_threshold, dequantize, pair_mask, pair_sign, prg, raw_public, self_seed,
+                            shamir_combine)
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +154,13 @@ class SecAggServer:
         self.bytes_up += sum(len(v) for r in replies.values() for d in r["b"].values() for v in d.values())
         self.bytes_up += sum(len(v) for r in replies.values() for v in r["s"].values())
         # reconstruct
-        s_keys: dict[str, X25519PrivateKey] = {}
+        s_keys: dict[str, bytes] = {}
         for d in dropped:
             shares = {plan.index(j): int(r["s"][d], 16) for j, r in replies.items() if d in r["s"]}
             if len(shares) < plan.threshold:
                 raise SecAggError(f"only {len(shares)} shares of dropped site '{d}'s key; need {plan.threshold}")
-            s_keys[d] = X25519PrivateKey.from_private_bytes(shamir_combine(shares))
-            if self.adverts[d]["s_pk"] != _public(s_keys[d]):
+            s_keys[d] = shamir_combine(shares)
+            if self.adverts[d]["s_pk"] != raw_public(s_keys[d]):
                 raise SecAggError(f"the key reconstructed for dropped site '{d}' does not match its public key")
         sums, counts, hidden = {}, {}, []
         for m, params in plan.layout.items():
@@ -181,8 +179,7 @@ class SecAggServer:
                 total -= prg(self_seed(shamir_combine(shares), plan.round, m), plan.size(m))
                 for d in plan.holders(m):
                     if d in s_keys:  # the mask that s agreed with dropped d is left in the sum: remove it
-                        shared = s_keys[d].exchange(X25519PublicKey.from_public_bytes(self.adverts[s]["s_pk"]))
-                        mask = prg(pair_seed(shared, plan.round, m), plan.size(m))
+                        mask = pair_mask(s_keys[d], self.adverts[s]["s_pk"], plan.round, m, plan.size(m))
                         total = total - mask if pair_sign(s, d) > 0 else total + mask
             flat = dequantize(total, plan.frac_bits)
             counts[m] = float(flat[-1])
@@ -196,10 +193,6 @@ class SecAggServer:
     def _need(self, n: int, what: str) -> None:
         if n < self.plan.threshold:
             raise SecAggError(f"only {n} sites {what}; the threshold is {self.plan.threshold}: the round is aborted")
-
-
-def _public(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 # ---- in-process driver -----------------------------------------------------------------------------
@@ -365,8 +358,8 @@ class SecureAggregationMixin:
                                    "hidden": result.hidden, "rejected": dict(srv.rejected),
                                    "bytes_up": srv.bytes_up, "bytes_down": srv.bytes_down})
         new = self.optimizer.step(self._global, result.averaged(self._global), list(result.counts))
-        losses = [float(r.content["metrics"].get("train_loss", np.nan)) for r in replies
-                  if not r.has_error() and "metrics" in r.content]
+        losses = [float(r.content[P.METRICS].get("train_loss", np.nan)) for r in replies
+                  if not r.has_error() and P.METRICS in r.content]
         metrics = {"sites": len(result.survivors), "train_loss": float(np.nanmean(losses)) if losses else float("nan")}
         return (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}),
                 MetricRecord({k: v for k, v in metrics.items() if v == v}))

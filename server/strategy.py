@@ -25,7 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients import protocol as P
+from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.modules import module_of, select_modules
 
 from .aggregation import ServerOptimizer, SiteUpdate, aggregate_modules, params_nbytes
@@ -70,18 +71,18 @@ class ModularFedAvg(Strategy):
 
     # ---- training ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._global = P.from_arrayrecord(arrays)
+        self._global = R.from_arrayrecord(arrays)
         return self._messages(P.TRAIN, server_round, config, "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates, losses, replies_metrics = [], {}, []
         for r in self._ok(replies, "train"):
             site = self.sites[r.metadata.src_node_id]
-            params = P.from_arrayrecord(r.content["arrays"])
+            params = R.from_arrayrecord(r.content[P.ARRAYS])
             self._log_bytes(server_round, site.name, "train", "up", params)
-            updates.append(SiteUpdate(site.name, params, dict(r.content["counts"])))
-            losses[site.name] = float(r.content["metrics"].get("train_loss", np.nan))
-            replies_metrics.append(dict(r.content["metrics"]))
+            updates.append(SiteUpdate(site.name, params, dict(r.content[P.COUNTS])))
+            losses[site.name] = float(r.content[P.METRICS].get("train_loss", np.nan))
+            replies_metrics.append(dict(r.content[P.METRICS]))
         if not updates:
             return None, None
         report = validate_updates(self._global, updates, sent={s.name: s.modules for s in self.sites.values()},
@@ -93,10 +94,10 @@ class ModularFedAvg(Strategy):
         metrics.update(_dp_metrics(replies_metrics))
         if not report.accepted:  # every reply rejected: the model stays as it was, the federation goes on
             log(WARNING, "round %d: every update was rejected; the model is unchanged", server_round)
-            return P.to_arrayrecord(self._global), P.metric_record(metrics)
+            return R.to_arrayrecord(self._global), R.metric_record(metrics)
         averaged, totals = self.combine(report.accepted)
         new = self.optimizer.step(self._global, averaged, list(totals))
-        return P.to_arrayrecord(new), P.metric_record(metrics)
+        return R.to_arrayrecord(new), R.metric_record(metrics)
 
     def combine(self, updates: list[SiteUpdate]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Per-module aggregation of validated updates with the configured rule."""
@@ -117,7 +118,7 @@ class ModularFedAvg(Strategy):
 
     # ---- evaluation ----------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._global = P.from_arrayrecord(arrays)
+        self._global = R.from_arrayrecord(arrays)
         return self._messages(P.EVALUATE, server_round, config, "evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -125,7 +126,7 @@ class ModularFedAvg(Strategy):
         sums: dict[str, list[float]] = {}
         for r in self._ok(replies, "evaluate"):
             site = self.sites[r.metadata.src_node_id]
-            recs = P.from_json_record(r.content["records"])
+            recs = R.from_json_record(r.content[P.RECORDS])
             self.evaluations.extend({**rec, "round": server_round, "site": site.name} for rec in recs)
             for rec in recs:
                 if rec["value"] is not None and rec["value"] == rec["value"]:
@@ -146,7 +147,7 @@ class ModularFedAvg(Strategy):
             params = select_modules(self._global, site.modules)
             self._log_bytes(server_round, site.name, phase, "down", params)
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
-            content = RecordDict({"arrays": P.to_arrayrecord(params), "config": cfg})
+            content = RecordDict({P.ARRAYS: R.to_arrayrecord(params), P.CONFIG: cfg})
             out.append(Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(server_round)))
         return out
 
@@ -236,7 +237,7 @@ class SecureModularFedAvg(SecureAggregationMixin, ModularFedAvg):
                                   "bytes": int(sum(rec[m].numpy().nbytes for m in rec.keys())),
                                   "fedavg_bytes": params_nbytes(self._global), "modules": sorted(rec.keys())})
         if self._secagg_failed:
-            return P.to_arrayrecord(self._global), MetricRecord({"sites": 0})
+            return R.to_arrayrecord(self._global), MetricRecord({"sites": 0})
         if not ok:
             return None, None
         n_rounds = len(self.secagg_rounds)
@@ -244,10 +245,10 @@ class SecureModularFedAvg(SecureAggregationMixin, ModularFedAvg):
         if arrays is None:  # too few sites survived to unmask: logged by the mixin
             self.failures.append({"round": server_round, "phase": "secagg", "site": None,
                                   "reason": "secure aggregation aborted (too few survivors); model unchanged"})
-            return P.to_arrayrecord(self._global), MetricRecord({"sites": 0})
+            return R.to_arrayrecord(self._global), MetricRecord({"sites": 0})
         if len(self.secagg_rounds) > n_rounds:
             self._record_rejections(server_round, {s: [r] for s, r in self.secagg_rounds[-1]["rejected"].items()})
-        extra = _dp_metrics([dict(r.content["metrics"]) for r in ok if "metrics" in r.content])
+        extra = _dp_metrics([dict(r.content[P.METRICS]) for r in ok if P.METRICS in r.content])
         return arrays, MetricRecord({**dict(metrics or {}), **extra})
 
     def state(self) -> dict:

@@ -193,9 +193,9 @@ def train_local(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Pa
 
 
 def federation_entry() -> Callable[..., Any]:
-    """``server.engine.run_federation`` (the federation engine, issue 3), or FederationUnavailable saying why."""
+    """``server.engines.run_federation`` (the federation engine, issue 3), or FederationUnavailable saying why."""
     try:
-        from server.engine import run_federation
+        from server.engines import run_federation
     except ImportError as e:
         raise FederationUnavailable(f"the federation engine is not importable: {e}") from None
     return run_federation

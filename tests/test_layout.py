@@ -12,6 +12,7 @@ FORBIDDEN = {
     "clients": {"server", "simulations"},
     "server": {"simulations"},
 }
+ALLOWED = {"mmn_fed/records.py": {"flwr"}}  # the one module of mmn_fed that converts Flower records
 
 
 def imported_top_levels(path: Path) -> set[str]:
@@ -29,7 +30,7 @@ def imported_top_levels(path: Path) -> set[str]:
 def test_imports_point_down_the_layout(package):
     bad = []
     for f in (ROOT / package).rglob("*.py"):
-        hits = imported_top_levels(f) & FORBIDDEN[package]
+        hits = imported_top_levels(f) & FORBIDDEN[package] - ALLOWED.get(str(f.relative_to(ROOT)), set())
         if hits:
             bad.append(f"{f.relative_to(ROOT)} imports {sorted(hits)}")
     assert not bad, "\n".join(bad)

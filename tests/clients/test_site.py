@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from clients import protocol as P
 from clients.app import app as client_app
 from clients.site import LocalSettings, Site, SiteDataError, site_source
 from mmn_fed import ModelConfig, fit_preprocessor
+from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.data import site_summary
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
@@ -72,20 +73,20 @@ def test_clientapp_summary_and_train_messages(heart, make_message, site_context)
     reply = client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
         {"schema": json.dumps(schema.to_dict()), **settings})})), ctx)
     assert reply.content["site"]["name"] == "Hungary"
-    assert P.from_json_record(reply.content["summary"]) == json.loads(json.dumps(site_summary(schema, rows)))
+    assert R.from_json_record(reply.content["summary"]) == json.loads(json.dumps(site_summary(schema, rows)))
 
     prep = fit_preprocessor(schema, rows)
     params = {k: v.numpy() for k, v in build_from_preprocessor(prep, MC).state_dict().items()
               if module_of(k) in ("init_state", "encoders.demographics", "decoders.disease")}
     cfg = ConfigRecord({"prep": json.dumps(prep.to_dict()), "model-config": json.dumps(MC.to_dict()),
                         "server-round": 1, **settings})
-    reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": P.to_arrayrecord(params), "config": cfg})), ctx)
+    reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
     assert set(reply.content["arrays"].keys()) == set(params)
     assert dict(reply.content["counts"]) == {"init_state": len(rows), "encoders.demographics": len(rows),
                                              "decoders.disease": len(rows)}
-    reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": P.to_arrayrecord(params), "config": cfg})), ctx)
+    reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
     assert "disease/auroc" in reply.content["metrics"]
-    assert {r["site"] for r in P.from_json_record(reply.content["records"])} == {"Hungary"}
+    assert {r["site"] for r in R.from_json_record(reply.content["records"])} == {"Hungary"}
 
 
 def test_missing_data_file_is_named(heart, make_message, tmp_path):

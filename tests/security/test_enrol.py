@@ -25,10 +25,10 @@ def test_only_ec_public_keys_are_accepted(tmp_path):
 
 
 def _supernode(dep, priv, name):
-    from server.deploy import _bin, free_port
+    from server.processes import flower_bin, free_port
 
     log = open(dep.logs / f"{name}.log", "wb")
-    p = subprocess.Popen([_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}", "--port", str(free_port()),
+    p = subprocess.Popen([flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}", "--port", str(free_port()),
                           "--root-certificates", str(dep.workdir / "credentials" / "tls" / "ca.pem"),
                           "--auth-supernode-private-key", str(priv), "--max-retries", "2"],
                          stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.workdir, start_new_session=True)
@@ -42,7 +42,7 @@ def _status(dep, conn, node_id):
 
 @pytest.mark.slow
 def test_enrolled_node_connects_unenrolled_and_revoked_nodes_are_refused(tmp_path):
-    from server.deploy import CONNECTION, LocalDeployment
+    from server.engines.deployment import CONNECTION, LocalDeployment
 
     dep = LocalDeployment(tmp_path / "link", [], tls=True, auth=True)
     try:

@@ -61,16 +61,16 @@ def test_privacy_mod_noises_the_reply_and_reports_the_budget_across_rounds():
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from clients import protocol as P
     from clients.privacy import privacy_mod
-    from server.engine import InProcessGrid
+    from mmn_fed import records as R
+    from server.engines.inprocess import InProcessGrid
 
     app = ClientApp()
 
     @app.train(mods=[privacy_mod])
     def train(msg, ctx):
-        new = {k: v + 5.0 for k, v in P.from_arrayrecord(msg.content["arrays"]).items()}  # a big step
-        return Message(RecordDict({"arrays": P.to_arrayrecord(new), "metrics": MetricRecord({"train_loss": 1.0})}),
+        new = {k: v + 5.0 for k, v in R.from_arrayrecord(msg.content["arrays"]).items()}  # a big step
+        return Message(RecordDict({"arrays": R.to_arrayrecord(new), "metrics": MetricRecord({"train_loss": 1.0})}),
                        reply_to=msg)
 
     grid = InProcessGrid(app, [{}], {})
@@ -78,10 +78,10 @@ def test_privacy_mod_noises_the_reply_and_reports_the_budget_across_rounds():
     eps = []
     for r in range(3):
         cfg = ConfigRecord({"dp-clip": 0.5, "dp-noise-multiplier": 1e-6, "dp-delta": 1e-5})
-        msg = Message(RecordDict({"arrays": P.to_arrayrecord(REF), "config": cfg}), dst_node_id=node,
+        msg = Message(RecordDict({"arrays": R.to_arrayrecord(REF), "config": cfg}), dst_node_id=node,
                       message_type="train", group_id=str(r))
         reply = list(grid.send_and_receive([msg]))[0]
-        out = P.from_arrayrecord(reply.content["arrays"])
+        out = R.from_arrayrecord(reply.content["arrays"])
         norm = math.sqrt(sum(float(np.sum((out[k] - REF[k]) ** 2)) for k in out if k.startswith("encoders.a")))
         assert norm == pytest.approx(0.5, rel=1e-3)  # clipped to the bound (noise negligible here)
         assert reply.content["metrics"]["dp_clipped_fraction"] == 1.0

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from clients.secagg import (FRAC_BITS, SecAggClient, SecAggError, default_threshold, dequantize, quantize,
-                            shamir_combine, shamir_split)
 from mmn_fed.modules import module_of
+from mmn_fed.secagg import (FRAC_BITS, SecAggClient, SecAggError, default_threshold, dequantize, quantize, shamir_combine,
+                            shamir_split)
 from server.aggregation import SiteUpdate, aggregate_modules
 from server.secagg import SecAggServer, excluded_modules, plan_round, run_round
 

@@ -5,11 +5,12 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import protocol as P
-from clients.secagg import MASKED, SECAGG, register_handlers, secagg_mod
+from clients.secagg import register_handlers, secagg_mod
+from mmn_fed import records as R
 from mmn_fed.modules import module_of
+from mmn_fed.secagg import MASKED, SECAGG
 from server.aggregation import SiteUpdate, aggregate_modules
-from server.engine import InProcessGrid
+from server.engines.inprocess import InProcessGrid
 from server.secagg import SecAggError, SecAggRound, plan_round
 
 G = {"init_state": np.zeros(3, np.float32), "encoders.a.net.0.weight": np.zeros((2, 2), np.float32),
@@ -33,8 +34,8 @@ def make_app(fail_train=()):
         site = ctx.node_config["site-name"]
         if site in fail_train:
             raise RuntimeError("site went down mid-round")
-        new, counts = local_update(site, P.from_arrayrecord(msg.content["arrays"]))
-        return Message(RecordDict({"arrays": P.to_arrayrecord(new), "counts": MetricRecord(counts),
+        new, counts = local_update(site, R.from_arrayrecord(msg.content["arrays"]))
+        return Message(RecordDict({"arrays": R.to_arrayrecord(new), "counts": MetricRecord(counts),
                                    "metrics": MetricRecord({"train_loss": 1.0})}), reply_to=msg)
     return app
 
@@ -48,7 +49,7 @@ def secure_round(fail_train=(), spy=None):
     extra = rnd.setup()
     msgs = []
     for n, s in nodes.items():
-        content = RecordDict({"arrays": P.to_arrayrecord({k: v for k, v in G.items() if module_of(k) in SITES[s]})})
+        content = RecordDict({"arrays": R.to_arrayrecord({k: v for k, v in G.items() if module_of(k) in SITES[s]})})
         if n in extra:
             content[SECAGG] = extra[n]
         msgs.append(Message(content, dst_node_id=n, message_type="train", group_id="1"))

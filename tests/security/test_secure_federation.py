@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import clients.app as A
-from clients.secagg import MASKED, SECAGG
 from mmn_fed import load_builtin, load_model
+from mmn_fed.secagg import MASKED, SECAGG
 from server import app as server_app_module
 from server.app import FederationConfig, FederationError
-from server.engine import InProcessGrid, run_federation, server_context, write_site_data
+from server.engines import run_federation, write_site_data
+from server.engines.inprocess import InProcessGrid, server_context
 from server.strategy import ModularFedAvg, SecureModularFedAvg
 
 N_SITES = 4

@@ -97,11 +97,12 @@ def test_policy_threshold_is_configurable():
 def test_honest_replies_of_the_real_federation_are_all_accepted(tmp_path):
     """No false alarms: heart's 4 hospitals through the real ServerApp/ClientApp, 3 rounds."""
     import clients.app as A
-    from clients import protocol as P
     from mmn_fed import load_builtin
+    from mmn_fed import records as R
     from mmn_fed.modules import module_of
     from server import app as S
-    from server.engine import InProcessGrid, server_context, write_site_data
+    from server.engines import write_site_data
+    from server.engines.inprocess import InProcessGrid, server_context
 
     df, schema = load_builtin("heart")
     schema = schema.subset(tasks=["disease"])
@@ -122,9 +123,9 @@ def test_honest_replies_of_the_real_federation_are_all_accepted(tmp_path):
     assert len(trains) == 12
     for r in range(3):
         batch = trains[4 * r:4 * r + 4]
-        sent = {str(rep.content["site"]["name"]): P.from_arrayrecord(m.content["arrays"]) for m, rep in batch}
+        sent = {str(rep.content["site"]["name"]): R.from_arrayrecord(m.content["arrays"]) for m, rep in batch}
         g = {k: v for params in sent.values() for k, v in params.items()}
-        updates = [SiteUpdate(str(rep.content["site"]["name"]), P.from_arrayrecord(rep.content["arrays"]),
+        updates = [SiteUpdate(str(rep.content["site"]["name"]), R.from_arrayrecord(rep.content["arrays"]),
                               dict(rep.content["counts"])) for _, rep in batch]
         report = validate_updates(g, updates, sent={s: {module_of(k) for k in p} for s, p in sent.items()},
                                   max_counts=profiles)

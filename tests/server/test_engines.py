@@ -1,8 +1,8 @@
 """The same ServerApp/ClientApp on Flower's engines: Ray simulation and the deployment engine (slow)."""
 import pytest
 
-from server.deploy import run_deployment
-from server.engine import run_federation
+from server.engines import run_federation
+from server.engines.deployment import run_deployment
 
 FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8}
 
@@ -58,7 +58,7 @@ def test_deployment_engine_on_loopback_with_tls_and_node_auth(heart_sites, tmp_p
 
 @pytest.mark.slow
 def test_unregistered_supernode_is_refused(tmp_path):
-    from server.deploy import LocalDeployment
+    from server.engines.deployment import LocalDeployment
 
     with LocalDeployment(tmp_path / "deploy", []) as dep:
         node = dep.add_node({"site-name": "intruder"}, register=False, extra_args=["--max-retries", "2"])

@@ -9,7 +9,8 @@ from clients.app import app as client_app
 from mmn_fed import fit_preprocessor, load_model
 from mmn_fed.modules import module_of
 from server.aggregation import params_nbytes
-from server.engine import InProcessGrid, read_result, run_federation, run_inprocess, server_context, write_site_data
+from server.engines import read_result, run_federation, write_site_data
+from server.engines.inprocess import InProcessGrid, run_inprocess, server_context
 from server.app import app as server_app
 
 FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8}  # small and fast

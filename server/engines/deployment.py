@@ -7,97 +7,27 @@ stops every process it started. Real sites run the same pieces on separate machi
 """
 from __future__ import annotations
 
-import datetime as _dt
-import ipaddress
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from ..credentials import make_node_key, make_tls
+from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
+
+from .results import FederationResult, read_result
+
 if TYPE_CHECKING:
     import pandas as pd
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 CONNECTION = "mmnfed-local"
 
 
 class DeploymentError(RuntimeError):
     """A SuperLink/SuperNode did not start, or the run failed."""
-
-
-# ---- credentials ------------------------------------------------------------------------
-
-def make_tls(directory: Path, host: str = "127.0.0.1") -> dict[str, Path]:
-    """A throwaway CA and a server certificate for ``host`` (SAN IP), PEM files in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mmn-fed local CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
-          .not_valid_after(now + _dt.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    os.chmod(paths["key"], 0o600)
-    return paths
-
-
-def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
-    """An EC (P-384) key pair in OpenSSH format, as ``flwr supernode register`` expects."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = directory / f"{name}", directory / f"{name}.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    os.chmod(priv, 0o600)
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    return priv, pub
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- processes --------------------------------------------------------------------------
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process we start: own FLWR_HOME, no telemetry, no installs."""
-    env = dict(os.environ)
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-def _bin(name: str) -> str:
-    """A Flower console script next to this interpreter (falls back to PATH)."""
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
 @dataclass
@@ -138,7 +68,7 @@ class LocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         creds = self.workdir / "credentials"
-        link = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        link = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
         conn = [f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
         if self.tls:
@@ -164,8 +94,8 @@ class LocalDeployment:
         is False: such a node must be refused when authentication is on)."""
         i = sum(1 for p in self.logs.glob("supernode*.log"))
         creds = self.workdir / "credentials"
-        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-               "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())]
+        cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+               "--node-config", toml_config(node_config)]
         cmd += ["--root-certificates", str(creds / "tls" / "ca.pem")] if self.tls else ["--insecure"]
         if self.auth:
             priv, pub = make_node_key(creds / "nodes", f"node{i}")
@@ -187,7 +117,7 @@ class LocalDeployment:
 
     def flwr(self, args: list[str], timeout: float = 600, log_name: str | None = None) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment; raise with its output on failure."""
-        res = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+        res = subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
                              text=True, timeout=timeout)
         if log_name:
             (self.logs / log_name).write_text(res.stdout + res.stderr)
@@ -197,7 +127,7 @@ class LocalDeployment:
 
     def run_app(self, app_dir: Path, run_config: Mapping[str, object], timeout: float = 1800) -> subprocess.CompletedProcess:
         """``flwr run APP CONNECTION --run-config ... --stream``: returns when the run has finished."""
-        cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        cfg = toml_config(run_config)
         args = ["run", str(app_dir), CONNECTION, "--stream"] + (["--run-config", cfg] if cfg else [])
         res = self.flwr(args, timeout=timeout, log_name="flwr_run.log")
         if "raised an exception" in res.stdout or "Exit Code:" in res.stdout:  # `flwr run` exits 0 regardless
@@ -207,9 +137,7 @@ class LocalDeployment:
     def stop(self) -> None:
         """Stop every process started here and all their descendants (SuperExecs, flwr-serverapp and
         flwr-clientapp processes run in sessions of their own, so a process group is not enough)."""
-        pids = [d for p in self.procs for d in _descendants(p.pid)]
-        self.stopped_pids = sorted(set(pids))
-        _terminate(pids)
+        self.stopped_pids = stop_tree([p.pid for p in self.procs])
         for p in self.procs:
             try:
                 p.wait(timeout=5)
@@ -227,102 +155,13 @@ class LocalDeployment:
         self.stop()
 
 
-def _toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))  # a TOML basic string
-
-
-def _listener_pid(port: int) -> int | None:
-    """PID of the process listening on 127.0.0.1:``port`` (Linux /proc), or None."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
-                inodes.add(f[9])
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            for fd in (pid_dir / "fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    return int(pid_dir.name)
-        except OSError:
-            continue
-    return None
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def stop_listener(port: int, timeout: float = 10.0) -> None:
-    """Stop the process listening on ``port`` and all its descendants: the local SuperLink that
-    ``flwr run`` starts (detached) for a simulation, with its SuperExec and simulation processes."""
-    pid = _listener_pid(port)
-    if pid is not None:
-        _terminate(_descendants(pid), timeout)
-
-
-def _terminate(pids: list[int], timeout: float = 10.0) -> None:
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL whatever is still running."""
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for p in pids:
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    return _state(pid) not in ("Z", "X")
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
 # ---- the federation on loopback, and the `mmn-fed deploy-local` command -------------------
 
 def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str, object], workdir: Path,
-                   tls: bool = True, auth: bool = True, timeout: float = 1800):
+                   tls: bool = True, auth: bool = True, timeout: float = 1800) -> FederationResult:
     """Each site's rows to its own CSV; one SuperNode per site (node config: data-path, site-name);
     SuperLink with TLS and SuperNode authentication; ``flwr run``; everything stopped afterwards.
-    Returns ``server.engine.FederationResult`` read from ``run_config['run-dir']``."""
-    from .engine import APP_DIR, read_result
-
+    Returns the ``FederationResult`` read from ``run_config['run-dir']``."""
     workdir = Path(workdir).resolve()
     data = workdir / "site_data"
     data.mkdir(parents=True, exist_ok=True)

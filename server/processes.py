@@ -1,0 +1,144 @@
+"""Flower process plumbing shared by the engines (``server.engines``) and site enrolment (``server.enrol``):
+the environment of every Flower process we start, Flower's console scripts next to this interpreter, free
+loopback ports, stopping a process tree, and TOML values for ``--run-config`` / ``--node-config``.
+Linux only where it reads /proc (finding a listener, a process's descendants)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml's [tool.flwr.app]
+
+
+def flower_env(flwr_home: Path | str | None = None, **extra: str) -> dict[str, str]:
+    """Environment for every Flower process we start: no telemetry, no runtime dependency installs, no
+    update check, unbuffered output; our own FLWR_HOME when given (else the caller's); ``extra`` on top."""
+    env = dict(os.environ)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.update(extra)
+    return env
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script (``flwr``, ``flower-superlink``, ...) next to this interpreter (falls back to PATH)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v: object) -> str:
+    """One value of Flower's ``--run-config`` / ``--node-config`` strings (``key=value ...``), in TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def toml_config(values: Mapping[str, object]) -> str:
+    """``key=value key=value`` for Flower's ``--run-config`` / ``--node-config``."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def listener_pid(port: int) -> int | None:
+    """PID of the process listening on 127.0.0.1:``port`` (Linux /proc), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f[9])
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(pid_dir.name)
+        except OSError:
+            continue
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Flower's SuperExec, flwr-serverapp and flwr-clientapp processes
+    run in sessions of their own, so a process group is not enough)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def terminate(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL whatever is still running."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def stop_tree(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Stop the processes ``pids`` and all their descendants; returns every pid stopped (sorted)."""
+    tree = sorted({d for p in pids for d in descendants(p)})
+    terminate(tree, timeout)
+    return tree
+
+
+def stop_listener(port: int, timeout: float = 10.0) -> None:
+    """Stop the process listening on ``port`` and all its descendants: the local SuperLink that
+    ``flwr run`` starts (detached) for a simulation, with its SuperExec and simulation processes."""
+    pid = listener_pid(port)
+    if pid is not None:
+        stop_tree([pid], timeout)
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "X")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -1,26 +1,25 @@
-"""`mmn-fed` command line. Subcommands from other packages are registered lazily by name so that
-this module imports none of them (the layout's arrows point from simulations/server to mmn_fed)."""
+"""`mmn-fed` command line. ``train`` is built in and ``export``/``keygen`` come from ``mmn_fed.export``;
+subcommands of higher packages (``simulate``, ``deploy-local``, ``site-key``/``enrol``/``revoke``/``sites``)
+register themselves as entry points of the group ``mmn_fed.commands`` in pyproject.toml (name ->
+``module:register``, where ``register(subparsers)`` adds the command), so this module names none of them:
+the layout's arrows point from simulations/server to mmn_fed. Only the module of the command asked for is
+imported (``-h`` imports them all, to list them)."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 import time
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Iterable
 
-# name -> "module" exposing register(subparsers). Imported only when the command line needs it.
-PLUGINS = {
-    "simulate": "simulations.cli",
-    "deploy-local": "server.engines.deployment",
-    "export": "mmn_fed.export",
-    "keygen": "mmn_fed.export",
-    "site-key": "server.enrol",
-    "enrol": "server.enrol",
-    "revoke": "server.enrol",
-    "sites": "server.enrol",
-}
+COMMANDS = "mmn_fed.commands"  # entry-point group of the subcommands of higher packages
+OWN = ("train", "export", "keygen")
+
+
+class CommandUnavailable(RuntimeError):
+    """A registered subcommand whose module cannot be imported (a missing package or dependency)."""
 
 
 def _add_train(sub) -> None:
@@ -97,16 +96,55 @@ def _train(args) -> int:
     return 0
 
 
+def _reason(ep: EntryPoint, error: Exception) -> str:
+    return (f"command '{ep.name}' is registered by entry point '{ep.value}' ({COMMANDS}) but cannot be loaded: "
+            f"{type(error).__name__}: {error}")
+
+
+def add_commands(sub, commands: Iterable[EntryPoint], wanted: str | None) -> None:
+    """Register the entry-point ``commands`` that ``wanted`` needs (all of them when it is None or a help
+    flag). One ``register`` may add several commands: each is called once. A command that cannot load raises
+    ``CommandUnavailable`` when asked for, and stays listed as unavailable in the help."""
+    everything = wanted in (None, "-h", "--help")
+    failed: dict[str, Exception] = {}  # entry-point value -> why it cannot load
+    loaded: set[str] = set()
+    for ep in commands:
+        if not everything and ep.name != wanted:
+            continue
+        if ep.value not in loaded and ep.value not in failed:
+            try:
+                register = ep.load()
+            except (ImportError, AttributeError) as e:  # a missing package or dependency, or a stale entry point
+                if not everything:
+                    raise CommandUnavailable(_reason(ep, e)) from e
+                failed[ep.value] = e
+            else:
+                loaded.add(ep.value)
+                register(sub)
+        if ep.value in failed and ep.name not in sub.choices:
+            sub.add_parser(ep.name, help=f"(unavailable: {failed[ep.value]})")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmn-fed", description="Federated MultiModN: train, simulate, export, deploy.")
+    parser = argparse.ArgumentParser(
+        prog="mmn-fed", description="Federated MultiModN: train, simulate, export, deploy.",
+        epilog=f"More commands come from the '{COMMANDS}' entry points of the installed mmn-fed "
+               "(pip install -e . after changing them in pyproject.toml).")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
     wanted = (argv or [None])[0]
-    modules = dict.fromkeys(m for n, m in PLUGINS.items() if wanted in (None, n, "-h", "--help"))
-    for module in modules:
-        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
-            continue  # that part of the toolkit is not present (yet)
-        importlib.import_module(module).register(sub)
+    _add_train(sub)
+    if wanted in (None, "-h", "--help", "export", "keygen"):
+        from .export import register
+
+        register(sub)
+    registered = list(entry_points(group=COMMANDS))
+    if wanted not in OWN:
+        add_commands(sub, registered, wanted)
+    if wanted is not None and not wanted.startswith("-") and wanted not in sub.choices:
+        known = ", ".join(dict.fromkeys([*OWN, *(ep.name for ep in registered)]))
+        parser.error(f"unknown command '{wanted}' (known: {known}); the commands of other packages "
+                     f"are the '{COMMANDS}' entry points of the installed mmn-fed: after changing them in "
+                     "pyproject.toml, reinstall (pip install -e .)")
     return parser
 
 
@@ -115,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.preprocessing import DataError
     from edge_runtime.schema import SchemaError
 
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)
+    except CommandUnavailable as e:
+        print(f"mmn-fed {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

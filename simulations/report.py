@@ -2,6 +2,8 @@
 
 Every number in the report is computed here from the same records written to ``metrics.json``:
 the final-state, all-combinations records, averaged over seeds with ``mmn_fed.metrics.mean_ci95``.
+The report reads only what earlier stages wrote in the output directory (records, ``availability.json``,
+each run's ``imc.csv``/``cp.csv``); it never prepares data itself.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import pandas as pd
 from mmn_fed.metrics import mean_ci95
 
 from .scenario import Scenario
+
+AVAILABILITY = "availability.json"  # written by the runner before any training, read here
 
 COLORS = {"multimodn": "#c0392b", "pfusion": "#222222"}  # the paper's Figure 5: MultiModN red, P-Fusion black
 STYLES = {"clean": "--", "mnar_flipped": "-", "scenario": ":"}
@@ -165,28 +169,12 @@ def _table(df: pd.DataFrame, ci: bool = True) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _availability_tables(sc: Scenario) -> list[tuple[str, pd.DataFrame]]:
-    """Training-row modality availability per site for the first and last sweep point (first seed)."""
-    from mmn_fed.data import fit_preprocessor
-
-    from .missingness import availability
-    from .runner import prepare
-
-    points = sc.points()
-    chosen = [points[0]] if len(points) == 1 else [points[0], points[-1]]
-    out = []
-    for values, psc in chosen:
-        data = prepare(psc, psc.run.seeds[0])
-        prep = fit_preprocessor(psc.schema, pd.concat([data.train] + list(data.tests.values()), ignore_index=True))
-        label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
-        tab = availability(prep, data.train, data.train_sites)
-        tab.insert(0, "rows", pd.Series(data.train_sites).value_counts().reindex(tab.index).to_numpy())
-        out.append((f"training rows ({label})", tab))
-        for cond, frame in data.tests.items():
-            tt = availability(prep, frame, data.test_sites)
-            tt.insert(0, "rows", pd.Series(data.test_sites).value_counts().reindex(tt.index).to_numpy())
-            out.append((f"test rows, condition {cond} ({label})", tt))
-    return out
+def read_availability(out: Path) -> list[tuple[str, pd.DataFrame]]:
+    """The availability tables the runner wrote (``availability.json``; see ``runner.availability_tables``)."""
+    path = out / AVAILABILITY
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: simulations.runner.run_scenario writes it before any training")
+    return [(t["title"], pd.DataFrame(**t["table"])) for t in json.loads(path.read_text())]
 
 
 def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | None:
@@ -225,7 +213,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
             figures.append(_img(p, f"{task} {metric.upper()} per model and training mode (95% CI over seeds)"))
 
     avail_html = []
-    for i, (label, tab) in enumerate(_availability_tables(sc)):
+    for i, (label, tab) in enumerate(read_availability(out)):
         if label.startswith("training"):
             p = plot_availability(tab.drop(columns=["rows"]), figs / f"availability_{i}.png",
                                   f"Modality availability, {label}")

@@ -146,6 +146,29 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
     return Prepared(train, train_sites, tests, test_sites, order, holdout)
 
 
+def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
+    """Modality availability per site (with row counts) of the training rows and of each test condition, at
+    the first and last sweep point (first seed): what the report shows, as JSON-ready tables."""
+    from mmn_fed.data import fit_preprocessor
+
+    from .missingness import availability
+
+    points = sc.points()
+    chosen = [points[0]] if len(points) == 1 else [points[0], points[-1]]
+    out = []
+    for values, psc in chosen:
+        data = prepare(psc, psc.run.seeds[0])
+        prep = fit_preprocessor(psc.schema, pd.concat([data.train] + list(data.tests.values()), ignore_index=True))
+        label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
+        frames = [(f"training rows ({label})", data.train, data.train_sites)]
+        frames += [(f"test rows, condition {cond} ({label})", frame, data.test_sites) for cond, frame in data.tests.items()]
+        for title, frame, sites in frames:
+            tab = availability(prep, frame, sites)
+            tab.insert(0, "rows", pd.Series(sites).value_counts().reindex(tab.index).to_numpy())
+            out.append({"title": title, "table": tab.to_dict(orient="split")})
+    return out
+
+
 # ---- training backends ------------------------------------------------------------------------
 
 @dataclass
@@ -354,6 +377,9 @@ def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, prog
     jobs = plan(sc)
     for _, point_sc in {j.point: (j, s) for j, s in jobs}.values():
         prepare(point_sc, point_sc.run.seeds[0])  # fail fast on data-level scenario errors, before any training
+    from .report import AVAILABILITY, write_report
+
+    (out / AVAILABILITY).write_text(json.dumps(availability_tables(sc), indent=1))
     todo, infos = [], {}
     for job, psc in jobs:
         info_path = out / "runs" / job.key / "info.json"
@@ -397,7 +423,5 @@ def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, prog
                "failed": [f"{i['key']}: {i['reason']}" for i in statuses if i["status"] == "failed"],
                "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    from .report import write_report
-
     summary["report"] = str(write_report(sc, out, records, infos, summary))
     return summary

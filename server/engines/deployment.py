@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..credentials import make_node_key, make_tls
 from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
-
 from .results import FederationResult, read_result
 
 if TYPE_CHECKING:

@@ -26,6 +26,8 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import protocol as P
+
 SITE, SERVER = "site", "server"
 SITE_RECORD_VERSION = 1  # version of the settings record sent to sites; bump when its meaning changes
 
@@ -285,14 +287,21 @@ def _site_record(self) -> str:
                       sort_keys=True)
 
 
+def _site_from_config(cls, config: Mapping[str, Any]) -> "SiteSettings":
+    if P.SETTINGS not in config:
+        raise SettingsError(P.SETTINGS, f"the message config has no '{P.SETTINGS}' record (keys: {sorted(config)}): "
+                                        "the server runs an older mmn-fed")
+    return cls.from_record(str(config[P.SETTINGS]))
+
+
 def _site_from_record(cls, text: str) -> "SiteSettings":
     try:
         record = json.loads(text)
     except (TypeError, json.JSONDecodeError):
-        raise SettingsError("settings", f"the settings record is not JSON: {str(text)[:80]!r}") from None
+        raise SettingsError(P.SETTINGS, f"the settings record is not JSON: {str(text)[:80]!r}") from None
     if not isinstance(record, dict) or record.get("version") != SITE_RECORD_VERSION:
         version = record.get("version") if isinstance(record, dict) else None
-        raise SettingsError("settings", f"settings record version {version!r} is not the version this site reads "
+        raise SettingsError(P.SETTINGS, f"settings record version {version!r} is not the version this site reads "
                                         f"({SITE_RECORD_VERSION}): update mmn-fed on the server or the site")
     return cls(**_by_field(record.get("values", {}), by_name=True, known=SITE_SETTINGS))
 
@@ -303,7 +312,8 @@ SiteSettings = make_dataclass(
     [(s.field, s.type, field(default=s.default)) for s in SITE_SETTINGS],
     frozen=True,
     namespace={"__module__": __name__, "__doc__": "The site-scope settings (``RunSettings`` fields with scope='site'), as a site receives them.",
-               "__post_init__": _validate, "to_record": _site_record, "from_record": classmethod(_site_from_record)})
+               "__post_init__": _validate, "to_record": _site_record, "from_record": classmethod(_site_from_record),
+               "from_config": classmethod(_site_from_config)})
 
 
 # ---- command-line flags -------------------------------------------------------------------------

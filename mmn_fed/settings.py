@@ -330,7 +330,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], aliases: Ma
             parser.add_argument(*flags, dest=s.field, action=argparse.BooleanOptionalAction, default=s.default, help=help_)
         else:
             parser.add_argument(*flags, dest=s.field, type=s.type, default=s.default, help=help_,
-                                choices=s.choices or None)
+                                choices=s.choices or None, metavar=None if s.choices else s.type.__name__.upper())
 
 
 def centralized_names() -> tuple[str, ...]:

@@ -199,13 +199,17 @@ def federation_entry() -> Callable[..., Any]:
     return run_federation
 
 
+# run_federation's own arguments: the schema object (not a TOML path), and where it writes
+_SET_BY_RUN_FEDERATION = ("schema", "data_dir", "run_dir")
+
+
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
     """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
     fn = federation_entry()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
     settings = sc.run.settings_for(model, seed)
     result = fn(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation", engine=sc.run.engine,
-                **{k: v for k, v in asdict(settings).items() if k not in ("run_dir", "data_dir")})
+                **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
     return [Trained(result.trained, info={"rounds": settings.num_server_rounds, "seconds": round(result.seconds, 2)})]
 
 

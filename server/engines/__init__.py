@@ -45,7 +45,8 @@ def run_federation(
     ``local_epochs=2, lr=0.01, val_fraction=0.0, aggregation="median", secure_aggregation=True,
     dp_noise_multiplier=1.0``; an unknown name or a bad value raises ``SettingsError``; the server checks the
     cross-field rules before round 1. ``model_kind`` and ``rounds`` are short for ``model`` and
-    ``num_server_rounds``; ``data_dir`` is written here (``run_dir/data``). Update validation is always on
+    ``num_server_rounds``; ``schema`` is the Schema itself (the ``schema`` setting, a TOML path, does not apply)
+    and ``data_dir`` is written here (``run_dir/data``). Update validation is always on
     (rejections in each history entry's ``rejected`` and in ``run_dir/failures.json``).
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """

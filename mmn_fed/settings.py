@@ -70,6 +70,8 @@ class RunSettings:
     batch_size: int = setting(0, "mini-batch size; 0 = auto: a power of two near n/50, between 32 and 256",
                               scope=SITE, minimum=0, centralized=True)
     weight_decay: float = setting(1e-4, "Adam weight decay", scope=SITE, minimum=0.0, centralized=True)
+    grad_clip: float = setting(1.0, "clip the gradient's global L2 norm at each step to this (0 = off)", scope=SITE,
+                               minimum=0.0, centralized=True)
     seed: int = setting(0, "seed of the initial model, the validation splits and local training", scope=SITE,
                         minimum=0, centralized=True)
     val_fraction: float = setting(0.2, "share of each site's rows held out for federated evaluation and keep-best "

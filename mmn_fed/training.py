@@ -22,13 +22,13 @@ from .settings import DEFAULTS
 @dataclass
 class TrainConfig:
     """Optimization hyperparameters. The fields shared with the run settings (lr, batch_size, weight_decay,
-    val_fraction, balance_missingness, seed) take their defaults and meaning from ``mmn_fed.settings``."""
+    grad_clip, val_fraction, balance_missingness, seed) take their defaults and meaning from ``mmn_fed.settings``."""
 
     epochs: int = 150
     batch_size: int = DEFAULTS.batch_size  # 0 = auto: a power of two near n/50, between 32 and 256
     lr: float = DEFAULTS.lr
     weight_decay: float = DEFAULTS.weight_decay
-    grad_clip: float = 1.0
+    grad_clip: float = DEFAULTS.grad_clip
     patience: int = 20  # epochs without validation improvement before stopping
     val_fraction: float = DEFAULTS.val_fraction
     monitor: str = "auto"  # "loss", "<task>:auroc", "<task>:mse"... ; auto = first task's main metric

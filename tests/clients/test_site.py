@@ -109,3 +109,13 @@ def test_balance_missingness_setting_reaches_local_training(heart):
     balanced, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=1, val_fraction=0.0, balance_missingness=True), params, 1)
     assert SiteSettings.from_config({P.SETTINGS: SiteSettings(balance_missingness=True).to_record()}).balance_missingness
     assert any(not np.array_equal(plain[k], balanced[k]) for k in plain)
+
+
+def test_grad_clip_setting_reaches_local_training(heart):
+    site, prep, params = site_and_params(heart)
+    moved = {}
+    for clip in (0.0, 1e-10):  # off, and so small that Adam's eps dominates: steps ~100x shorter
+        s = SiteSettings(local_epochs=1, val_fraction=0.0, weight_decay=0.0, grad_clip=clip)
+        new, _, _ = site.train(prep, "k", MC, s, params, 1)
+        moved[clip] = sum(float(((new[k] - params[k]) ** 2).sum()) for k in params)
+    assert moved[1e-10] < 0.01 * moved[0.0]

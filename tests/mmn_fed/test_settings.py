@@ -145,7 +145,7 @@ def test_train_and_model_config_defaults_are_the_settings_defaults():
 
     tc = TrainConfig()
     shared = [f.name for f in fields(TrainConfig) if f.name in SETTING_FIELDS]
-    assert set(shared) >= {"lr", "batch_size", "weight_decay", "seed", "val_fraction", "balance_missingness"}
+    assert set(shared) >= {"lr", "batch_size", "weight_decay", "grad_clip", "seed", "val_fraction", "balance_missingness"}
     assert all(getattr(tc, f) == getattr(DEFAULTS, f) for f in shared)
     assert ModelConfig.from_settings(DEFAULTS) == ModelConfig()
     custom = RunSettings.from_kwargs(lr=0.5, batch_size=64, model="pfusion", hidden=7)

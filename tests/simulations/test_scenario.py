@@ -125,7 +125,7 @@ def test_every_shipped_scenario_loads():
 
 def test_run_takes_every_run_setting_by_its_snake_case_name():
     run = {**BASE["run"], "aggregation": "median", "val_fraction": 0.1, "keep_best": True, "rounds": 7, "lr": 0.01,
-           "balance_missingness": ["multimodn"]}
+           "balance_missingness": ["multimodn"], "grad_clip": 0.5}
     sc = Scenario.from_dict({**BASE, "run": run})
     s = sc.run.settings
     assert (s.aggregation, s.val_fraction, s.keep_best, s.num_server_rounds, s.lr) == ("median", 0.1, True, 7, 0.01)
@@ -138,6 +138,7 @@ def test_run_takes_every_run_setting_by_its_snake_case_name():
 
     mc, tc = _configs(sc, "pfusion", 4)
     assert (mc.kind, tc.lr, tc.seed, tc.balance_missingness, tc.epochs) == ("pfusion", 0.01, 4, False, sc.run.epochs)
+    assert tc.grad_clip == 0.5
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import RunSettings, add_flags, centralized_names
+from .settings import RunSettings, add_command, add_flags, centralized_names
 from .training import TrainConfig
 
 # name -> "module" exposing register(subparsers). Imported only when the command line needs it.
@@ -97,6 +97,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmn-fed", description="Federated MultiModN: train, simulate, export, deploy.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    add_command(sub)  # mmn-fed settings
     wanted = (argv or [None])[0]
     modules = dict.fromkeys(m for n, m in PLUGINS.items() if wanted in (None, n, "-h", "--help"))
     for module in modules:

@@ -104,7 +104,7 @@ def test_pyproject_run_config_equals_the_defaults():
     table = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
     assert table == DEFAULTS.to_run_config()
     assert list(table) == [s.name for s in SETTINGS]
-    assert pyproject_table() in text  # regenerated, not edited: `python -m mmn_fed.settings --write`
+    assert pyproject_table() in text  # regenerated, not edited: `mmn-fed settings --write`
 
 
 def test_docs_table_is_the_generated_one():
@@ -154,3 +154,18 @@ def test_train_and_model_config_defaults_are_the_settings_defaults():
 
 
 SETTING_FIELDS = {s.field for s in SETTINGS}
+
+
+def test_write_regenerates_both_files_and_keeps_the_rest_of_pyproject(tmp_path, capsys):
+    from mmn_fed.cli import main
+    from mmn_fed.settings import write_generated
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.flwr.app.config]\nlr = 9.0\nold-key = 1\n\n'
+                                             '[tool.other]\nkeep = true\n')
+    write_generated(tmp_path)
+    data = tomllib.loads((tmp_path / "pyproject.toml").read_text())
+    assert data["tool"]["flwr"]["app"]["config"] == DEFAULTS.to_run_config()
+    assert data["project"] == {"name": "x"} and data["tool"]["other"] == {"keep": True}
+    assert (tmp_path / "docs" / "settings.md").read_text() == markdown()
+    assert main(["settings", "--pyproject"]) == 0 and capsys.readouterr().out == pyproject_table()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 

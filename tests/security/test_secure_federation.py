@@ -15,7 +15,7 @@ from mmn_fed import load_builtin, load_model
 from mmn_fed.secagg import MASKED, SECAGG
 from mmn_fed.settings import SettingsError
 from server import app as server_app_module
-from server.app import FederationConfig, FederationError
+from server.app import FederationConfig
 from server.engines import run_federation, write_site_data
 from server.engines.inprocess import InProcessGrid, server_context
 from server.strategy import ModularFedAvg, SecureModularFedAvg

@@ -21,10 +21,11 @@ from edge_runtime.schema import Schema
 from mmn_fed import protocol as P
 from mmn_fed import records as R
 from mmn_fed.model import ModelConfig
+from mmn_fed.settings import SiteSettings
 
 from .privacy import privacy_mod
 from .secagg import register_handlers, secagg_mod
-from .site import LocalSettings, Site, load_rows, site_source
+from .site import Site, load_rows, site_source
 
 app = ClientApp()
 register_handlers(app)  # query.secagg_keys / secagg_shares / secagg_unmask: used only under secure aggregation
@@ -54,10 +55,10 @@ def _prep(config: ConfigRecord) -> tuple[Preprocessor, str]:
     return _PREPS[key], key
 
 
-def _unpack(msg: Message) -> tuple[ConfigRecord, LocalSettings]:
+def _unpack(msg: Message) -> tuple[ConfigRecord, SiteSettings]:
     torch.set_num_threads(1)  # tiny modules: one thread is fastest, and keeps engines bit-identical
     config = msg.content[P.CONFIG]
-    return config, LocalSettings.from_config(config)
+    return config, SiteSettings.from_config(config)  # one versioned, typed record (mmn_fed.settings)
 
 
 def _site_record(site: Site) -> ConfigRecord:

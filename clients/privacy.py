@@ -25,6 +25,7 @@ import numpy as np
 
 from mmn_fed import protocol as P
 from mmn_fed.modules import group_by_module
+from mmn_fed.settings import SiteSettings
 
 DEFAULT_ORDERS = tuple([1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0,
                         48.0, 64.0, 96.0, 128.0, 256.0, 512.0, 1024.0])
@@ -125,17 +126,17 @@ DP_STATE = "dp"
 
 
 def privacy_mod(msg, context, call_next):
-    """Train mod: if the message config sets ``dp-noise-multiplier`` > 0 (with ``dp-clip``, ``dp-delta``),
+    """Train mod: if the message's settings record sets ``dp-noise-multiplier`` > 0 (with ``dp-clip``, ``dp-delta``),
     the reply's "arrays" are clipped and noised per module against the received arrays, the RDP spent so far
     is kept in ``context.state`` and the reply's metrics gain ``dp_epsilon`` (at ``dp-delta``) and
     ``dp_clipped_fraction``. Put it inside ``secagg_mod``: ``@app.train(mods=[secagg_mod, privacy_mod])``."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-    cfg = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
-    sigma = float(cfg.get("dp-noise-multiplier", 0.0))
+    settings = SiteSettings.from_config(msg.content[P.CONFIG]) if P.CONFIG in msg.content else SiteSettings()
+    sigma = settings.dp_noise_multiplier
     if sigma <= 0:
         return call_next(msg, context)
-    dp = DPConfig(clip=float(cfg.get("dp-clip", 1.0)), noise_multiplier=sigma, delta=float(cfg.get("dp-delta", 1e-5)))
+    dp = DPConfig(clip=settings.dp_clip, noise_multiplier=sigma, delta=settings.dp_delta)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply

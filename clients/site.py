@@ -24,6 +24,7 @@ from mmn_fed.evaluation import evaluate
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
+from mmn_fed.settings import SETTING, SiteSettings
 from mmn_fed.training import TrainConfig, module_counts, split_indices, train_epochs
 
 
@@ -51,14 +52,13 @@ def site_source(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     if "partition-id" not in node_config:
         raise SiteDataError("node config has neither 'data-path' (deployment) nor 'partition-id' (simulation)")
     pid = int(node_config["partition-id"])
-    data_dir = str(run_config.get("data-dir", "") or "")
+    data_dir, dataset = (SETTING[k].parse(run_config.get(k, SETTING[k].default)) for k in ("data-dir", "dataset"))
     if data_dir:
         manifest = json.loads((Path(data_dir) / "sites.json").read_text())
         if pid >= len(manifest["sites"]):
             raise SiteDataError(f"partition-id {pid} but {data_dir} holds {len(manifest['sites'])} sites")
         site = manifest["sites"][pid]
         return SiteSource(site["name"], path=str(Path(data_dir) / site["file"]))
-    dataset = str(run_config.get("dataset", "heart"))
     names = builtin_site_names(dataset)
     if pid >= len(names):
         raise SiteDataError(f"partition-id {pid} but dataset '{dataset}' has {len(names)} sites: {names}")
@@ -100,27 +100,6 @@ def split_site(schema: Schema, df: pd.DataFrame, val_fraction: float, seed: int)
     return df.iloc[keep].reset_index(drop=True), df.iloc[val].reset_index(drop=True)
 
 
-@dataclass(frozen=True)
-class LocalSettings:
-    """Per-round settings a site receives in its message config."""
-
-    epochs: int = 1
-    lr: float = 3e-3
-    mu: float = 0.0
-    batch_size: int = 0
-    weight_decay: float = 1e-4
-    seed: int = 0
-    val_fraction: float = 0.2
-    balance_missingness: bool = False  # TrainConfig.balance_missingness (simulations: MNAR robustness)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "LocalSettings":
-        return cls(epochs=int(cfg.get("local-epochs", 1)), lr=float(cfg.get("lr", 3e-3)), mu=float(cfg.get("mu", 0.0)),
-                   batch_size=int(cfg.get("batch-size", 0)), weight_decay=float(cfg.get("weight-decay", 1e-4)),
-                   seed=int(cfg.get("seed", 0)), val_fraction=float(cfg.get("val-fraction", 0.2)),
-                   balance_missingness=bool(cfg.get("balance-missingness", False)))
-
-
 def site_seed(seed: int, server_round: int, site: str) -> int:
     """Seed of a site's local training in a round: the same on every engine and every restart."""
     return (seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site.encode())) % (2**31 - 1)
@@ -134,27 +113,27 @@ class Site:
         self.rows = rows
         self._encoded: dict[tuple, tuple[TensorData, TensorData]] = {}
 
-    def splits(self, schema: Schema, settings: LocalSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def splits(self, schema: Schema, settings: SiteSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         return split_site(schema, self.rows, settings.val_fraction, settings.seed)
 
-    def summary(self, schema: Schema, settings: LocalSettings) -> dict:
+    def summary(self, schema: Schema, settings: SiteSettings) -> dict:
         """Mergeable preprocessing summary of the local training rows (never rows)."""
         train, _ = self.splits(schema, settings)
         return site_summary(schema, train)
 
-    def encoded(self, prep: Preprocessor, prep_key: str, settings: LocalSettings) -> tuple[TensorData, TensorData]:
+    def encoded(self, prep: Preprocessor, prep_key: str, settings: SiteSettings) -> tuple[TensorData, TensorData]:
         key = (prep_key, settings.val_fraction, settings.seed)
         if key not in self._encoded:
             train, val = self.splits(prep.schema, settings)
             self._encoded = {key: (encode(prep, train), encode(prep, val) if len(val) else None)}
         return self._encoded[key]
 
-    def module_counts(self, prep: Preprocessor, prep_key: str, settings: LocalSettings, model_config: ModelConfig) -> dict[str, int]:
+    def module_counts(self, prep: Preprocessor, prep_key: str, settings: SiteSettings, model_config: ModelConfig) -> dict[str, int]:
         train, _ = self.encoded(prep, prep_key, settings)
         model = build_from_preprocessor(prep, model_config)
         return module_counts(model, train)
 
-    def train(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: LocalSettings,
+    def train(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
               params: Mapping[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
         """Train the received modules only; return (their new values, per-module counts, metrics)."""
         train, _ = self.encoded(prep, prep_key, settings)
@@ -163,17 +142,15 @@ class Site:
         model = build_from_preprocessor(prep, model_config)
         load_partial(model, params)
         modules = {module_of(k) for k in params}
-        tc = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
-                         weight_decay=settings.weight_decay, seed=seed,
-                         balance_missingness=settings.balance_missingness)
-        stats = train_epochs(model, prep.schema, train, tc, settings.epochs, torch.Generator().manual_seed(seed),
+        tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
+        stats = train_epochs(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
                              prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules)
         state = model.state_dict()
         new = {k: state[k].detach().cpu().numpy().copy() for k in params}
         counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
-    def evaluate(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: LocalSettings,
+    def evaluate(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
                  params: Mapping[str, np.ndarray], context: Mapping[str, Any]) -> list[dict]:
         """Tidy records of the received modules on the local validation rows (training rows if none)."""
         train, val = self.encoded(prep, prep_key, settings)

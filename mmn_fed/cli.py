@@ -14,8 +14,11 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Iterable
 
+from .settings import RunSettings, add_command, add_flags, centralized_names
+from .training import TrainConfig
+
 COMMANDS = "mmn_fed.commands"  # entry-point group of the subcommands of higher packages
-OWN = ("train", "export", "keygen")
+OWN = ("train", "export", "keygen", "settings")
 
 
 class CommandUnavailable(RuntimeError):
@@ -26,17 +29,10 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model centrally; writes model.pt and metrics.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="heart", help="heart | support2 | PATH.csv (with --schema)")
-    p.add_argument("--schema", help="schema TOML (required with a CSV; overrides a built-in's schema)")
-    p.add_argument("--model", choices=["multimodn", "pfusion"], default="multimodn")
-    p.add_argument("--tasks", help="comma-separated subset of the schema's tasks (default: all)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--test-fraction", type=float, default=0.2, help="stratified held-out test share")
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=0, help="0 = auto (32..256 by data size)")
-    p.add_argument("--state-size", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="maximum epochs (early stopping on val-fraction)")
+    add_flags(p, centralized_names())  # the run settings centralized training shares (docs/settings.md)
     p.add_argument("--shuffle-order", action="store_true", help="permute encoder order per batch")
     p.add_argument("--explain", action="store_true", help="also write IMC and CP tables and heatmaps")
     p.add_argument("--quiet", action="store_true")
@@ -50,19 +46,19 @@ def _train(args) -> int:
     from .data import encode, load_dataset
     from .evaluation import write_metrics
     from .model import ModelConfig
-    from .training import TrainConfig, split_indices
+    from .training import split_indices
 
     torch.set_num_threads(1)  # tiny networks: threads cost more than they give
-    df, schema = load_dataset(args.dataset, args.schema)
-    if args.tasks:
-        schema = schema.subset(tasks=[t.strip() for t in args.tasks.split(",")])
+    settings = RunSettings.from_args(args, centralized_names())
+    df, schema = load_dataset(args.dataset, settings.schema or None)
+    if settings.tasks:
+        schema = schema.subset(tasks=[t.strip() for t in settings.tasks.split(",")])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, test_idx = split_indices(len(df), args.test_fraction, args.seed, stratify_key(schema, df))
+    train_idx, test_idx = split_indices(len(df), args.test_fraction, settings.seed, stratify_key(schema, df))
     train_df, test_df = df.iloc[train_idx].reset_index(drop=True), df.iloc[test_idx].reset_index(drop=True)
-    mc = ModelConfig(kind=args.model, state_size=args.state_size, hidden=args.hidden)
-    tc = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     shuffle_order=args.shuffle_order)
+    mc = ModelConfig.from_settings(settings)
+    tc = TrainConfig.from_settings(settings, epochs=args.epochs, shuffle_order=args.shuffle_order)
     t0 = time.perf_counter()
 
     def progress(rec):
@@ -71,16 +67,16 @@ def _train(args) -> int:
             print(f"\repoch {rec['epoch']:4d}  train_loss={rec['train_loss']:.4f}  {extra}   ", end="", flush=True)
 
     res = train_centralized(train_df, schema, mc, tc, progress=progress,
-                            provenance={"dataset": args.dataset, "seed": args.seed, "training": "centralized"})
+                            provenance={"dataset": args.dataset, "seed": settings.seed, "training": "centralized"})
     if not args.quiet:
         print()
     model_path = save_trained(out / "model.pt", res.trained)
-    ctx = {"model": args.model, "training": "centralized", "seed": args.seed, "condition": "clean", "dataset": args.dataset}
+    ctx = {"model": settings.model, "training": "centralized", "seed": settings.seed, "condition": "clean", "dataset": args.dataset}
     records = evaluate_frame(res.trained, test_df, ctx) if len(test_df) else []
     write_metrics(out / "metrics.json", records)
     summary = {r["task"] + ":" + r["metric"]: round(r["value"], 4) for r in records
                if r["state"] == "final" and r["combination"] == "all" and r["site"] == "all" and r["value"] == r["value"]}
-    if args.explain and args.model == "multimodn":
+    if args.explain and settings.model == "multimodn":
         from .interpret import cp, imc, plot_cp, plot_imc
 
         data = encode(res.trained.preprocessor, test_df)
@@ -133,6 +129,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     wanted = (argv or [None])[0]
     _add_train(sub)
+    add_command(sub)  # mmn-fed settings
     if wanted in (None, "-h", "--help", "export", "keygen"):
         from .export import register
 

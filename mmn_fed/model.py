@@ -15,15 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from .modules import INIT_STATE
+from .settings import DEFAULTS, RunSettings
 
 
 @dataclass
 class ModelConfig:
     """Architecture hyperparameters. ``kind`` selects MultiModN or P-Fusion."""
 
-    kind: str = "multimodn"  # multimodn | pfusion
-    state_size: int = 32  # MultiModN state; P-Fusion: size of each modality embedding
-    hidden: int = 32  # hidden width of encoders and decoders
+    kind: str = DEFAULTS.model  # multimodn | pfusion (defaults: mmn_fed.settings)
+    state_size: int = DEFAULTS.state_size  # MultiModN state; P-Fusion: size of each modality embedding
+    hidden: int = DEFAULTS.hidden  # hidden width of encoders and decoders
     dropout: float = 0.1
     encoder: str = "mlp"  # a name in ENCODERS: the architecture is pluggable
 
@@ -34,6 +35,11 @@ class ModelConfig:
     def from_dict(cls, d: Mapping) -> "ModelConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, **overrides) -> "ModelConfig":
+        """The architecture that run settings (``mmn_fed.settings``) ask for."""
+        return cls(**{"kind": settings.model, "state_size": settings.state_size, "hidden": settings.hidden, **overrides})
 
 
 def mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:

@@ -3,6 +3,7 @@ ClientApp (a site) and the ServerApp. The one place both sides agree on; flwr-fr
 from these names in ``mmn_fed.records``, the one module of ``mmn_fed`` that imports Flower).
 
 Message types (Flower's ``<category>.<action>``):
+- every message's config carries ``settings``: the site-scope run settings (``mmn_fed.settings``).
 - ``query.summary``: config {schema} -> site {name}, summary {json}: mergeable preprocessing summary.
 - ``query.profile``: config {prep, model-config} -> site {name}, counts: samples per module the site holds.
 - ``train``: arrays (the site's modules only), config -> arrays (same keys), counts, metrics, site.
@@ -33,10 +34,8 @@ SITE = "site"  # site -> server: {name, rows}
 SUMMARY_RECORD = "summary"  # site -> server: preprocessing summary (JSON in a ConfigRecord)
 JSON_KEY = "json"  # the key under which a ConfigRecord carries one JSON document
 
-# run-config keys that travel to sites in every message config
-SITE_SETTINGS = ("local-epochs", "lr", "mu", "batch-size", "weight-decay", "seed", "val-fraction", "balance-missingness",
-                 # differential privacy at the site (clients.privacy; off while dp-noise-multiplier is 0)
-                 "dp-clip", "dp-noise-multiplier", "dp-delta")
+# config keys (server -> site, in every message's config record)
+SETTINGS = "settings"  # the site-scope run settings: a versioned JSON record (mmn_fed.settings.SiteSettings)
 
 
 def to_json(obj: Any) -> str:

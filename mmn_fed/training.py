@@ -16,26 +16,28 @@ from edge_runtime.schema import Schema
 
 from .data import TensorData
 from .modules import decoder_module, encoder_module, INIT_STATE
+from .settings import DEFAULTS
 
 
 @dataclass
 class TrainConfig:
-    """Optimization hyperparameters; every field is settable from the CLI and from TOML."""
+    """Optimization hyperparameters. The fields shared with the run settings (lr, batch_size, weight_decay,
+    grad_clip, val_fraction, balance_missingness, seed) take their defaults and meaning from ``mmn_fed.settings``."""
 
     epochs: int = 150
-    batch_size: int = 0  # 0 = auto: a power of two near n/50, between 32 and 256
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    batch_size: int = DEFAULTS.batch_size  # 0 = auto: a power of two near n/50, between 32 and 256
+    lr: float = DEFAULTS.lr
+    weight_decay: float = DEFAULTS.weight_decay
+    grad_clip: float = DEFAULTS.grad_clip
     patience: int = 20  # epochs without validation improvement before stopping
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULTS.val_fraction
     monitor: str = "auto"  # "loss", "<task>:auroc", "<task>:mse"... ; auto = first task's main metric
     shuffle_order: bool = False  # permute the encoder order per batch (order invariance)
     state_change_penalty: float = 0.0
     # Reweight loss cells so that, among rows reaching a state with the same pattern of applied encoders,
     # labels keep their overall prevalence: the model cannot learn label-dependent (MNAR) missingness.
-    balance_missingness: bool = False
-    seed: int = 0
+    balance_missingness: bool = DEFAULTS.balance_missingness
+    seed: int = DEFAULTS.seed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +45,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainConfig":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @classmethod
+    def from_settings(cls, settings: object, **overrides) -> "TrainConfig":
+        """The fields shared with ``settings`` (``RunSettings`` or ``SiteSettings``) taken from it, then ``overrides``."""
+        shared = {k: getattr(settings, k) for k in cls.__dataclass_fields__ if hasattr(settings, k)}
+        return cls(**{**shared, **overrides})
 
 
 def per_sample_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:

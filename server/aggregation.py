@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mmn_fed.modules import module_of
+from mmn_fed.settings import SETTING
 
 Params = Mapping[str, np.ndarray]
 
@@ -85,6 +86,9 @@ def aggregate_modules(global_params: Params, updates: Sequence[SiteUpdate]) -> t
 
 # ---- optional server optimizer, per module ------------------------------------------------
 
+SERVER_OPTIMIZERS = SETTING["server-optimizer"].choices  # declared with the setting (mmn_fed.settings)
+
+
 @dataclass
 class ServerOptimizer:
     """FedAvgM / FedAdam applied per parameter to the pseudo-gradient (average - global), only for
@@ -104,8 +108,8 @@ class ServerOptimizer:
     steps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "fedavgm", "fedadam"):
-            raise ValueError(f"server optimizer '{self.kind}' unknown; expected none, fedavgm or fedadam")
+        if self.kind not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server optimizer '{self.kind}' unknown; expected one of {', '.join(SERVER_OPTIMIZERS)}")
 
     def step(self, global_params: Params, averaged: Params, updated: Sequence[str]) -> dict[str, np.ndarray]:
         if self.kind == "none":

@@ -29,9 +29,10 @@ from mmn_fed.data import encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor, save_model
+from mmn_fed.settings import RunSettings
 
 from .aggregation import ServerOptimizer
-from .strategy import AGGREGATIONS, ModularFedAvg, SecureModularFedAvg, SiteInfo
+from .strategy import ModularFedAvg, SecureModularFedAvg, SiteInfo
 
 app = ServerApp()
 
@@ -41,74 +42,12 @@ class FederationError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class FederationConfig:
-    """Run settings (``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``--run-config``)."""
-
-    num_server_rounds: int = 20
-    local_epochs: int = 1
-    lr: float = 3e-3
-    mu: float = 0.0
-    batch_size: int = 0
-    weight_decay: float = 1e-4
-    seed: int = 0
-    val_fraction: float = 0.2
-    balance_missingness: bool = False  # sites train with TrainConfig.balance_missingness
-    model: str = "multimodn"
-    state_size: int = 32
-    hidden: int = 32
-    dataset: str = "heart"
-    schema: str = ""  # schema TOML (overrides the dataset's)
-    tasks: str = ""  # comma list; "" = all of the schema's tasks
-    data_dir: str = ""  # simulation: sites.json + CSVs (+ test CSVs), written by run_federation
-    run_dir: str = "runs/federated"
-    server_optimizer: str = "none"
-    server_lr: float = 1.0
-    aggregation: str = "mean"  # mean | trimmed-mean | median (robust rules: server.robust)
-    trim: float = 0.25  # trimmed-mean: share of holders cut at each end, per coordinate
-    secure_aggregation: bool = False  # server.secagg: the server learns only per-module sums
-    dp_clip: float = 1.0  # clients.privacy: L2 bound on each module's update (with dp-noise-multiplier > 0)
-    dp_noise_multiplier: float = 0.0  # 0 = no differential privacy
-    dp_delta: float = 1e-5
-    keep_best: bool = False  # final model = the round with the best federated validation score (needs val-fraction > 0)
-    min_nodes: int = 0  # wait until this many nodes are connected (0: take those connected)
-    node_wait: float = 120.0
-    timeout: float = 3600.0
-
-    @classmethod
-    def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
-        kw = {}
-        for name, f in cls.__dataclass_fields__.items():
-            key = name.replace("_", "-")
-            if key in rc:
-                v = rc[key]
-                kw[name] = (str(v).lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)(v)
-        return cls(**kw)
-
-    def site_config(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: d[k.replace("-", "_")] for k in P.SITE_SETTINGS}
+class FederationConfig(RunSettings):
+    """The run settings (declared, parsed and checked in ``mmn_fed.settings``; docs/settings.md) and what the
+    server builds from them."""
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(kind=self.model, state_size=self.state_size, hidden=self.hidden)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed (rounds may grow). Security settings left at their
-        defaults are omitted, so checkpoints written before they existed still resume."""
-        d = asdict(self)
-        for k in ("num_server_rounds", "run_dir", "min_nodes", "node_wait", "timeout", "data_dir"):
-            d.pop(k)
-        defaults = FederationConfig()
-        for k in _SECURITY_KEYS:
-            if d[k] == getattr(defaults, k):
-                d.pop(k)
-        return d
-
-    def check(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise FederationError(f"aggregation '{self.aggregation}' unknown; expected one of {', '.join(AGGREGATIONS)}")
-        if self.secure_aggregation and self.aggregation != "mean":
-            raise FederationError(f"aggregation '{self.aggregation}' needs each site's update and cannot run under "
-                                  "secure aggregation; use aggregation = \"mean\"")
+        return ModelConfig.from_settings(self)
 
     def strategy(self) -> ModularFedAvg:
         """The per-module strategy these settings ask for (secure or plaintext, with its aggregation rule)."""
@@ -118,9 +57,6 @@ class FederationConfig:
         if self.secure_aggregation:
             return SecureModularFedAvg(**kw, secagg_timeout=self.timeout)
         return ModularFedAvg(**kw)
-
-
-_SECURITY_KEYS = ("aggregation", "trim", "secure_aggregation", "dp_clip", "dp_noise_multiplier", "dp_delta")
 
 
 def load_schema(cfg: FederationConfig) -> Schema:
@@ -147,7 +83,9 @@ def test_frames(cfg: FederationConfig) -> dict[str, pd.DataFrame]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, FederationConfig.from_run_config(context.run_config))
+    cfg = FederationConfig.from_run_config(context.run_config)  # types and ranges: SettingsError names the setting
+    cfg.check()  # the cross-field rules, once, before waiting for nodes or sending any message
+    run_server(grid, cfg)
 
 
 def wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
@@ -174,14 +112,15 @@ def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, 
 
 def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> Preprocessor:
     """Sites send mergeable summaries of their training rows (never rows); the server merges them."""
-    replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), **cfg.site_config()}, cfg.timeout)
+    replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
+                    cfg.timeout)
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
     return Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered]))
 
 
 def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
     replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
-                                             **cfg.site_config()}, cfg.timeout)
+                                             P.SETTINGS: cfg.site_record()}, cfg.timeout)
     sites = {n: SiteInfo(n, str(r.content[P.SITE]["name"]), {k: int(v) for k, v in r.content[P.COUNTS].items()})
              for n, r in replies.items()}
     names = [s.name for s in sites.values()]
@@ -215,7 +154,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     strategy.sites = profile_sites(grid, nodes, prep_json, cfg)
     strategy.summary()
     tests = test_frames(cfg)
-    config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()), **cfg.site_config()})
+    config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
+                           P.SETTINGS: cfg.site_record()})
     for rnd in range(start, cfg.num_server_rounds + 1):
         params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
         if tests:
@@ -337,8 +277,10 @@ def load_checkpoint(path: Path, cfg: FederationConfig) -> dict | None:
     ck = torch.load(path, weights_only=True)
     if ck.get("format") != "mmn-fed-checkpoint":
         raise FederationError(f"{path} is not an mmn-fed checkpoint")
-    if json.loads(ck["config"]) != json.loads(json.dumps(cfg.fingerprint(), sort_keys=True)):
-        raise FederationError(f"{path} was written with other settings; use a new run directory or the same settings")
+    changes = cfg.fingerprint_changes(json.loads(ck["config"]))  # settings a checkpoint left out count as defaults
+    if changes:
+        raise FederationError(f"{path} was written with other settings ({'; '.join(changes)}); use a new run directory "
+                              "or the same settings")
     ck["params"] = {k: v.numpy() for k, v in ck["params"].items()}
     ck["best"]["params"] = {k: v.numpy() for k, v in ck["best"]["params"].items()}
     opt = ck["strategy"]["optimizer"]

@@ -28,13 +28,14 @@ from flwr.serverapp.strategy import Strategy
 from mmn_fed import protocol as P
 from mmn_fed import records as R
 from mmn_fed.modules import module_of, select_modules
+from mmn_fed.settings import SETTING
 
 from .aggregation import ServerOptimizer, SiteUpdate, aggregate_modules, params_nbytes
 from .robust import median_modules, trimmed_mean_modules
 from .secagg import MASKED, SecAggError, SecureAggregationMixin, excluded_modules
 from .validation import validate_updates
 
-AGGREGATIONS = ("mean", "trimmed-mean", "median")
+AGGREGATIONS = SETTING["aggregation"].choices  # declared with the setting (mmn_fed.settings)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,11 +185,9 @@ def _configs(sc: Scenario, model: str, seed: int):
     from mmn_fed.model import ModelConfig
     from mmn_fed.training import TrainConfig
 
-    r = sc.run
-    mc = ModelConfig(kind=model, state_size=r.state_size, hidden=r.hidden)
-    tc = TrainConfig(epochs=r.epochs, patience=r.patience, lr=r.lr, batch_size=r.batch_size, seed=seed,
-                     balance_missingness=r.balanced(model))
-    return mc, tc
+    settings = sc.run.settings_for(model, seed)
+    return ModelConfig.from_settings(settings), TrainConfig.from_settings(settings, epochs=sc.run.epochs,
+                                                                          patience=sc.run.patience)
 
 
 def train_centralized(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
@@ -224,31 +222,18 @@ def federation_entry() -> Callable[..., Any]:
     return run_federation
 
 
-def federation_supports(key: str) -> bool:
-    """Whether the federation's run config knows ``key`` (unknown keys are ignored there)."""
-    try:
-        from server.app import FederationConfig
-    except ImportError:
-        return False
-    return key in FederationConfig.__dataclass_fields__
+# run_federation's own arguments: the schema object (not a TOML path), and where it writes
+_SET_BY_RUN_FEDERATION = ("schema", "data_dir", "run_dir")
 
 
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
     """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
     fn = federation_entry()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
-    r = sc.run
-    extra: dict[str, Any] = {"state_size": r.state_size, "hidden": r.hidden, "batch_size": r.batch_size}
-    balanced = r.balanced(model)
-    if balanced:
-        if not federation_supports("balance_missingness"):
-            raise FederationUnavailable("run.balance_missingness is set but the federation's sites do not "
-                                        "support it yet (clients: TrainConfig.balance_missingness)")
-        extra["balance_missingness"] = True
-    result = fn(sites=data.site_frames(), schema=sc.schema, model_kind=model, rounds=r.rounds, seed=seed,
-                run_dir=run_dir / "federation", engine=r.engine, local_epochs=r.local_epochs, lr=r.lr, mu=r.mu,
-                **extra)
-    return [Trained(result.trained, info={"rounds": r.rounds, "seconds": round(result.seconds, 2)})]
+    settings = sc.run.settings_for(model, seed)
+    result = fn(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation", engine=sc.run.engine,
+                **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
+    return [Trained(result.trained, info={"rounds": settings.num_server_rounds, "seconds": round(result.seconds, 2)})]
 
 
 BACKENDS: dict[str, Callable[..., list[Trained]]] = {

@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import itertools
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 from edge_runtime.schema import Schema, SchemaError
+from mmn_fed.settings import SETTINGS, RunSettings, SettingsError
 
 from .missingness import MECHANISMS, PHASES, MissingnessRule
 from .sites import SitePlan
@@ -28,8 +29,16 @@ _DATA = {"builtin", "csv", "schema", "tasks", "modalities"}
 _SITES = {"by", "iid", "dirichlet", "seed"}
 _RULE = {"modality", "mechanism", "fraction", "task", "label", "column", "direction", "values", "sites", "phase"}
 _TEST = {"conditions", "fraction", "holdout_sites"}
-_RUN = {"models", "training", "seeds", "rounds", "local_epochs", "epochs", "patience", "lr", "mu", "engine",
-        "state_size", "hidden", "batch_size", "workers", "explain", "balance_missingness"}
+# [run] keys of the scenario itself; every other [run] key is a run setting by its snake_case name
+# (mmn_fed.settings, docs/settings.md), except those the scenario sets elsewhere (_SET_ELSEWHERE).
+_RUN_ONLY = {"models", "training", "seeds", "rounds", "epochs", "patience", "engine", "workers", "explain"}
+_SET_ELSEWHERE = {"model": "run.models", "seed": "run.seeds", "num_server_rounds": "run.rounds", "dataset": "[data]",
+                  "schema": "[data]", "tasks": "[data]", "data_dir": "the runner", "run_dir": "the runner",
+                  "min_nodes": "the engine", "node_wait": "the engine"}
+_RUN_SETTINGS = {s.field for s in SETTINGS} - set(_SET_ELSEWHERE)
+_RUN = _RUN_ONLY | _RUN_SETTINGS
+# scenarios train two local epochs per round unless they say otherwise (the shipped experiments' choice)
+SCENARIO_SETTINGS = RunSettings(local_epochs=2)
 
 
 class ScenarioError(ValueError):
@@ -54,27 +63,27 @@ class TestSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
+    """[run]: which runs (models x training x seeds, on which engine) and the run settings they share."""
+
     models: tuple[str, ...] = MODELS
     training: tuple[str, ...] = ("federated", "centralized")
     seeds: tuple[int, ...] = (0, 1, 2)
-    rounds: int = 20
-    local_epochs: int = 2
     epochs: int = 150  # centralized / local: maximum epochs (early stopping on a validation split)
     patience: int = 20
-    lr: float = 3e-3
-    mu: float = 0.0  # FedProx proximal term (federated)
     engine: str = "inprocess"
-    state_size: int = 32
-    hidden: int = 32
-    batch_size: int = 0
     workers: int = 0  # 0 = one per CPU core
     explain: bool = True  # IMC / CP tables and heatmaps for MultiModN runs
-    # TrainConfig.balance_missingness (label-balanced loss per presence pattern): true / false / list of models
+    settings: RunSettings = SCENARIO_SETTINGS  # rounds = settings.num_server_rounds
+    # balance-missingness may also name the models it applies to: true / false / list of models
     balance_missingness: bool | tuple[str, ...] = False
 
     def balanced(self, model: str) -> bool:
         b = self.balance_missingness
         return model in b if isinstance(b, tuple) else bool(b)
+
+    def settings_for(self, model: str, seed: int) -> RunSettings:
+        """The run settings of one job: this model and seed, balance-missingness resolved for the model."""
+        return replace(self.settings, model=model, seed=seed, balance_missingness=self.balanced(model))
 
 
 @dataclass
@@ -356,6 +365,9 @@ def _test(t: dict) -> TestSpec:
 
 
 def _run(t: dict) -> RunSpec:
+    for k in t:
+        if k in _SET_ELSEWHERE:
+            raise ScenarioError(f"run.{k}: set by {_SET_ELSEWHERE[k]} in a scenario, not in [run]")
     _keys(t, _RUN, "run")
     d = RunSpec()
     seeds = t.get("seeds", list(d.seeds))
@@ -376,22 +388,24 @@ def _run(t: dict) -> RunSpec:
         balance = _str_list(balance, "run.balance_missingness", MODELS, allow_empty=True)
     elif not isinstance(balance, bool):
         raise ScenarioError(f"run.balance_missingness: expected true, false or a list of models, got {balance!r}")
+    values = {k: v for k, v in t.items() if k in _RUN_SETTINGS and k != "balance_missingness"}
+    if "rounds" in t:
+        values["num_server_rounds"] = t["rounds"]
+    try:
+        settings = replace(d.settings, **values)
+    except SettingsError as e:
+        key = "rounds" if e.setting == "num-server-rounds" else e.setting.replace("-", "_")
+        raise ScenarioError(f"run.{key}: {e.reason}") from None
     return RunSpec(
         models=_str_list(t.get("models", list(d.models)), "run.models", MODELS),
         training=_str_list(t.get("training", list(d.training)), "run.training", TRAINING),
         seeds=tuple(seeds),
-        rounds=int(_number(t.get("rounds", d.rounds), "run.rounds", 1, integer=True)),
-        local_epochs=int(_number(t.get("local_epochs", d.local_epochs), "run.local_epochs", 1, integer=True)),
         epochs=int(_number(t.get("epochs", d.epochs), "run.epochs", 1, integer=True)),
         patience=int(_number(t.get("patience", d.patience), "run.patience", 1, integer=True)),
-        lr=float(_number(t.get("lr", d.lr), "run.lr", 1e-8, 10.0)),
-        mu=float(_number(t.get("mu", d.mu), "run.mu", 0.0)),
         engine=engine,
-        state_size=int(_number(t.get("state_size", d.state_size), "run.state_size", 1, integer=True)),
-        hidden=int(_number(t.get("hidden", d.hidden), "run.hidden", 1, integer=True)),
-        batch_size=int(_number(t.get("batch_size", d.batch_size), "run.batch_size", 0, integer=True)),
         workers=int(_number(t.get("workers", d.workers), "run.workers", 0, integer=True)),
         explain=explain,
+        settings=settings,
         balance_missingness=balance,
     )
 

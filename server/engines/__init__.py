@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from edge_runtime.schema import Schema
+from mmn_fed.settings import RunSettings, SettingsError
 
 from ..processes import APP_DIR
 from .inprocess import run_inprocess
@@ -28,43 +29,44 @@ __all__ = ["APP_DIR", "FederationResult", "read_result", "run_federation", "writ
 def run_federation(
     sites: Mapping[str, pd.DataFrame],
     schema: Schema,
-    model_kind: str = "multimodn",
-    rounds: int = 20,
-    seed: int = 0,
-    run_dir: str | Path = "runs/federated",
+    model_kind: str | None = None,
+    rounds: int | None = None,
+    *,
     engine: str = "inprocess",
-    local_epochs: int = 1,
-    lr: float = 3e-3,
-    mu: float = 0.0,
     test_sites: Mapping[str, pd.DataFrame] | None = None,
-    val_fraction: float = 0.0,
-    aggregation: str = "mean",
-    trim: float = 0.25,
-    secure_aggregation: bool = False,
-    **run_config: Any,
+    **settings: Any,
 ) -> FederationResult:
     """Federate MultiModN (or P-Fusion) over ``sites`` (name -> rows) and return the final model,
     the per-round history, tidy metric records (global model on ``test_sites`` per site and modality
     combination, plus the last round's federated evaluation), and the communication log.
 
-    engine: ``inprocess`` (default; fast) or ``ray`` (Flower's simulation engine). Extra keyword
-    arguments are run-config keys with ``_`` for ``-`` (e.g. ``server_optimizer="fedadam"``,
-    ``dp_noise_multiplier=1.0, dp_clip=0.5``). Update validation is always on (rejections in each history
-    entry's ``rejected`` and in ``run_dir/failures.json``). ``aggregation``: ``mean`` | ``trimmed-mean``
-    (with ``trim``) | ``median``. ``secure_aggregation=True``: the server learns only per-module sums
-    (``mean`` only; per-round protocol records in ``run_dir/secagg.json`` and history ``secagg``).
+    engine: ``inprocess`` (default; fast) or ``ray`` (Flower's simulation engine). ``settings``: any run
+    setting by its snake_case name, with the defaults of ``mmn_fed.settings`` (docs/settings.md): e.g.
+    ``local_epochs=2, lr=0.01, val_fraction=0.0, aggregation="median", secure_aggregation=True,
+    dp_noise_multiplier=1.0``; an unknown name or a bad value raises ``SettingsError``; the server checks the
+    cross-field rules before round 1. ``model_kind`` and ``rounds`` are short for ``model`` and
+    ``num_server_rounds``; ``schema`` is the Schema itself (the ``schema`` setting, a TOML path, does not apply)
+    and ``data_dir`` is written here (``run_dir/data``). Update validation is always on
+    (rejections in each history entry's ``rejected`` and in ``run_dir/failures.json``).
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """
     if engine not in ("inprocess", "ray"):
         raise ValueError(f"engine '{engine}' unknown; expected 'inprocess' or 'ray' (deployment: mmn-fed deploy-local)")
     if not sites:
         raise ValueError("run_federation needs at least one site")
-    run_dir = Path(run_dir).resolve()
+    for short, name in ((model_kind, "model"), (rounds, "num_server_rounds")):
+        if short is not None:
+            if name in settings:
+                raise SettingsError(name.replace("_", "-"), f"given twice (as {name} and by its short name)")
+            settings[name] = short
+    if "data_dir" in settings:
+        raise SettingsError("data-dir", "run_federation writes the sites' data itself (run_dir/data)")
+    if "run_dir" in settings:
+        settings["run_dir"] = str(settings["run_dir"])  # a Path is welcome here
+    cfg = RunSettings.from_kwargs(**settings)
+    run_dir = Path(cfg.run_dir).resolve()
     data_dir = write_site_data(run_dir / "data", sites, schema, test_sites)
-    rc = {"num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "mu": mu, "seed": seed,
-          "model": model_kind, "data-dir": str(data_dir), "run-dir": str(run_dir), "val-fraction": val_fraction,
-          "aggregation": aggregation, "trim": trim, "secure-aggregation": secure_aggregation,
-          **{k.replace("_", "-"): v for k, v in run_config.items()}}
+    rc = {**cfg.to_run_config(), "data-dir": str(data_dir), "run-dir": str(run_dir)}
     t0 = time.perf_counter()
     if engine == "inprocess":
         run_inprocess(rc, len(sites))

@@ -7,6 +7,7 @@ stops every process it started. Real sites run the same pieces on separate machi
 """
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
+
+from mmn_fed.settings import SETTINGS, RunSettings, add_flags
 
 from ..credentials import make_node_key, make_tls
 from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
@@ -178,53 +181,38 @@ def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str,
     return res
 
 
+# every setting is a flag of deploy-local (docs/settings.md), but these three, which it sets itself
+DEPLOY_FLAGS = tuple(s.name for s in SETTINGS if s.name not in ("data-dir", "run-dir", "min-nodes"))
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "deploy-local", help="federate over a dataset's hospitals with Flower's deployment engine on 127.0.0.1 "
-                             "(SuperLink + one SuperNode per site, TLS, SuperNode authentication)")
-    p.add_argument("--dataset", default="heart", help="built-in dataset whose site column names the hospitals")
-    p.add_argument("--sites", type=int, default=0, help="use only the first N sites (0 = all)")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term (0 = FedAvg)")
-    p.add_argument("--model", choices=["multimodn", "pfusion"], default="multimodn")
-    p.add_argument("--tasks", default="", help="comma list of tasks (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+                             "(SuperLink + one SuperNode per site, TLS, SuperNode authentication)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sites", type=int, default=0, help="use only the first N sites of --dataset (0 = all)")
     p.add_argument("--out", default="runs/deploy-local", help="run directory (model.pt, metrics.json, logs)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
-    p.add_argument("--aggregation", choices=["mean", "trimmed-mean", "median"], default="mean",
-                   help="per-module aggregation rule (robust rules against a malicious site; not with secure aggregation)")
-    p.add_argument("--trim", type=float, default=0.25, help="trimmed-mean: share of sites cut at each end")
-    p.add_argument("--secure-aggregation", action="store_true",
-                   help="pairwise-masked secure aggregation: the server learns only per-module sums")
-    p.add_argument("--dp-noise-multiplier", type=float, default=0.0,
-                   help="differential privacy at the sites: Gaussian noise std / clip (0 = off)")
-    p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: L2 bound per module update")
-    p.add_argument("--dp-delta", type=float, default=1e-5, help="differential privacy: delta of the reported epsilon")
+    add_flags(p, DEPLOY_FLAGS, aliases={"num-server-rounds": "--rounds"})
     p.set_defaults(func=_deploy_local)
 
 
 def _deploy_local(args) -> int:
     from mmn_fed.data import load_builtin
 
-    df, schema = load_builtin(args.dataset)
+    out = Path(args.out).resolve()
+    settings = RunSettings.from_args(args, DEPLOY_FLAGS, run_dir=str(out / "run"))
+    settings.check()  # refuse a bad combination before starting any process (the ServerApp checks it too)
+    df, schema = load_builtin(settings.dataset)
     if not schema.site_column:
-        raise ValueError(f"dataset '{args.dataset}' names no site column ([sites] column in its schema)")
+        raise ValueError(f"dataset '{settings.dataset}' names no site column ([sites] column in its schema)")
     sites = {str(n): g.reset_index(drop=True) for n, g in df.groupby(schema.site_column)}
     if args.sites:
         sites = dict(list(sites.items())[: args.sites])
-    out = Path(args.out).resolve()
-    rc = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "lr": args.lr, "mu": args.mu,
-          "model": args.model, "tasks": args.tasks, "seed": args.seed, "dataset": args.dataset,
-          "run-dir": str(out / "run"), "aggregation": args.aggregation, "trim": args.trim,
-          "secure-aggregation": args.secure_aggregation, "dp-clip": args.dp_clip,
-          "dp-noise-multiplier": args.dp_noise_multiplier, "dp-delta": args.dp_delta}
-    if args.secure_aggregation and args.aggregation != "mean":
-        raise ValueError("--aggregation trimmed-mean/median needs each site's update: not with --secure-aggregation")
+    rc = {k: v for k, v in settings.to_run_config().items() if k in DEPLOY_FLAGS or k == "run-dir"}
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
-          f"{', secure aggregation' if args.secure_aggregation else ''}, aggregation {args.aggregation}"
+          f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
           f"; logs in {out / 'logs'}", flush=True)
     res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
     last = res.history[-1] if res.history else {}

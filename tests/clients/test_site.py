@@ -6,13 +6,14 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from clients.app import app as client_app
-from clients.site import LocalSettings, Site, SiteDataError, site_source
+from clients.site import Site, SiteDataError, site_source
 from mmn_fed import ModelConfig, fit_preprocessor
 from mmn_fed import protocol as P
 from mmn_fed import records as R
 from mmn_fed.data import site_summary
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
+from mmn_fed.settings import SiteSettings
 
 MC = ModelConfig(state_size=8, hidden=8)
 
@@ -44,7 +45,7 @@ def site_and_params(heart, drop=()):
 def test_trains_only_received_modules_and_counts_samples_per_module(heart):
     site, prep, params = site_and_params(heart, drop=("imaging",))
     mine = {k: v for k, v in params.items() if module_of(k) in ("init_state", "encoders.rest", "decoders.disease")}
-    settings = LocalSettings(epochs=2, val_fraction=0.0)
+    settings = SiteSettings(local_epochs=2, val_fraction=0.0)
     new, counts, metrics = site.train(prep, "k", MC, settings, mine, server_round=1)
     assert set(new) == set(mine)
     assert all(not np.array_equal(new[k], mine[k]) for k in new if k.endswith("weight"))
@@ -60,7 +61,7 @@ def test_fedprox_term_keeps_modules_closer_to_the_global_ones(heart):
     site, prep, params = site_and_params(heart)
     dist = {}
     for mu in (0.0, 10.0):
-        new, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=3, mu=mu, val_fraction=0.0), params, 1)
+        new, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=3, mu=mu, val_fraction=0.0), params, 1)
         dist[mu] = sum(float(((new[k] - params[k]) ** 2).sum()) for k in params)
     assert dist[10.0] < dist[0.0]
 
@@ -69,7 +70,7 @@ def test_clientapp_summary_and_train_messages(heart, make_message, site_context)
     df, schema = heart
     rows = df[df.dataset == "Hungary"].reset_index(drop=True)
     ctx = site_context(rows, "Hungary")
-    settings = {"val-fraction": 0.0, "seed": 0, "local-epochs": 1}
+    settings = {P.SETTINGS: SiteSettings(val_fraction=0.0, seed=0, local_epochs=1).to_record()}
     reply = client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
         {"schema": json.dumps(schema.to_dict()), **settings})})), ctx)
     assert reply.content["site"]["name"] == "Hungary"
@@ -94,7 +95,8 @@ def test_missing_data_file_is_named(heart, make_message, tmp_path):
 
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "nope.csv")}, state=RecordDict(), run_config={})
     with pytest.raises(SiteDataError, match="nope.csv"):
-        client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord({"schema": "{}"})})), ctx)
+        client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
+            {"schema": "{}", P.SETTINGS: SiteSettings().to_record()})})), ctx)
 
 
 def test_balance_missingness_setting_reaches_local_training(heart):
@@ -103,7 +105,17 @@ def test_balance_missingness_setting_reaches_local_training(heart):
     prep = fit_preprocessor(schema, rows)
     params = {k: v.numpy().copy() for k, v in build_from_preprocessor(prep, MC).state_dict().items()}
     site = Site("mixed", rows)
-    plain, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=1, val_fraction=0.0), params, 1)
-    balanced, _, _ = site.train(prep, "k", MC, LocalSettings(epochs=1, val_fraction=0.0, balance_missingness=True), params, 1)
-    assert LocalSettings.from_config({"balance-missingness": True}).balance_missingness
+    plain, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=1, val_fraction=0.0), params, 1)
+    balanced, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=1, val_fraction=0.0, balance_missingness=True), params, 1)
+    assert SiteSettings.from_config({P.SETTINGS: SiteSettings(balance_missingness=True).to_record()}).balance_missingness
     assert any(not np.array_equal(plain[k], balanced[k]) for k in plain)
+
+
+def test_grad_clip_setting_reaches_local_training(heart):
+    site, prep, params = site_and_params(heart)
+    moved = {}
+    for clip in (0.0, 1e-10):  # off, and so small that Adam's eps dominates: steps ~100x shorter
+        s = SiteSettings(local_epochs=1, val_fraction=0.0, weight_decay=0.0, grad_clip=clip)
+        new, _, _ = site.train(prep, "k", MC, s, params, 1)
+        moved[clip] = sum(float(((new[k] - params[k]) ** 2).sum()) for k in params)
+    assert moved[1e-10] < 0.01 * moved[0.0]

@@ -62,7 +62,9 @@ def test_privacy_mod_noises_the_reply_and_reports_the_budget_across_rounds():
     from flwr.clientapp import ClientApp
 
     from clients.privacy import privacy_mod
+    from mmn_fed import protocol as P
     from mmn_fed import records as R
+    from mmn_fed.settings import SiteSettings
     from server.engines.inprocess import InProcessGrid
 
     app = ClientApp()
@@ -77,7 +79,7 @@ def test_privacy_mod_noises_the_reply_and_reports_the_budget_across_rounds():
     node = next(iter(grid.contexts))
     eps = []
     for r in range(3):
-        cfg = ConfigRecord({"dp-clip": 0.5, "dp-noise-multiplier": 1e-6, "dp-delta": 1e-5})
+        cfg = ConfigRecord({P.SETTINGS: SiteSettings(dp_clip=0.5, dp_noise_multiplier=1e-6, dp_delta=1e-5).to_record()})
         msg = Message(RecordDict({"arrays": R.to_arrayrecord(REF), "config": cfg}), dst_node_id=node,
                       message_type="train", group_id=str(r))
         reply = list(grid.send_and_receive([msg]))[0]

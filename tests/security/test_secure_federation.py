@@ -13,8 +13,9 @@ import pytest
 import clients.app as A
 from mmn_fed import load_builtin, load_model
 from mmn_fed.secagg import MASKED, SECAGG
+from mmn_fed.settings import SettingsError
 from server import app as server_app_module
-from server.app import FederationConfig, FederationError
+from server.app import FederationConfig
 from server.engines import run_federation, write_site_data
 from server.engines.inprocess import InProcessGrid, server_context
 from server.strategy import ModularFedAvg, SecureModularFedAvg
@@ -60,9 +61,9 @@ def test_the_switch_picks_the_strategy():
     cfg = FederationConfig.from_run_config({"secure-aggregation": True, "timeout": 60.0})
     strategy = cfg.strategy()
     assert isinstance(strategy, SecureModularFedAvg) and strategy.secagg_timeout == 60.0
-    with pytest.raises(FederationError, match="secure aggregation"):
+    with pytest.raises(SettingsError, match="secure aggregation"):
         FederationConfig.from_run_config({"secure-aggregation": "true", "aggregation": "median"}).strategy()
-    with pytest.raises(FederationError, match="unknown"):
+    with pytest.raises(SettingsError, match="unknown"):
         FederationConfig.from_run_config({"aggregation": "mode"}).strategy()
 
 
@@ -197,7 +198,7 @@ def test_a_masked_update_of_the_wrong_shape_is_rejected_under_secure_aggregation
 @pytest.mark.parametrize("aggregation", ["trimmed-mean", "median"])
 def test_robust_aggregation_is_selectable(tmp_path, heart, aggregation):
     sites, schema, _ = heart
-    fast = dict(rounds=1, local_epochs=1, state_size=8, hidden=8)
+    fast = dict(rounds=1, local_epochs=1, state_size=8, hidden=8, val_fraction=0.0)
     mean = run_federation(sites, schema, run_dir=tmp_path / "mean", **fast)
     robust = run_federation(sites, schema, run_dir=tmp_path / aggregation, aggregation=aggregation, trim=0.25, **fast)
     a = mean.trained.model.state_dict()
@@ -209,8 +210,9 @@ def test_robust_aggregation_is_selectable(tmp_path, heart, aggregation):
 def test_dp_settings_reach_the_sites_and_the_budget_is_reported(tmp_path, heart):
     sites, schema, _ = heart
     res = run_federation(sites, schema, run_dir=tmp_path / "dp", rounds=2, local_epochs=1, state_size=8, hidden=8,
-                         dp_noise_multiplier=1.0, dp_clip=0.5, dp_delta=1e-5)
+                         val_fraction=0.0, dp_noise_multiplier=1.0, dp_clip=0.5, dp_delta=1e-5)
     eps = [h["train"]["dp_epsilon"] for h in res.history]
     assert 0 < eps[0] < eps[1]  # the budget grows with the rounds
-    off = run_federation(sites, schema, run_dir=tmp_path / "no-dp", rounds=1, local_epochs=1, state_size=8, hidden=8)
+    off = run_federation(sites, schema, run_dir=tmp_path / "no-dp", rounds=1, local_epochs=1, state_size=8, hidden=8,
+                         val_fraction=0.0)
     assert "dp_epsilon" not in off.history[0]["train"]

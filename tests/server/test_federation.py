@@ -54,7 +54,7 @@ def test_site_without_a_modality_never_receives_or_sends_its_encoder(two_sites, 
 def test_federated_preprocessing_equals_pooled_fit_and_ships_in_the_model(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:60] for n, df in sites.items()}
-    res = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", **FAST)
+    res = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", val_fraction=0.0, **FAST)  # all rows
     pooled = fit_preprocessor(schema, pd.concat(list(small.values()), ignore_index=True))
     assert res.trained.preprocessor.to_dict() == json.loads(json.dumps(pooled.to_dict()))
     assert res.trained.metadata["provenance"]["training"] == "federated"
@@ -94,7 +94,8 @@ class DiesInRound(InProcessGrid):
 def test_interrupted_run_resumes_to_the_same_final_model(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:80] for n, df in sites.items()}
-    full = run_federation(small, schema, rounds=4, run_dir=tmp_path / "full", server_optimizer="fedavgm", server_lr=1.0, **FAST)
+    full = run_federation(small, schema, rounds=4, run_dir=tmp_path / "full", server_optimizer="fedavgm", server_lr=1.0,
+                          val_fraction=0.0, **FAST)
     data = write_site_data(tmp_path / "cut" / "data", small, schema)
     rc = {"num-server-rounds": 4, "data-dir": str(data), "run-dir": str(tmp_path / "cut"), "val-fraction": 0.0,
           "server-optimizer": "fedavgm", "local-epochs": 1, "state-size": 8, "hidden": 8}

@@ -121,3 +121,35 @@ def test_every_shipped_scenario_loads():
     for name in names:
         sc = load(name)
         assert sc.points()
+
+
+def test_run_takes_every_run_setting_by_its_snake_case_name():
+    run = {**BASE["run"], "aggregation": "median", "val_fraction": 0.1, "keep_best": True, "rounds": 7, "lr": 0.01,
+           "balance_missingness": ["multimodn"], "grad_clip": 0.5}
+    sc = Scenario.from_dict({**BASE, "run": run})
+    s = sc.run.settings
+    assert (s.aggregation, s.val_fraction, s.keep_best, s.num_server_rounds, s.lr) == ("median", 0.1, True, 7, 0.01)
+    assert s.local_epochs == 2  # the scenarios' own default
+    job = sc.run.settings_for("multimodn", seed=3)
+    assert (job.model, job.seed, job.balance_missingness) == ("multimodn", 3, True)
+    assert sc.run.settings_for("pfusion", seed=3).balance_missingness is False
+
+    from simulations.runner import _configs
+
+    mc, tc = _configs(sc, "pfusion", 4)
+    assert (mc.kind, tc.lr, tc.seed, tc.balance_missingness, tc.epochs) == ("pfusion", 0.01, 4, False, sc.run.epochs)
+    assert tc.grad_clip == 0.5
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("trim", 0.7, r"^run\.trim: expected a value in \[0, 0\.5\), got 0\.7"),
+    ("keep_best", "yes", r"^run\.keep_best: expected true or false, got 'yes'"),
+    ("local_epochs", 1.5, r"^run\.local_epochs: expected an integer"),
+    ("model", "pfusion", r"^run\.model: set by run\.models"),
+    ("num_server_rounds", 3, r"^run\.num_server_rounds: set by run\.rounds"),
+    ("data_dir", "x", r"^run\.data_dir: set by the runner"),
+    ("local-epochs", 2, r"^run\.local-epochs: unknown key"),
+])
+def test_run_setting_errors_name_the_run_key(key, value, message):
+    with pytest.raises(ScenarioError, match=message):
+        Scenario.from_dict(with_(f"run.{key}", value))

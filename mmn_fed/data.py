@@ -19,7 +19,15 @@ from edge_runtime.preprocessing import (
 )
 from edge_runtime.schema import Schema, SchemaError, canonical_category
 
-BUILTIN = ("heart", "support2")
+BUILTIN = ("heart", "support2", "pbc")
+
+
+def _last_visit(df: pd.DataFrame) -> pd.DataFrame:
+    """pbcseq ships one row per visit; the static ``pbc`` table is each patient's last visit."""
+    return df.sort_values(["id", "day"], kind="stable").groupby("id").tail(1).reset_index(drop=True)
+
+
+_DERIVE = {"pbc": _last_visit}  # built-ins whose table is derived from the shipped file
 
 
 # ---- tables -----------------------------------------------------------------------------
@@ -195,7 +203,8 @@ def load_builtin(name: str) -> tuple[pd.DataFrame, Schema]:
     """The shipped table and schema of a built-in dataset (see mmn_fed/builtin/ATTRIBUTION.md)."""
     base = builtin_path(name)
     csv = next(p for p in sorted(base.iterdir()) if p.name.endswith((".csv", ".csv.gz")))
-    return pd.read_csv(csv, low_memory=False), Schema.from_toml(base / "schema.toml")
+    df = pd.read_csv(csv, low_memory=False)
+    return _DERIVE.get(name, lambda d: d)(df), Schema.from_toml(base / "schema.toml")
 
 
 def load_dataset(dataset: str, schema: str | Path | None = None) -> tuple[pd.DataFrame, Schema]:

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from flwr.clientapp import ClientApp
+
 from edge_runtime.schema import Schema
 
 from ..processes import APP_DIR
@@ -41,6 +43,7 @@ def run_federation(
     aggregation: str = "mean",
     trim: float = 0.25,
     secure_aggregation: bool = False,
+    client_app: ClientApp | None = None,
     **run_config: Any,
 ) -> FederationResult:
     """Federate MultiModN (or P-Fusion) over ``sites`` (name -> rows) and return the final model,
@@ -53,10 +56,15 @@ def run_federation(
     entry's ``rejected`` and in ``run_dir/failures.json``). ``aggregation``: ``mean`` | ``trimmed-mean``
     (with ``trim``) | ``median``. ``secure_aggregation=True``: the server learns only per-module sums
     (``mean`` only; per-round protocol records in ``run_dir/secagg.json`` and history ``secagg``).
+    ``client_app``: the ClientApp every site runs (default: ``clients.app.app``; in-process engine only),
+    e.g. one with a malicious site (``simulations.attacks``).
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """
     if engine not in ("inprocess", "ray"):
         raise ValueError(f"engine '{engine}' unknown; expected 'inprocess' or 'ray' (deployment: mmn-fed deploy-local)")
+    if client_app is not None and engine != "inprocess":
+        raise ValueError(f"client_app is supported by the in-process engine only, not engine '{engine}' (Ray loads "
+                         "the ClientApp named in pyproject.toml)")
     if not sites:
         raise ValueError("run_federation needs at least one site")
     run_dir = Path(run_dir).resolve()
@@ -67,7 +75,7 @@ def run_federation(
           **{k.replace("_", "-"): v for k, v in run_config.items()}}
     t0 = time.perf_counter()
     if engine == "inprocess":
-        run_inprocess(rc, len(sites))
+        run_inprocess(rc, len(sites), client_app=client_app)
     else:
         run_ray(rc, len(sites), run_dir / "ray")
     return read_result(run_dir, time.perf_counter() - t0)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 import clients.app as A
-from clients.protocol import from_arrayrecord
 from mmn_fed import load_builtin
+from mmn_fed.records import from_arrayrecord
 from server.aggregation import SiteUpdate, aggregate_modules
-from server.engine import run_federation
+from server.engines import run_federation
 from server.robust import median_modules, trimmed_mean, trimmed_mean_modules
 from simulations.attacks import attacked_update, attacking_client_app, holdout_split
 

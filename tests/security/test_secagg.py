@@ -195,7 +195,7 @@ def test_secure_federation_on_heart_ends_at_the_plaintext_model(tmp_path):
     arrived, so it still counts; the others' shares recover its self-mask)."""
     import clients.app as A
     from mmn_fed import load_builtin
-    from server.engine import run_federation
+    from server.engines import run_federation
     from simulations.attacks import holdout_split
 
     df, schema = load_builtin("heart")

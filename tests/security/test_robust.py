@@ -159,3 +159,11 @@ def test_under_secure_aggregation_the_attack_acts_before_masking(federate):
     assert all(len(h["secagg"]["survivors"]) == 4 for h in secure.history)
     assert distance(params(secure), params(plain)) < 1e-4
     assert distance(params(secure), params(federate(**SMALL))) > 0.5
+
+
+def test_another_client_app_runs_on_the_in_process_engine_only():
+    df, schema = load_builtin("heart")
+    with pytest.raises(ValueError, match="in-process engine only"):  # Ray loads the ClientApp pyproject.toml names
+        run_federation({}, schema, engine="ray", client_app=attacking_client_app(ATTACKER))
+    with pytest.raises(ValueError, match="attack kind 'flip' unknown"):
+        attacking_client_app(ATTACKER, kind="flip")

@@ -1,7 +1,7 @@
 """A malicious hospital on `heart`, through the real ServerApp and ClientApps: how much each aggregation
 rule lets it degrade the federated model.
 
-    python benchmarks/bench_robustness.py                  # 3 seeds x 10 rounds x 3 rules x 5 attacks (~4 min)
+    python benchmarks/bench_robustness.py                  # 3 seeds x 10 rounds x 3 rules x 5 attacks (~10 min)
     python benchmarks/bench_robustness.py --rounds 5 --seeds 0 --attacks none,-10
 
 Each run is ``server.engines.run_federation`` on the in-process engine (the ServerApp of a real federation,
@@ -84,7 +84,8 @@ def t_interval(values) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     ap.add_argument("--attacker", default="Cleveland")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(auroc.to_string())
     print(f"\nattacker updates rejected by validation, of {args.rounds} rounds (one figure per seed):")
     print(rej.to_string())
-    print(f"\nhonest updates rejected, all runs: {int(df['honest rejected'].sum())} of {int(df['honest updates'].sum())}")
+    print(f"\nhonest updates rejected, all runs: {int(df['honest rejected'].sum())} of "
+          f"{int(df['honest updates'].sum())}")
     print(f"{time.perf_counter() - t0:.0f} s")
     return 0
 

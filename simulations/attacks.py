@@ -12,7 +12,7 @@ Every other site, and every other message, is the honest ClientApp's. Run it wit
 
 Secure aggregation: supported. The mod sits inside ``secagg_mod`` (and outside ``privacy_mod``: an attacker
 does not clip its own update), so the attack acts on the plaintext reply before masking, as a malicious site
-would; the server then sees only the masked sum and can check structure alone (``server.validation``).
+would; the server then sees only the masked sum and can check structure alone (``server.secagg``).
 
 ``holdout_split`` is the per-site train / held-out split the robustness figures (``benchmarks/bench_robustness.py``)
 and tests use.
@@ -34,20 +34,23 @@ from mmn_fed.records import from_arrayrecord, to_arrayrecord
 ATTACKS = ("scale", "nan")
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in ATTACKS:
+        raise ValueError(f"attack kind '{kind}' unknown; expected one of {', '.join(ATTACKS)}")
+
+
 def attacked_update(received: Mapping[str, np.ndarray], honest: Mapping[str, np.ndarray], kind: str = "scale",
                     k: float = -1.0) -> dict[str, np.ndarray]:
     """What the attacker sends instead of ``honest`` (its trained modules), given the ``received`` global ones."""
-    if kind == "scale":
-        return {name: (received[name] + k * (v - received[name])).astype(v.dtype) for name, v in honest.items()}
+    _check_kind(kind)
     if kind == "nan":
         return {name: np.full_like(v, np.nan) for name, v in honest.items()}
-    raise ValueError(f"attack kind '{kind}' unknown; expected one of {', '.join(ATTACKS)}")
+    return {name: (received[name] + k * (v - received[name])).astype(v.dtype) for name, v in honest.items()}
 
 
 def attack_mod(attacker: str, kind: str = "scale", k: float = -1.0) -> Mod:
     """A train mod that replaces the reply arrays of the site named ``attacker`` with ``attacked_update``."""
-    if kind not in ATTACKS:
-        raise ValueError(f"attack kind '{kind}' unknown; expected one of {', '.join(ATTACKS)}")
+    _check_kind(kind)
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)

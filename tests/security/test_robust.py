@@ -130,7 +130,8 @@ def test_a_boosted_or_nan_attacker_is_rejected_every_round_and_the_others_are_ag
         assert list(h["rejected"]) == [ATTACKER] and reason in h["rejected"][ATTACKER]
         assert h["train"]["sites"] == 3 and h["train"]["rejected"] == 1
     failures = res.extra["failures"]
-    assert {(f["round"], f["site"]) for f in failures if f["phase"] == "validation"} == {(r, ATTACKER) for r in (1, 2, 3)}
+    validation = {(f["round"], f["site"]) for f in failures if f["phase"] == "validation"}
+    assert validation == {(r, ATTACKER) for r in range(1, ROUNDS + 1)}
     clean = federate()
     assert abs(held_out_auroc(res) - held_out_auroc(clean)) < 0.06  # measured 0.825 vs 0.858
     assert distance(params(res), params(clean)) > 0.1  # (Cleveland's honest update is missing: not the clean model)

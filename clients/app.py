@@ -61,6 +61,11 @@ def _unpack(msg: Message) -> tuple[ConfigRecord, SiteSettings]:
     return config, SiteSettings.from_config(config)  # one versioned, typed record (mmn_fed.settings)
 
 
+def _correction(config: ConfigRecord) -> dict[str, str]:
+    """The modalities the server asks this site to balance against the label ({} when none)."""
+    return json.loads(str(config[P.CORRECTION])) if P.CORRECTION in config else {}
+
+
 def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name, "rows": len(site.rows)})
 
@@ -70,7 +75,8 @@ def summary(msg: Message, context: Context) -> Message:
     config, settings = _unpack(msg)
     site = _site(context)
     schema = Schema.from_dict(json.loads(str(config["schema"])))
-    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings))})
+    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings)),
+                          P.AUDIT_RECORD: R.json_record(site.audit_counts(schema, settings))})
     return Message(content, reply_to=msg)
 
 
@@ -90,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     prep, key = _prep(config)
     params = R.from_arrayrecord(msg.content[P.ARRAYS])
     new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
-                                      settings, params, int(config["server-round"]))
+                                      settings, params, int(config["server-round"]), _correction(config))
     content = RecordDict({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
                           P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
@@ -104,7 +110,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
     records = site.evaluate(prep, key, mc, settings, R.from_arrayrecord(msg.content[P.ARRAYS]),
                             {"model": mc.kind, "training": "federated", "seed": settings.seed,
-                             "round": int(config["server-round"])})
+                             "round": int(config["server-round"])}, _correction(config))
     flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
     flat.update({f"{r['task']}/n": r["n"] for r in records})
     content = RecordDict({P.METRICS: R.metric_record(flat), P.RECORDS: R.json_record(records), P.SITE: _site_record(site)})

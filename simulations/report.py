@@ -171,10 +171,53 @@ def _table(df: pd.DataFrame, ci: bool = True) -> str:
 
 def read_availability(out: Path) -> list[tuple[str, pd.DataFrame]]:
     """The availability tables the runner wrote (``availability.json``; see ``runner.availability_tables``)."""
+    return [(t["title"], pd.DataFrame(**t["table"])) for t in _availability_json(out)]
+
+
+def _availability_json(out: Path) -> list[dict[str, Any]]:
     path = out / AVAILABILITY
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: simulations.runner.run_scenario writes it before any training")
-    return [(t["title"], pd.DataFrame(**t["table"])) for t in json.loads(path.read_text())]
+    return json.loads(path.read_text())
+
+
+def read_audits(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The missingness audits of the training rows the runner wrote (``mmn_fed.audit.AuditResult.to_dict``)."""
+    return [(t["title"], t["audit"]) for t in _availability_json(out) if "audit" in t]
+
+
+def audit_table(audit: Mapping[str, Any]) -> pd.DataFrame:
+    """The audit's unsuppressed modality findings, one row per (site, modality, task), strongest first."""
+    rows = [{"site": f["site"], "modality": f["name"], "task": f["task"],
+             "presence by label": ", ".join(f"{lab}: {r:.0%}" for lab, r in zip(f["labels"], f["rates"]) if r is not None),
+             "difference": f["rate_difference"], "q": f["q_value"], "label-dependent": "yes" if f["flagged"] else ""}
+            for f in audit["findings"] if f["kind"] == "modality" and not f["suppressed"]]
+    df = pd.DataFrame(rows)
+    return df.sort_values(["label-dependent", "difference"], ascending=False).reset_index(drop=True) if len(df) else df
+
+
+def _missingness_html(records: Iterable[Mapping[str, Any]], audits: list[tuple[str, dict[str, Any]]]) -> str:
+    """What each model did about label-dependent missingness (from the records), and the training audit."""
+    seen = {}
+    for r in records:
+        key = (r.get("model"), r.get("training"), r.get("missingness") or "off")
+        seen.setdefault(key, set()).add(r.get("corrected") or "")
+    items = []
+    for (model, training, mode), corrected in sorted(seen.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        what = "; ".join(sorted(c.replace(",", ", ") or "nothing" for c in corrected))
+        items.append(f"<li><b>{html.escape(str(model))}</b> ({html.escape(str(training))}): missingness = "
+                     f"<code>{html.escape(mode)}</code>; presence balanced against the label for: {html.escape(what)}</li>")
+    out = ["<h2>Missingness audit and correction</h2>",
+           "<p>Each site tests, on its training rows, whether a modality's presence depends on the label "
+           "(chi-squared / Fisher, Benjamini-Hochberg over all tests; counts below the minimum cell count stay at "
+           "the site). With <code>missingness = auto</code> the modalities found label-dependent are hidden in "
+           "some training rows until presence is independent of the label (docs/simulations.md).</p>",
+           f"<ul>{''.join(items)}</ul>"]
+    for title, audit in audits:
+        tab = audit_table(audit)
+        out.append(f"<h3>Audit of the {html.escape(title)}</h3>")
+        out.append(_table(tab, ci=False) if len(tab) else "<p>No table could be tested (all suppressed).</p>")
+    return "".join(out)
 
 
 def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | None:
@@ -262,13 +305,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
                  f"{list(sc.run.seeds)}; test share {sc.test.fraction:.0%} of each site.</p>")
     if notes:
         parts.append(f"<ul>{notes}</ul>")
-    balanced = [m for m in sc.run.models if sc.run.balanced(m)]
-    if balanced:
-        parts.append(
-            f"<p class='warn'><b>Loss correction:</b> {', '.join(balanced)} trained with <code>balance_missingness</code> "
-            "(each loss cell weighted by p(y) / p(y | modalities seen so far), so presence patterns carry no label "
-            "information). Without it, in our measurements MultiModN also collapses under label-flipped MNAR, like "
-            "P-Fusion: see docs/simulations.md and the <code>exp4-mnar-controls</code> scenario.</p>")
+    parts.append(_missingness_html(records, read_audits(out)))
     parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
     parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
                  "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")

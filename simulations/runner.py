@@ -149,6 +149,7 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
 def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
     """Modality availability per site (with row counts) of the training rows and of each test condition, at
     the first and last sweep point (first seed): what the report shows, as JSON-ready tables."""
+    from mmn_fed.audit import audit_frame
     from mmn_fed.data import fit_preprocessor
 
     from .missingness import availability
@@ -162,10 +163,14 @@ def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
         label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
         frames = [(f"training rows ({label})", data.train, data.train_sites)]
         frames += [(f"test rows, condition {cond} ({label})", frame, data.test_sites) for cond, frame in data.tests.items()]
-        for title, frame, sites in frames:
+        for i, (title, frame, sites) in enumerate(frames):
             tab = availability(prep, frame, sites)
             tab.insert(0, "rows", pd.Series(sites).value_counts().reindex(tab.index).to_numpy())
-            out.append({"title": title, "table": tab.to_dict(orient="split")})
+            entry = {"title": title, "table": tab.to_dict(orient="split")}
+            if i == 0:  # what the sites' own audit of their training rows finds (mmn_fed.audit)
+                entry["audit"] = audit_frame(psc.schema, frame, sites=sites,
+                                             min_cell=psc.run.settings.audit_min_cell).to_dict()
+            out.append(entry)
     return out
 
 
@@ -195,8 +200,11 @@ def train_centralized(sc: Scenario, data: Prepared, model: str, seed: int, run_d
     from mmn_fed.api import train_centralized as fit_pooled
 
     mc, tc = _configs(sc, model, seed)
-    pooled = pd.concat(list(data.site_frames().values()), ignore_index=True)
-    res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed})
+    frames = data.site_frames()
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    sites = np.concatenate([np.full(len(f), s, dtype=object) for s, f in frames.items()])  # audited per site
+    res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed},
+                     sites=sites)
     return [Trained(res.trained, info={"best_epoch": res.fit_info["best_epoch"], "seconds": res.fit_info["seconds"]})]
 
 
@@ -256,8 +264,10 @@ def evaluate_job(sc: Scenario, job: Job, data: Prepared, models: list[Trained]) 
             if not rows.any():
                 continue
             tensors = encode(prep, frame[rows].reset_index(drop=True))
+            plan = t.trained.metadata.get("provenance", {}).get("missingness") or {}
             ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
-                   "site": t.label or "all", **extra}
+                   "site": t.label or "all", "missingness": plan.get("mode", ""),
+                   "corrected": ",".join(plan.get("corrected", {})), **extra}
             sites = data.test_sites[rows].astype(str) if t.eval_sites is None else None
             records += evaluate(t.trained.model, sc.schema, prep.targets, tensors, ctx, sites=sites)
     return records

@@ -291,17 +291,13 @@ def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
 
 
 def _explain(trained, data: Prepared, run_dir: Path) -> None:
-    """IMC over the clean test rows and CP of the first test patient holding every modality (or row 0)."""
+    """IMC over the clean test rows and CP of the first of them holding every modality (tables only: the
+    report draws the heatmaps of the one run it shows)."""
     from mmn_fed.data import encode
-    from mmn_fed.interpret import cp, imc
+    from mmn_fed.interpret import write_explanations
 
     frame = data.tests.get("clean", next(iter(data.tests.values())))
-    tensors = encode(trained.preprocessor, frame)
-    targets = trained.preprocessor.targets
-    imc(trained.model, tensors, targets).to_csv(run_dir / "imc.csv", index=False)
-    full = np.stack([p.numpy() for p in tensors.present.values()]).all(axis=0)
-    row = int(np.flatnonzero(full)[0]) if full.any() else 0
-    cp(trained.model, tensors, targets, row=row).to_csv(run_dir / "cp.csv", index=False)
+    write_explanations(trained.model, encode(trained.preprocessor, frame), trained.preprocessor.targets, run_dir)
 
 
 def _worker_init() -> None:

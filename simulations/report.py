@@ -234,8 +234,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
 
     rules = "".join(f"<li>{html.escape(r.describe())}</li>" for r in sc.rules) or "<li>none</li>"
     status = (f"{summary['done']} of {summary['jobs']} runs done")
-    notes = "".join(f"<li class='warn'>unavailable: {html.escape(u)}</li>" for u in summary.get("unavailable", []))
-    notes += "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
+    notes = "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
     sweep = "".join(f"<li><code>{html.escape(k)}</code> = {html.escape(json.dumps(v))}</li>" for k, v in sc.sweep.items())
     try:
         import tomli_w

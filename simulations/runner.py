@@ -30,10 +30,6 @@ from .scenario import Scenario, ScenarioError
 from .sites import assign_sites
 
 
-class FederationUnavailable(RuntimeError):
-    """The federation engine (``server``) is not importable or lacks the in-process entry point."""
-
-
 # ---- plan -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -192,39 +188,16 @@ def train_local(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Pa
     return out
 
 
-def federation_entry() -> Callable[..., Any]:
-    """``server.engines.run_federation`` (the federation engine, issue 3), or FederationUnavailable saying why."""
-    try:
-        from server.engines import run_federation
-    except ImportError as e:
-        raise FederationUnavailable(f"the federation engine is not importable: {e}") from None
-    return run_federation
-
-
-def federation_supports(key: str) -> bool:
-    """Whether the federation's run config knows ``key`` (unknown keys are ignored there)."""
-    try:
-        from server.app import FederationConfig
-    except ImportError:
-        return False
-    return key in FederationConfig.__dataclass_fields__
-
-
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
     """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
-    fn = federation_entry()
+    from server.engines import run_federation
+
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
     r = sc.run
-    extra: dict[str, Any] = {"state_size": r.state_size, "hidden": r.hidden, "batch_size": r.batch_size}
-    balanced = r.balanced(model)
-    if balanced:
-        if not federation_supports("balance_missingness"):
-            raise FederationUnavailable("run.balance_missingness is set but the federation's sites do not "
-                                        "support it yet (clients: TrainConfig.balance_missingness)")
-        extra["balance_missingness"] = True
-    result = fn(sites=data.site_frames(), schema=sc.schema, model_kind=model, rounds=r.rounds, seed=seed,
-                run_dir=run_dir / "federation", engine=r.engine, local_epochs=r.local_epochs, lr=r.lr, mu=r.mu,
-                **extra)
+    result = run_federation(sites=data.site_frames(), schema=sc.schema, model_kind=model, rounds=r.rounds, seed=seed,
+                            run_dir=run_dir / "federation", engine=r.engine, local_epochs=r.local_epochs, lr=r.lr,
+                            mu=r.mu, state_size=r.state_size, hidden=r.hidden, batch_size=r.batch_size,
+                            balance_missingness=r.balanced(model))
     return [Trained(result.trained, info={"rounds": r.rounds, "seconds": round(result.seconds, 2)})]
 
 
@@ -279,8 +252,6 @@ def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
         if sc.run.explain and job.model == "multimodn" and models[0].eval_sites is None:
             _explain(models[0].trained, data, run_dir)
         info.update(status="done", models=[t.info for t in models])
-    except FederationUnavailable as e:
-        info.update(status="unavailable", reason=str(e))
     except ScenarioError:
         raise
     except Exception as e:  # a failed job is reported, the others go on
@@ -389,7 +360,6 @@ def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, prog
     pd.DataFrame(records).to_csv(out / "results.csv", index=False)
     statuses = [infos[j.key] for j, _ in jobs if j.key in infos]
     summary = {"jobs": len(jobs), "done": sum(i["status"] == "done" for i in statuses),
-               "unavailable": sorted({f"{i['training']}: {i['reason']}" for i in statuses if i["status"] == "unavailable"}),
                "failed": [f"{i['key']}: {i['reason']}" for i in statuses if i["status"] == "failed"],
                "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,6 +1,6 @@
 """The one place that names parameters and modules.
 
-Contract (DESIGN.md): parameters are named ``init_state``, ``encoders.<modality>.<...>`` and
+Contract (docs/design.md, "Parameter and module names"): parameters are named ``init_state``, ``encoders.<modality>.<...>`` and
 ``decoders.<task>.<...>``; the module of a parameter is its first two dotted parts
 (``init_state`` alone for the initial state). Federation, export and checkpoints key on these.
 """

@@ -69,7 +69,9 @@ def test_unregistered_supernode_is_refused_and_the_superlink_speaks_tls(tmp_path
         node = dep.add_node({"site-name": "intruder"}, register=False, extra_args=["--max-retries", "2"])
         assert node.wait(timeout=120) != 0
         def nodes():
-            return json.loads(dep.flwr(["supernode", "list", CONNECTION, "--format", "json"]).stdout)["nodes"]
+            listed = json.loads(dep.flwr(["supernode", "list", CONNECTION, "--format", "json"]).stdout)
+            assert listed.get("success"), listed  # (the flwr CLI reaches the SuperLink only through its TLS)
+            return listed["nodes"]
 
         assert nodes() == []  # the refused node was never admitted
         _, pub = make_node_key(tmp_path / "keys", "known")

@@ -157,10 +157,6 @@ class TensorData:
         cw = None if self.cell_weight is None else {k: v[:, idx] for k, v in self.cell_weight.items()}
         return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present), cw)
 
-    def with_present(self, present: Mapping[str, torch.Tensor]) -> "TensorData":
-        """The same rows with other presence masks (used to simulate missingness at test)."""
-        return TensorData(self.x, {m: present.get(m, p) for m, p in self.present.items()}, self.y, self.y_present)
-
     @property
     def modalities(self) -> list[str]:
         return list(self.present)

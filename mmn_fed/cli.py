@@ -81,16 +81,10 @@ def _train(args) -> int:
     summary = {r["task"] + ":" + r["metric"]: round(r["value"], 4) for r in records
                if r["state"] == "final" and r["combination"] == "all" and r["site"] == "all" and r["value"] == r["value"]}
     if args.explain and settings.model == "multimodn":
-        from .interpret import cp, imc, plot_cp, plot_imc
+        from .interpret import write_explanations
 
-        data = encode(res.trained.preprocessor, test_df)
-        t_imc = imc(res.trained.model, data, res.trained.preprocessor.targets)
-        t_imc.to_csv(out / "imc.csv", index=False)
-        plot_imc(t_imc, out / "figures" / "imc.png")
-        plot_imc(t_imc, out / "figures" / "imc_abs.png", value="mean_abs_delta")
-        t_cp = cp(res.trained.model, data, res.trained.preprocessor.targets, row=0)
-        t_cp.to_csv(out / "cp.csv", index=False)
-        plot_cp(t_cp, out / "figures" / "cp.png")
+        write_explanations(res.trained.model, encode(res.trained.preprocessor, test_df),
+                           res.trained.preprocessor.targets, out, figures_dir=out / "figures")
     print(json.dumps({"model": str(model_path), "metrics": str(out / "metrics.json"), "best_epoch": res.fit_info["best_epoch"],
                       "seconds": round(time.perf_counter() - t0, 2), "test": summary}, indent=1))
     return 0

@@ -154,10 +154,6 @@ class TensorData:
         pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
         return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
 
-    def with_present(self, present: Mapping[str, torch.Tensor]) -> "TensorData":
-        """The same rows with other presence masks (used to simulate missingness at test)."""
-        return TensorData(self.x, {m: present.get(m, p) for m, p in self.present.items()}, self.y, self.y_present)
-
     @property
     def modalities(self) -> list[str]:
         return list(self.present)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from mmn_fed.figures import pyplot, save_figure
 from mmn_fed.metrics import mean_ci95
 
 from .scenario import Scenario
@@ -60,19 +61,10 @@ def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = 
 
 # ---- figures ----------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path, title: str) -> Path:
     """The paper's Figure 5: metric vs a numeric sweep value, one panel per training mode; colour = model,
     line style = test condition, shaded 95% CI."""
-    plt = _plt()
+    plt = pyplot()
     trainings = list(dict.fromkeys(table["training"]))
     fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
     for ax, training in zip(axes[0], trainings):
@@ -91,20 +83,12 @@ def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path
     axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=11)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str, path: Path, title: str) -> Path:
     """Grouped bars with 95% CI error bars: x = model/training (and sweep value), bars = test condition."""
-    plt = _plt()
+    plt = pyplot()
     table = table.copy()
     table["group"] = table[group_cols].astype(str).agg(" / ".join, axis=1)
     groups = list(dict.fromkeys(table["group"]))
@@ -125,11 +109,11 @@ def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=11)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
     im = ax.imshow(table.values, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
@@ -140,7 +124,7 @@ def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
             ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -233,7 +217,7 @@ def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | 
 
 def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[str, Mapping], summary: Mapping) -> Path:
     """Write figures/*.png and report.html; returns the report's path."""
-    from mmn_fed.interpret import plot_cp, plot_imc
+    from mmn_fed.interpret import plot_explanations
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -269,15 +253,11 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
     explain = _explain_run(infos, out)
     if explain:
         label, run_dir = explain
-        t_imc = pd.read_csv(run_dir / "imc.csv")
-        p = plot_imc(t_imc, figs / "imc.png", title="IMC")
-        figures.append(_img(p, f"Individual modality contribution (IMC): encoder alone minus prior, mean over "
-                               f"clean test rows; {label}"))
-        p = plot_imc(t_imc, figs / "imc_abs.png", value="mean_abs_delta", title="IMC magnitude")
-        figures.append(_img(p, f"IMC magnitude (mean |encoder alone - prior|); {label}"))
-        t_cp = pd.read_csv(run_dir / "cp.csv")
-        p = plot_cp(t_cp, figs / "cp.png", title="CP, one test patient")
-        figures.append(_img(p, f"Cumulative prediction (CP) of one test patient, {label}"))
+        shown = plot_explanations(pd.read_csv(run_dir / "imc.csv"), pd.read_csv(run_dir / "cp.csv"), figs)
+        figures.append(_img(shown["imc.png"], f"Individual modality contribution (IMC): encoder alone minus prior, "
+                                              f"mean over clean test rows; {label}"))
+        figures.append(_img(shown["imc_abs.png"], f"IMC magnitude (mean |encoder alone - prior|); {label}"))
+        figures.append(_img(shown["cp.png"], f"Cumulative prediction (CP) of one test patient, {label}"))
 
     all_tasks = summarize(records, keys)
     per_site = summarize(records, keys, site=None, task=task, metric=metric)
@@ -285,8 +265,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
 
     rules = "".join(f"<li>{html.escape(r.describe())}</li>" for r in sc.rules) or "<li>none</li>"
     status = (f"{summary['done']} of {summary['jobs']} runs done")
-    notes = "".join(f"<li class='warn'>unavailable: {html.escape(u)}</li>" for u in summary.get("unavailable", []))
-    notes += "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
+    notes = "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
     sweep = "".join(f"<li><code>{html.escape(k)}</code> = {html.escape(json.dumps(v))}</li>" for k, v in sc.sweep.items())
     try:
         import tomli_w

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from mmn_fed import ModelConfig, make_synthetic
-from mmn_fed.data import encode, fit_preprocessor
+from mmn_fed.data import TensorData, encode, fit_preprocessor
 from mmn_fed.model_io import build_from_preprocessor
-from mmn_fed.training import TrainConfig, missingness_balance_weights, model_loss, train_epochs
+from mmn_fed.training import missingness_balance_weights, model_loss
 from simulations.missingness import MissingnessRule, apply_rules
 
 
@@ -37,13 +37,23 @@ def test_weighted_prevalence_is_equal_in_every_pattern():
     assert (w[0] == 1).all() and np.abs(w[1] - 1).max() < 0.1  # prior, +a: a is MCAR, nothing to correct
 
 
-def test_unbalanceable_pattern_is_left_out_and_training_runs():
-    schema, prep, data = mnar_data(fraction=1.0, natural=0.0)  # 'b missing' <=> label 1: cannot be balanced
-    model = build_from_preprocessor(prep, ModelConfig(kind="multimodn"))
+def test_unbalanceable_pattern_is_left_out_of_the_loss_at_that_state():
+    """'b missing' <=> label 1: after encoder b both patterns determine the label, so every state-2 cell
+    weighs 0 and encoder b (which only shapes state 2) gets no gradient; earlier states still train."""
+    schema, prep, data = mnar_data(fraction=1.0, natural=0.0)
+    model = build_from_preprocessor(prep, ModelConfig(kind="multimodn", dropout=0.0))
     w = missingness_balance_weights(model, schema, data)["outcome"].numpy()
-    assert (w[2, ~data.present["b"].numpy()] == 0).all()
-    tc = TrainConfig(balance_missingness=True, batch_size=256)
-    stats = train_epochs(model, schema, data, tc, 1, torch.Generator().manual_seed(0))
-    assert np.isfinite(stats["loss"]) and stats["steps"] > 0
-    loss, cells = model_loss(model, schema, data.subset(range(64)))
-    assert torch.isfinite(loss) and cells > 0
+    assert (w[2] == 0).all() and (w[:2] > 0).all()
+    params = dict(model.named_parameters())
+    grads = {}
+    for balanced in (True, False):
+        batch = TensorData(data.x, data.present, data.y, data.y_present,
+                           missingness_balance_weights(model, schema, data) if balanced else None).subset(range(256))
+        loss, _ = model_loss(model, schema, batch)
+        grads[balanced] = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    for name, g in grads[True].items():
+        if name.startswith("encoders.b."):
+            assert g is None or not g.any(), name
+        else:
+            assert g is not None and g.abs().sum() > 0, name
+    assert any(grads[False][n].abs().sum() > 0 for n in params if n.startswith("encoders.b."))

@@ -15,6 +15,7 @@ from mmn_fed.data import encode, site_summary
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
 from mmn_fed.settings import SiteSettings
+from mmn_fed.correction import keep_probabilities
 from mmn_fed.training import TrainConfig, model_loss, train_epochs
 
 MC = ModelConfig(state_size=8, hidden=8)
@@ -146,25 +147,34 @@ def test_missing_data_file_is_named(heart, make_message, tmp_path):
             {"schema": "{}", P.SETTINGS: SiteSettings().to_record()})})), ctx)
 
 
-def test_balance_missingness_setting_reaches_local_training(heart):
+def test_the_correction_reaches_local_training_and_is_computed_once(heart, monkeypatch):
     df, schema = heart
-    rows = df[df.dataset.isin(["Switzerland", "VA Long Beach"])].reset_index(drop=True)  # label-dependent gaps
+    rows = df[df.dataset.isin(["Switzerland", "VA Long Beach"])].reset_index(drop=True)
     prep = fit_preprocessor(schema, rows)
     params = {k: v.numpy().copy() for k, v in build_from_preprocessor(prep, MC).state_dict().items()}
     site = Site("mixed", rows)
-    plain, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=1, val_fraction=0.0), params, 1)
-    balanced, _, _ = site.train(prep, "k", MC, SiteSettings(local_epochs=1, val_fraction=0.0, balance_missingness=True), params, 1)
-    assert SiteSettings.from_config({P.SETTINGS: SiteSettings(balance_missingness=True).to_record()}).balance_missingness
-    # the site trained on the missingness-balanced loss of its own rows: the same run, done by hand
+    settings = SiteSettings(local_epochs=2, val_fraction=0.0)
+    correct = {"exercise_ecg": "disease"}
+    plain, _, _ = site.train(prep, "k", MC, settings, params, 1)
+    corrected, _, _ = site.train(prep, "k", MC, settings, params, 1, correct)
+    # the site trained with presence-balanced dropout of its own rows: the same run, done by hand
     seed = site_seed(0, 1, "mixed")
     torch.manual_seed(seed)
     model = build_from_preprocessor(prep, MC)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
-    train_epochs(model, schema, encode(prep, rows), TrainConfig(epochs=1, seed=seed, balance_missingness=True), 1,
-                 torch.Generator().manual_seed(seed))
+    data = encode(prep, rows)
+    train_epochs(model, schema, data, TrainConfig(epochs=2, seed=seed), 2, torch.Generator().manual_seed(seed),
+                 keep=keep_probabilities(data, correct))
     by_hand = model.state_dict()
-    assert all(np.array_equal(balanced[k], by_hand[k].numpy()) for k in balanced)
-    assert not all(np.array_equal(plain[k], balanced[k]) for k in plain)
+    assert all(np.array_equal(corrected[k], by_hand[k].numpy()) for k in corrected)
+    assert not all(np.array_equal(plain[k], corrected[k]) for k in plain)
+    # keep probabilities come from the site's rows once, not every round
+    calls = []
+    monkeypatch.setattr("clients.site.keep_probabilities", lambda *a: calls.append(1) or keep_probabilities(*a))
+    fresh = Site("mixed", rows)
+    for rnd in (1, 2, 3):
+        fresh.train(prep, "k", MC, settings, params, rnd, correct)
+    assert len(calls) == 1
 
 
 def test_grad_clip_setting_reaches_local_training(heart):

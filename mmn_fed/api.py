@@ -12,11 +12,11 @@ import torch
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
 
-from .data import derive_labels, encode, fit_preprocessor
+from .data import check_holdout, check_table, derive_labels, encode, fit_preprocessor
 from .evaluation import evaluate
 from .model import ModelConfig
 from .model_io import TrainedModel, build_from_preprocessor, save_model
-from .training import TrainConfig, fit, split_indices
+from .training import TrainConfig, default_monitor, fit, split_indices
 
 
 @dataclass
@@ -48,9 +48,11 @@ def train_centralized(
     """Fit preprocessing (unless given), split off a stratified validation set, train, return the model."""
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
+    check_table(schema, df)  # refuse what cannot train (one class, no labels, too few rows), naming the file's rows
     df = df.reset_index(drop=True)
     prep = prep or fit_preprocessor(schema, df)
     keep, val_idx = split_indices(len(df), train_config.val_fraction, train_config.seed, stratify_key(schema, df))
+    check_validation_split(schema, df.iloc[val_idx], train_config)
     data = encode(prep, df)
     torch.manual_seed(train_config.seed)  # seeded initialization
     model = build_from_preprocessor(prep, model_config)
@@ -59,6 +61,17 @@ def train_centralized(
     meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
             "provenance": dict(provenance or {})}
     return TrainResult(TrainedModel(model, prep, model_config, meta), info)
+
+
+def check_validation_split(schema: Schema, val: pd.DataFrame, config: TrainConfig) -> None:
+    """Early stopping monitors one task's metric on the validation split: refuse a split where it is undefined
+    (no row, or one class of that task) instead of stopping at ``patience`` on a score that never moves."""
+    if config.val_fraction <= 0 or config.monitor == "loss":
+        return
+    task = (default_monitor(schema) if config.monitor == "auto" else config.monitor).split(":", 1)[0]
+    check_holdout(schema, val, f"validation split (val-fraction {config.val_fraction:g})",
+                  "give more rows or a larger val-fraction (or val-fraction 0: no early stopping, every epoch is trained)",
+                  tasks=[task])
 
 
 def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str, Any], **kw) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from edge_runtime.preprocessing import Preprocessor, merge_summaries
 from edge_runtime.schema import Schema
 from mmn_fed import protocol as P
 from mmn_fed import records as R
-from mmn_fed.data import encode, load_builtin
+from mmn_fed.data import check_summary, encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor, save_model
@@ -115,7 +115,9 @@ def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema, cfg: F
     replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
                     cfg.timeout)
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
-    return Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered]))
+    merged = merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered])
+    check_summary(schema, merged, f" pooled over {len(ordered)} site(s)")  # one-class pooled labels: stop before round 1
+    return Preprocessor.from_summary(schema, merged)
 
 
 def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:

@@ -125,8 +125,9 @@ def heatmap_figure(matrix: pd.DataFrame, title: str, cmap: str, vmin=None, vmax=
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             v = matrix.values[i, j]
+            cell = im.to_rgba(v) if np.isfinite(v) else (1.0, 1.0, 1.0, 1.0)  # NaN is drawn transparent, on white
             ax.text(j, i, f"{v:+.2f}" if center is not None else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color=text_colour(im.to_rgba(v)))
+                    color=text_colour(cell))
     ax.set_title(title, fontsize=10)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if colorbar_label:

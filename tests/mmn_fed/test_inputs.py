@@ -269,3 +269,20 @@ def test_contrast_ratio_matches_wcag_reference_values():
     assert contrast_ratio((0, 0, 0), (1, 1, 1)) == pytest.approx(21.0)
     assert contrast_ratio(grey("76"), (1, 1, 1)) == pytest.approx(4.54, abs=0.005)
     assert contrast_ratio(grey("77"), (1, 1, 1)) == pytest.approx(4.48, abs=0.005)
+
+
+def test_declared_classes_matching_no_label_and_a_constant_regression_target_are_refused(heart):
+    from edge_runtime.schema import Schema
+    from mmn_fed.data import check_table
+
+    mods = {"demographics": ["age", "sex"]}
+    wrong = Schema.from_dict({"modalities": mods, "tasks": {"grade": {"column": "cp", "kind": "multiclass",
+                                                                       "classes": ["a", "b"]}}})
+    with pytest.raises(LabelError, match=r"task 'grade': no label is one of classes = \['a', 'b'\]; labels seen: "
+                                         r"\['asymptomatic', 'atypical angina', 'non-anginal', 'typical angina'\]"):
+        check_table(wrong, heart)
+    flat = Schema.from_dict({"modalities": mods, "tasks": {"score": {"column": "num", "kind": "regression"}}})
+    with pytest.raises(LabelError, match=r"task 'score': every labelled row has the value 2 \(920 rows\); "
+                                         "a regression needs values that vary"):
+        check_table(flat, heart.assign(num=2.0))
+    check_table(flat, heart)  # the real, varying target passes

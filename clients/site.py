@@ -121,6 +121,7 @@ class Site:
 
     def summary(self, schema: Schema, settings: SiteSettings) -> dict:
         """Mergeable preprocessing summary of the local training rows (never rows)."""
+        site_summary(schema, self.rows)  # every row parses, checked before the split: a bad value names the file's line
         train, _ = self.splits(schema, settings)
         return site_summary(schema, train)
 

@@ -17,7 +17,7 @@ Semantics (documented in docs/schema.md):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -28,23 +28,36 @@ MISSING_STRINGS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 
 
 class DataError(ValueError):
-    """Input data does not fit the schema. ``issues`` lists every offending (row, column, value)."""
+    """Input data does not fit the schema. ``issues`` lists every offending (row, column, value).
 
-    def __init__(self, message: str, issues: list["RowIssue"] | None = None):
-        super().__init__(message)
-        self.issues = issues or []
+    A message that shows some issues is a template holding ``{issues}`` (the first ``shown`` of them), so that
+    ``relocated`` can say the same with each row told as the user counts it (a file's line, see mmn_fed.data)."""
+
+    def __init__(self, message: str, issues: list["RowIssue"] | None = None, shown: int = 3):
+        self.template = message
+        self.issues = list(issues or [])
+        self.shown = shown
+        super().__init__(message.replace("{issues}", "; ".join(str(i) for i in self.issues[:shown])))
+
+    def relocated(self, where) -> "DataError":
+        """The same error with each issue's row told by ``where(row) -> str`` (issues told already are kept)."""
+        issues = [i if i.where else replace(i, where=where(i.row)) for i in self.issues]
+        return DataError(self.template, issues, self.shown)
 
 
 @dataclass(frozen=True)
 class RowIssue:
+    """``row`` is the 0-based position in the table given; ``where`` how the user counts it, once known."""
+
     row: int
     column: str
     value: Any
     message: str
     fatal: bool
+    where: str = ""
 
     def __str__(self) -> str:
-        return f"row {self.row}, column '{self.column}': {self.message} (value {self.value!r})"
+        return f"{self.where or f'data row {self.row + 1}'}, column '{self.column}': {self.message} (value {self.value!r})"
 
 
 def is_missing(v: Any) -> bool:
@@ -193,9 +206,8 @@ def infer_kind(schema: Schema, column: str, values: Sequence) -> str:
     if all(numeric):
         return "numeric"
     _, issues = parse_numeric(values, column, schema.missing_codes.get(column, ()))
-    shown = "; ".join(str(i) for i in issues[:3])
     raise DataError(
-        f"column '{column}' mixes numbers with {len(issues)} non-numeric value(s) ({shown}); "
+        f"column '{column}' mixes numbers with {len(issues)} non-numeric value(s) ({{issues}}); "
         f"fix the data or declare '{column}' in [columns].categorical",
         issues,
     )
@@ -227,7 +239,7 @@ def summarize(schema: Schema, table: Mapping[str, Sequence], strict: bool = True
         if kind == "numeric":
             x, issues = parse_numeric(values, c, codes)
             if issues and strict:
-                raise DataError(f"numeric column '{c}': " + "; ".join(str(i) for i in issues[:3]), issues)
+                raise DataError(f"numeric column '{c}': {{issues}}", issues)
             x = x[~np.isnan(x)]
             cols[c] = {"kind": "numeric", "count": int(x.size), "sum": float(x.sum()), "sumsq": float((x * x).sum())}
         elif kind == "categorical":
@@ -401,9 +413,7 @@ class Preprocessor:
             present[m] = seen
         fatal = [i for i in issues if i.fatal]
         if fatal and on_error == "raise":
-            raise DataError(
-                f"{len(fatal)} bad value(s) in the input: " + "; ".join(str(i) for i in fatal[:5]), fatal
-            )
+            raise DataError(f"{len(fatal)} bad value(s) in the input: {{issues}}", fatal, shown=5)
         valid = np.ones(n, dtype=bool)
         for i in fatal:
             valid[i.row] = False

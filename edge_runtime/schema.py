@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -62,6 +62,7 @@ class Schema:
     numeric: tuple[str, ...] = ()
     missing_codes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     site_column: str | None = None
+    source: str = field(default="", compare=False)  # the TOML file it was read from, for messages
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -171,7 +172,7 @@ class Schema:
             raise SchemaError(f"schema file not found: {path}") from None
         except tomllib.TOMLDecodeError as e:
             raise SchemaError(f"schema file {path} is not valid TOML: {e}") from None
-        return cls.from_dict(raw)
+        return replace(cls.from_dict(raw), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form. Modalities and tasks are lists (not tables) so their order, which is the encoder
@@ -218,6 +219,7 @@ class Schema:
             tuple(c for c in self.numeric if c in keep),
             {c: v for c, v in self.missing_codes.items() if c in keep},
             self.site_column,
+            self.source,
         )
 
 

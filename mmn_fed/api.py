@@ -14,11 +14,11 @@ from edge_runtime.schema import Schema
 
 from .audit import AuditResult, audit_frame
 from .correction import describe, resolve
-from .data import derive_labels, encode, fit_preprocessor
+from .data import check_holdout, check_table, derive_labels, encode, fit_preprocessor
 from .evaluation import evaluate
 from .model import ModelConfig
 from .model_io import TrainedModel, build_from_preprocessor, save_model
-from .training import TrainConfig, fit, split_indices
+from .training import TrainConfig, default_monitor, fit, split_indices
 
 
 @dataclass
@@ -54,11 +54,13 @@ def train_centralized(
     against the label during training (``mmn_fed.correction``); both are kept in the model's provenance."""
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
+    check_table(schema, df)  # refuse what cannot train (one class, no labels, too few rows), naming the file's rows
     df = df.reset_index(drop=True)
     prep = prep or fit_preprocessor(schema, df)
     found = audit_frame(schema, df, sites=sites, min_cell=train_config.audit_min_cell)
     correct = resolve(train_config.missingness, found, schema)
     keep, val_idx = split_indices(len(df), train_config.val_fraction, train_config.seed, stratify_key(schema, df))
+    check_validation_split(schema, df.iloc[val_idx], train_config)
     data = encode(prep, df)
     torch.manual_seed(train_config.seed)  # seeded initialization
     model = build_from_preprocessor(prep, model_config)
@@ -74,6 +76,17 @@ def missingness_record(mode: str, correct: Mapping[str, str], found: AuditResult
     """What a run did about label-dependent missingness: kept with the model, written as audit.json."""
     return {"mode": mode, "corrected": dict(correct), "summary": describe(mode, correct),
             "audit": found.to_dict() if found is not None else None}
+
+
+def check_validation_split(schema: Schema, val: pd.DataFrame, config: TrainConfig) -> None:
+    """Early stopping monitors one task's metric on the validation split: refuse a split where it is undefined
+    (no row, or one class of that task) instead of stopping at ``patience`` on a score that never moves."""
+    if config.val_fraction <= 0 or config.monitor == "loss":
+        return
+    task = (default_monitor(schema) if config.monitor == "auto" else config.monitor).split(":", 1)[0]
+    check_holdout(schema, val, f"validation split (val-fraction {config.val_fraction:g})",
+                  "give more rows or a larger val-fraction (or val-fraction 0: no early stopping, every epoch is trained)",
+                  tasks=[task])
 
 
 def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str, Any], **kw) -> list[dict[str, Any]]:

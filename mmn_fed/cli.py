@@ -43,7 +43,7 @@ def _train(args) -> int:
     import torch
 
     from .api import evaluate_frame, save_trained, stratify_key, train_centralized
-    from .data import encode, load_dataset
+    from .data import check_holdout, check_table, encode, load_dataset
     from .evaluation import write_metrics
     from .model import ModelConfig
     from .training import split_indices
@@ -53,10 +53,20 @@ def _train(args) -> int:
     df, schema = load_dataset(args.dataset, settings.schema or None)
     if settings.tasks:
         schema = schema.subset(tasks=[t.strip() for t in settings.tasks.split(",")])
+    check_table(schema, df)  # before any split: a refused table writes nothing, and its rows are the file's
+    train_idx, test_idx = split_indices(len(df), args.test_fraction, settings.seed, stratify_key(schema, df))
+    # iloc keeps each row's record number in the file (read_table's index): errors later still name the file's row
+    train_df, test_df = df.iloc[train_idx], df.iloc[test_idx]
+    if args.test_fraction > 0:
+        check_holdout(schema, test_df, f"test split (--test-fraction {args.test_fraction:g})",
+                      "give more rows or a larger --test-fraction (or --test-fraction 0: train on every row, no test metrics)")
+    else:
+        print("note: --test-fraction 0: no test split, metrics.json holds no test metrics", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, test_idx = split_indices(len(df), args.test_fraction, settings.seed, stratify_key(schema, df))
-    train_df, test_df = df.iloc[train_idx].reset_index(drop=True), df.iloc[test_idx].reset_index(drop=True)
+    if settings.val_fraction <= 0:
+        print(f"note: val-fraction 0: no validation split, no early stopping: all {args.epochs} epochs are trained",
+              file=sys.stderr)
     mc = ModelConfig.from_settings(settings)
     tc = TrainConfig.from_settings(settings, epochs=args.epochs, shuffle_order=args.shuffle_order)
     t0 = time.perf_counter()

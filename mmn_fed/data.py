@@ -5,10 +5,14 @@ this module adds labels, which only training needs, and the torch tensors.
 """
 from __future__ import annotations
 
+import csv
+import difflib
+import gzip
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,10 @@ from edge_runtime.preprocessing import (
 from edge_runtime.schema import Schema, SchemaError, canonical_category
 
 BUILTIN = ("heart", "support2", "pbc")
+# Fewest rows a table (or a federation's pooled rows) needs to train: below it the validation and test splits
+# hold a row or two, and clients/site.py keeps no validation split under 10 rows either.
+MIN_TRAIN_ROWS = 10
+ROW_INDEX = "data_row"  # the index name read_table gives a file's table: its values are the file's record numbers
 
 
 def _last_visit(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,12 +51,71 @@ def frame_to_columns(df: pd.DataFrame, columns: Sequence[str] | None = None) -> 
 
 
 def read_table(source: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """A CSV file's table. Its index (named ``ROW_INDEX``) is each row's 0-based record number in the file and
+    ``attrs["source"]`` the path: both survive ``iloc`` splits, so errors can name the file's row (``row_locator``)."""
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
-    return pd.read_csv(path, keep_default_na=True, low_memory=False)
+    df = pd.read_csv(path, keep_default_na=True, low_memory=False)
+    df.index = pd.RangeIndex(len(df), name=ROW_INDEX)
+    df.attrs["source"] = str(path)
+    return df
+
+
+# ---- rows as the user counts them ---------------------------------------------------------
+# Convention (docs/schema.md): "line L of FILE (data row R)": R counts the data rows from 1 after the header,
+# L is the line an editor shows (the header is line 1; L = R + 1 unless a quoted value spans lines or blank
+# lines are skipped, which is why L is read from the file). A table not read by read_table, or whose index
+# was reset, tells "data row R" of the table given.
+
+def _record_lines(path: str) -> list[int]:
+    """The line on which each data record of a CSV starts, as pandas reads it (blank lines skipped)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    starts: list[int] = []
+    with opener(path, "rt", newline="") as f:
+        reader = csv.reader(f)
+        header = False
+        line = 1
+        for rec in reader:
+            if rec and header:
+                starts.append(line)
+            header = header or bool(rec)
+            line = reader.line_num + 1
+    return starts
+
+
+def row_locator(df: pd.DataFrame) -> Callable[[int], str]:
+    """position in ``df`` -> how the user counts that row (the convention above)."""
+    source = df.attrs.get("source")
+    if df.index.name != ROW_INDEX or not source:
+        return lambda i: f"data row {i + 1}"
+    records = df.index.to_numpy()
+    lines: list[int] = []
+
+    def where(i: int) -> str:
+        r = int(records[i])
+        if not lines:
+            try:
+                lines.extend(_record_lines(source))
+            except OSError:
+                pass
+        line = lines[r] if r < len(lines) else r + 2
+        return f"line {line} of {source} (data row {r + 1})"
+
+    return where
+
+
+@contextmanager
+def file_rows(df: pd.DataFrame) -> Iterator[None]:
+    """Re-raise a DataError raised while processing ``df`` with its rows told as the user counts them."""
+    try:
+        yield
+    except DataError as e:
+        if not e.issues:
+            raise
+        raise e.relocated(row_locator(df)) from None
 
 
 def check_columns(schema: Schema, df: pd.DataFrame, need_labels: bool = True) -> None:
@@ -65,6 +132,11 @@ def check_columns(schema: Schema, df: pd.DataFrame, need_labels: bool = True) ->
 def derive_labels(schema: Schema, df: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Raw labels per task: (values, present). Binary -> 0/1, multiclass -> raw class strings in an
     object array, regression -> float. Values where present is False are meaningless."""
+    with file_rows(df):
+        return _derive_labels(schema, df)
+
+
+def _derive_labels(schema: Schema, df: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for name, task in schema.tasks.items():
         if task.column not in df.columns:
@@ -86,7 +158,7 @@ def derive_labels(schema: Schema, df: pd.DataFrame) -> dict[str, tuple[np.ndarra
             else:
                 x, issues = parse_numeric(_numeric_values(col), task.column)
                 if issues:
-                    raise DataError(f"task '{name}': " + "; ".join(str(i) for i in issues[:3]), issues)
+                    raise DataError(f"task '{name}': {len(issues)} bad label(s): {{issues}}", issues)
                 thr = 0.0 if task.threshold is None else task.threshold
                 out[name] = ((x > thr).astype(np.float64), ~np.isnan(x))
         elif task.kind == "multiclass":
@@ -95,7 +167,7 @@ def derive_labels(schema: Schema, df: pd.DataFrame) -> dict[str, tuple[np.ndarra
         else:
             x, issues = parse_numeric(_numeric_values(col), task.column)
             if issues:
-                raise DataError(f"regression task '{name}': " + "; ".join(str(i) for i in issues[:3]), issues)
+                raise DataError(f"regression task '{name}': {len(issues)} bad label(s): {{issues}}", issues)
             out[name] = (x, ~np.isnan(x))
     return out
 
@@ -123,7 +195,8 @@ def target_summary(schema: Schema, labels: Mapping[str, tuple[np.ndarray, np.nda
 def site_summary(schema: Schema, df: pd.DataFrame) -> dict[str, Any]:
     """Mergeable summary of one site's rows: features and targets, never rows."""
     check_columns(schema, df)
-    s = summarize(schema, frame_to_columns(df, schema.input_columns))
+    with file_rows(df):
+        s = summarize(schema, frame_to_columns(df, schema.input_columns))
     s["targets"] = target_summary(schema, derive_labels(schema, df))
     return s
 
@@ -133,6 +206,106 @@ def fit_preprocessor(schema: Schema, frames: pd.DataFrame | Sequence[pd.DataFram
     if isinstance(frames, pd.DataFrame):
         frames = [frames]
     return Preprocessor.from_summary(schema, merge_summaries([site_summary(schema, f) for f in frames]))
+
+
+# ---- honest training inputs ------------------------------------------------------------
+
+class LabelError(DataError):
+    """A task's labels cannot train it: none, one class only, or a rule (``positive``, ``classes``) matching none."""
+
+
+def _rule(task) -> str:
+    if task.positive is not None:
+        return f"class 1 = {task.column} in {list(task.positive)}"
+    if task.expression is not None:
+        return f"class 1 = {task.expression}"
+    return f"class 1 = {task.column} > {0.0 if task.threshold is None else task.threshold:g}"
+
+
+def check_summary(schema: Schema, summary: Mapping[str, Any], where: str = "",
+                  seen: Mapping[str, list[str]] | None = None) -> None:
+    """Refuse a (merged) preprocessing summary that cannot train: fewer than MIN_TRAIN_ROWS rows, or a task with
+    no label, a single class (classification) or a single value (regression). ``where`` says whose rows
+    (" of cohort.csv", " pooled over 4 sites"); ``seen`` (task -> raw labels, centralized only) lets a
+    ``positive`` list that matches no label say so. Raises DataError (rows) or LabelError naming the task."""
+    n = int(summary["n_rows"])
+    if n < MIN_TRAIN_ROWS:
+        raise DataError(f"need at least {MIN_TRAIN_ROWS} rows to train, got {n} row(s){where}")
+    for name, task in schema.tasks.items():
+        ts = summary.get("targets", {}).get(name) or {}
+        counts = {k: int(v) for k, v in ts.get("counts", {}).items() if v}
+        labelled = int(ts["count"]) if task.kind == "regression" else sum(counts.values())
+        if labelled == 0:
+            raise LabelError(f"task '{name}': no row has a label (column '{task.column}' is blank in all {n} rows{where})")
+        if task.kind == "binary" and task.positive is not None and seen and name in seen and "1" not in counts:
+            raise LabelError(f"task '{name}': positive = {list(task.positive)} matches no label; "
+                             f"labels seen: {seen[name]}")
+        if task.kind == "multiclass" and task.classes is not None:
+            inside = {k: c for k, c in counts.items() if k in task.classes}
+            if not inside:
+                raise LabelError(f"task '{name}': no label is one of classes = {list(task.classes)}; "
+                                 f"labels seen: {sorted(counts)[:20]}")
+            counts = inside
+        if task.kind == "regression":
+            mean = ts["sum"] / labelled
+            if ts["sumsq"] / labelled - mean * mean <= 1e-12 * max(1.0, mean * mean):
+                raise LabelError(f"task '{name}': every labelled row has the value {mean:g} ({labelled} rows{where}); "
+                                 "a regression needs values that vary")
+        elif len(counts) < 2:
+            (c, k), = counts.items()
+            rule = f", {_rule(task)}" if task.kind == "binary" else ""
+            raise LabelError(f"task '{name}': every labelled row is class {c} ({k} rows{where}{rule}); "
+                             "a classifier needs two classes")
+
+
+def _raw_labels_seen(schema: Schema, df: pd.DataFrame) -> dict[str, list[str]]:
+    """The distinct raw labels of each ``positive``-list task (at most 20, sorted): for check_summary's message."""
+    out = {}
+    for name, task in schema.tasks.items():
+        if task.kind == "binary" and task.positive is not None and task.column in df.columns:
+            cats = {c for c in parse_categorical(df[task.column].to_numpy(dtype=object)) if c is not None}
+            out[name] = sorted(cats)[:20]
+    return out
+
+
+def check_site_column(schema: Schema, df: pd.DataFrame) -> None:
+    """The schema's ``[sites] column`` must be in the data: refuse (SchemaError) rather than ignore it."""
+    col = schema.site_column
+    if not col or col in df.columns:
+        return
+    near = difflib.get_close_matches(col, [str(c) for c in df.columns], n=1, cutoff=0.6)
+    near += [str(c) for c in df.columns if str(c).lower() == col.lower() and str(c) not in near]
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    data = df.attrs.get("source")
+    raise SchemaError(f"[sites] column '{col}' of the schema{f' {schema.source}' if schema.source else ''} is not in "
+                      f"the data{f' ({data})' if data else ''}; columns present: {[str(c) for c in df.columns][:40]}{hint}")
+
+
+def check_table(schema: Schema, df: pd.DataFrame) -> dict[str, Any]:
+    """Validate a table for training, once, at the boundary and before any split (so rows are the file's):
+    schema columns and ``[sites] column`` present, every value parses, enough rows, and every task's labels
+    can train it. Returns the table's preprocessing summary."""
+    check_columns(schema, df)
+    check_site_column(schema, df)
+    summary = site_summary(schema, df)
+    source = df.attrs.get("source")
+    check_summary(schema, summary, f" of {source}" if source else "", _raw_labels_seen(schema, df))
+    return summary
+
+
+def check_holdout(schema: Schema, part: pd.DataFrame, name: str, advice: str, tasks: Sequence[str] | None = None) -> None:
+    """A held-out split (``name``, e.g. "test split (--test-fraction 0.2)") must hold at least two classes of
+    every classification task in ``tasks`` (default all): else its AUROC is undefined and early stopping or the
+    reported metrics would silently mean nothing. Raises LabelError ending with ``advice``."""
+    labels = derive_labels(schema, part)
+    for t in tasks if tasks is not None else schema.tasks:
+        task = schema.tasks[t]
+        if task.kind == "regression":
+            continue
+        counts = target_summary(schema, {t: labels[t]})[t]["counts"]
+        if len(counts) < 2:
+            held = "no labelled row" if not counts else f"only class {next(iter(counts))} ({sum(counts.values())} rows)"
+            raise LabelError(f"the {name} holds {len(part)} rows and {held} of task '{t}'; {advice}")
 
 
 # ---- tensors ----------------------------------------------------------------------------
@@ -162,7 +335,8 @@ class TensorData:
 def encode(prep: Preprocessor, df: pd.DataFrame, with_labels: bool = True) -> TensorData:
     """Encode a table with fitted statistics. Raises DataError naming bad values."""
     check_columns(prep.schema, df, need_labels=with_labels)
-    enc = prep.encode(frame_to_columns(df, prep.schema.input_columns), on_error="raise")
+    with file_rows(df):
+        enc = prep.encode(frame_to_columns(df, prep.schema.input_columns), on_error="raise")
     x = {m: torch.from_numpy(a) for m, a in enc.features.items()}
     present = {m: torch.from_numpy(p.copy()) for m, p in enc.present.items()}
     y, yp = {}, {}

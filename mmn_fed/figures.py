@@ -15,10 +15,12 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out ``fig``, write it as a PNG to ``path`` (parents created) and close it."""
+def save_figure(fig: Any, path: str | Path, dpi: int = 100, layout: bool = True) -> Path:
+    """Lay out ``fig`` (unless ``layout`` is False: it was laid out when made), write it as a PNG to ``path``
+    (parents created) and close it."""
     path = Path(path)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)

@@ -77,11 +77,40 @@ def cp(model: nn.Module, data: TensorData, targets: Mapping, row: int = 0) -> pd
     return pd.DataFrame(out)
 
 
-def _heatmap(matrix: pd.DataFrame, title: str, cmap: str, vmin=None, vmax=None, center=None, fmt: str = "{:.2f}"):
-    """A heatmap of ``matrix`` (rows x columns, labelled by its index and columns), each cell annotated."""
-    from matplotlib.colors import TwoSlopeNorm
+def relative_luminance(rgb: Sequence[float]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour with channels in [0, 1]."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
 
-    fig, ax = pyplot().subplots(figsize=(max(4.0, 1.2 + 1.1 * matrix.shape[1]), 1.0 + 0.5 * matrix.shape[0]))
+
+def contrast_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours, 1 (none) to 21 (black on white)."""
+    la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_colour(background: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with ``background``: always >= 4.58, above WCAG AA's 4.5."""
+    return "black" if contrast_ratio(background, (0, 0, 0)) >= contrast_ratio(background, (1, 1, 1)) else "white"
+
+
+CAPTION_FONT = 7.5
+
+
+def heatmap_figure(matrix: pd.DataFrame, title: str, cmap: str, vmin=None, vmax=None, center=None,
+                   caption: str = "", colorbar_label: str = ""):
+    """The annotated heatmap as a matplotlib Figure (not saved): each number in black or white, whichever
+    contrasts more with its cell; colour-bar ticks spaced for the bar's height; ``caption`` under the axes."""
+    import textwrap
+
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
+    width = max(4.5, 1.2 + 1.1 * matrix.shape[1])
+    lines = textwrap.wrap(caption, width=int(width * 72 / (CAPTION_FONT * 0.55))) if caption else []
+    caption_in = 0.2 + len(lines) * CAPTION_FONT * 1.35 / 72 if lines else 0.0
+    height = max(2.4, 1.4 + 0.5 * matrix.shape[0]) + caption_in
+    fig, ax = pyplot().subplots(figsize=(width, height))
     norm = None
     if center is not None:
         lim = max(float(np.nanmax(np.abs(matrix.values))), 1e-6)
@@ -92,10 +121,33 @@ def _heatmap(matrix: pd.DataFrame, title: str, cmap: str, vmin=None, vmax=None, 
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
-            ax.text(j, i, fmt.format(matrix.values[i, j]), ha="center", va="center", fontsize=8)
+            v = matrix.values[i, j]
+            cell = im.to_rgba(v) if np.isfinite(v) else (1.0, 1.0, 1.0, 1.0)  # NaN is drawn transparent, on white
+            ax.text(j, i, f"{v:+.2f}" if center is not None else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color=text_colour(cell))
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if colorbar_label:
+        cbar.set_label(colorbar_label, fontsize=8)
+    cbar.ax.tick_params(labelsize=8)
+    if lines:
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=CAPTION_FONT, va="bottom", ha="left", color="#333333")
+    fig.tight_layout(rect=(0, caption_in / height, 1, 1))
+    # Ticks every ~2.5 label heights along the bar as laid out: a short bar (one task) gets fewer, never overlapping
+    bar_pt = cbar.ax.get_position().height * height * 72
+    cbar.locator = MaxNLocator(nbins=max(2, int(bar_pt / (8 * 2.5))), steps=[1, 2, 2.5, 5, 10])
+    cbar.update_ticks()
     return fig
+
+
+IMC_CAPTION = ("Each number: the mean, over the rows holding the modality, of the prediction after that modality's "
+               "encoder alone minus the prior (no data). Negative: on average this modality alone lowered that "
+               "output (e.g. p(1), the predicted probability of class 1) below the prior; positive: raised it. "
+               "It is a direction, not a quality: it does not say the modality hurts accuracy (docs/design.md).")
+IMC_ABS_CAPTION = ("Each number: the mean, over the rows holding the modality, of |prediction after that modality's "
+                   "encoder alone - prior|: how far it moves that output, whatever the direction.")
+CP_CAPTION = ("One patient's prediction after each step of the encoder sequence; '(missing)': the modality is "
+              "absent and its encoder is skipped, so the prediction carries over.")
 
 
 def imc_matrix(table: pd.DataFrame, value: str = "mean_delta") -> pd.DataFrame:
@@ -112,13 +164,15 @@ def imc_figure(table: pd.DataFrame, value: str = "mean_delta", title: str | None
         title = ("Importance score (IMC): encoder alone minus prior" if value == "mean_delta"
                  else "Importance score (IMC): mean |encoder alone - prior|")
     signed = value == "mean_delta"
-    return _heatmap(imc_matrix(table, value), title, "RdBu_r" if signed else "Reds", center=0.0 if signed else None,
-                    vmin=None if signed else 0, fmt="{:+.2f}" if signed else "{:.2f}")
+    return heatmap_figure(imc_matrix(table, value), title, "RdBu_r" if signed else "Reds",
+                          center=0.0 if signed else None, vmin=None if signed else 0,
+                          caption=IMC_CAPTION if signed else IMC_ABS_CAPTION,
+                          colorbar_label="shift from the prior" if signed else "mean |shift| from the prior")
 
 
 def plot_imc(table: pd.DataFrame, path: str | Path, value: str = "mean_delta", title: str | None = None) -> Path:
     """``imc_figure`` written as a PNG to ``path``."""
-    return save_figure(imc_figure(table, value, title), path, dpi=110)
+    return save_figure(imc_figure(table, value, title), path, dpi=110, layout=False)
 
 
 def cp_matrix(table: pd.DataFrame) -> pd.DataFrame:
@@ -131,12 +185,14 @@ def cp_matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def cp_figure(table: pd.DataFrame, title: str = "Cumulative prediction (CP), one patient"):
-    return _heatmap(cp_matrix(table), title, "RdBu_r", vmin=0, vmax=1)
+    """CP heatmap (task output x step) as a Figure."""
+    return heatmap_figure(cp_matrix(table), title, "RdBu_r", vmin=0, vmax=1, caption=CP_CAPTION,
+                          colorbar_label="prediction")
 
 
 def plot_cp(table: pd.DataFrame, path: str | Path, title: str = "Cumulative prediction (CP), one patient") -> Path:
     """``cp_figure`` written as a PNG to ``path``."""
-    return save_figure(cp_figure(table, title), path, dpi=110)
+    return save_figure(cp_figure(table, title), path, dpi=110, layout=False)
 
 
 def explained_row(data: TensorData) -> int:

@@ -28,7 +28,7 @@ from mmn_fed import records as R
 from mmn_fed.api import missingness_record
 from mmn_fed.audit import AuditResult, audit
 from mmn_fed.correction import resolve
-from mmn_fed.data import encode, load_builtin
+from mmn_fed.data import check_summary, encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor, save_model
@@ -120,8 +120,9 @@ def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
     replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
                     cfg.timeout)
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
-    prep = Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD])
-                                                              for r in ordered]))
+    merged = merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered])
+    check_summary(schema, merged, f" pooled over {len(ordered)} site(s)")  # one-class pooled labels: stop before round 1
+    prep = Preprocessor.from_summary(schema, merged)
     found = audit({str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.AUDIT_RECORD]) for r in ordered})
     return prep, found
 

@@ -236,3 +236,16 @@ def test_resuming_a_stopped_run_with_more_rounds_does_not_continue_past_the_stop
     assert again.extra["selection"]["final_round"] == 2 and again.extra["selection"]["stopped_early"]
     a, b = first.trained.model.state_dict(), again.trained.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_score_is_the_task_weighted_mean_auroc_of_the_classification_tasks():
+    from mmn_fed import load_builtin
+    from server.app import validation_score
+
+    schema = load_builtin("support2")[1]  # death_180d (weight 1), death (0.5), sfdm2 (multiclass, 0.5)
+    m = {"death_180d/auroc": 0.8, "death/auroc": 0.7, "sfdm2/auroc": 0.6, "death_180d/accuracy": 0.99}
+    assert validation_score(m, schema) == pytest.approx((0.8 + 0.5 * 0.7 + 0.5 * 0.6) / 2.0)
+    nan = {**m, "death/auroc": float("nan")}  # a task no site could score is left out, not counted as 0
+    assert validation_score(nan, schema) == pytest.approx((0.8 + 0.5 * 0.6) / 1.5)
+    assert validation_score({}, schema) == -float("inf")
+    assert validation_score({"disease/auroc": 0.9}, schema.subset(tasks=["death"])) == -float("inf")

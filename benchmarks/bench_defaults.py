@@ -63,7 +63,7 @@ def compare(args, work: Path) -> None:
         lr = scored(split, logistic_regression(split))
         rows: dict[str, list] = {"federated": [], "centralized": []}
         info = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             line = f"  seed {seed}:"
             if "federated" in args.models:
                 t0 = time.perf_counter()
@@ -178,6 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["heart", "support2", "pbc"])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (to split "
+                                                                 "a long run over processes)")
     ap.add_argument("--models", nargs="+", default=["federated", "centralized"], choices=["federated", "centralized"])
     ap.add_argument("--tune", action="store_true", help="the defaults search (federated validation score only)")
     ap.add_argument("--selection", action="store_true", help="replay round-selection rules on a dev split of the "

@@ -44,7 +44,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 kw = {"dp_noise_multiplier": mult, "dp_clip": args.clip, "dp_delta": 1e-5} if mult > 0 else {}
                 res = run_federation(train, schema, rounds=args.rounds, seed=seed, run_dir=Path(tmp) / "run",
-                                     test_sites=test, val_fraction=0.0, **kw)  # as docs/security.md measured
+                                     test_sites=test, val_fraction=0.0, keep_best=False, patience_rounds=0, **kw)  # as docs/security.md measured
             rec = pd.DataFrame(res.records)
             sel = rec[(rec.site == "all") & (rec.state == "final") & (rec.combination == "all") & (rec.metric == "auroc")
                       & (rec.get("split", "test") != "validation")]

@@ -33,8 +33,9 @@ from mmn_fed.metrics import auroc, mean_ci95  # noqa: E402
 from server.engines import run_federation  # noqa: E402
 
 
-# sites train on all their rows (no validation split), as when docs/federation.md's figures were measured
-VAL = 0.0
+# sites train on all their rows (no validation split, so no keep-best or early stopping: a fixed budget of
+# rounds), as when docs/federation.md's figures were measured
+NO_VAL = {"val_fraction": 0.0, "keep_best": False, "patience_rounds": 0}
 
 
 def heart_split():
@@ -76,7 +77,7 @@ def accuracy(args, workdir: Path) -> None:
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         fed = run_federation(sites, schema, rounds=args.rounds, seed=seed, run_dir=workdir / f"fed{seed}",
-                             local_epochs=args.local_epochs, lr=args.lr, mu=args.mu, val_fraction=VAL)
+                             local_epochs=args.local_epochs, lr=args.lr, mu=args.mu, **NO_VAL)
         secs["federated"].append(time.perf_counter() - t0)
         res["federated"].append(score(fed.trained, tests))
         t0 = time.perf_counter()
@@ -144,7 +145,7 @@ def cost(args, workdir: Path) -> dict:
     # in-process: in a fresh interpreter, so its peak RSS is the federation's alone
     code = ("import json,resource,time,sys; sys.path.insert(0,'benchmarks'); import bench_federation as b;"
             "from server.engines import run_federation; schema,train,test,sites,tests=b.heart_split(); t0=time.perf_counter();"
-            f"r=run_federation(sites,schema,rounds={args.rounds},seed=0,run_dir='{workdir / 'cost_inproc'}',local_epochs={args.local_epochs},val_fraction={VAL});"
+            f"r=run_federation(sites,schema,rounds={args.rounds},seed=0,run_dir='{workdir / 'cost_inproc'}',local_epochs={args.local_epochs},**{NO_VAL!r});"
             "print(json.dumps({'seconds':time.perf_counter()-t0,'peak_rss':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024,"
             "'comm':r.comm,'rounds':len(r.history)}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -166,7 +167,7 @@ def cost(args, workdir: Path) -> dict:
         th.start()
         t0 = time.perf_counter()
         ray = run_federation(sites, schema, rounds=args.rounds, seed=0, run_dir=workdir / "cost_ray", engine="ray",
-                             local_epochs=args.local_epochs, val_fraction=VAL)
+                             local_epochs=args.local_epochs, **NO_VAL)
         wall = time.perf_counter() - t0
         stop.set()
         th.join()
@@ -199,7 +200,7 @@ def comm_disjoint(args, workdir: Path) -> None:
             d[list(schema.modalities["imaging"])] = np.nan
         if s == "Switzerland":
             d[list(schema.modalities["exercise_ecg"])] = np.nan
-    r = run_federation(sites, schema, rounds=2, seed=0, run_dir=workdir / "disjoint", local_epochs=1, val_fraction=VAL)
+    r = run_federation(sites, schema, rounds=2, seed=0, run_dir=workdir / "disjoint", local_epochs=1, **NO_VAL)
     tr = pd.DataFrame(r.comm)
     tr = tr[(tr.phase == "train") & (tr["round"] == 1)]
     print("\nsites holding different modalities (imaging only at Cleveland; no exercise ECG at Switzerland), one round:")

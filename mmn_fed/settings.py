@@ -61,8 +61,9 @@ class RunSettings:
 
     Constructing one validates every field's type and range; ``check()`` applies the cross-field rules."""
 
-    num_server_rounds: int = setting(20, "rounds of federated training (a resumed run may add rounds)", scope=SERVER,
-                                     minimum=1, fingerprint=False)
+    num_server_rounds: int = setting(100, "most rounds of federated training (patience-rounds usually stops it "
+                                          "earlier; a resumed run may add rounds)", scope=SERVER, minimum=1,
+                                     fingerprint=False)
     # ---- local training at each site
     local_epochs: int = setting(1, "local epochs per round at each site", scope=SITE, minimum=1)
     lr: float = setting(3e-3, "learning rate (Adam)", scope=SITE, above=0.0, centralized=True)
@@ -116,8 +117,11 @@ class RunSettings:
     dp_delta: float = setting(1e-5, "differential privacy: delta of the reported epsilon", scope=SITE, above=0.0,
                               below=1.0)
     # ---- the run
-    keep_best: bool = setting(False, "final model = the round with the best federated validation score",
+    keep_best: bool = setting(True, "final model = the round with the best federated validation score",
                               scope=SERVER)
+    patience_rounds: int = setting(10, "stop when the federated validation score has not improved for this many "
+                                       "rounds (0 = off: run every round)", scope=SERVER, minimum=0,
+                                   fingerprint=False)
     min_nodes: int = setting(0, "wait until this many nodes are connected (0: take those connected)", scope=SERVER,
                              minimum=0, fingerprint=False)
     node_wait: float = setting(120.0, "seconds to wait for min-nodes", scope=SERVER, minimum=0.0, fingerprint=False)
@@ -257,6 +261,10 @@ RULES: tuple[Rule, ...] = (
     Rule(("keep-best", "val-fraction"),
          "keep-best picks the round by the federated validation score: it needs validation rows (val-fraction > 0)",
          lambda s: s.keep_best and s.val_fraction == 0),
+    Rule(("patience-rounds", "val-fraction"),
+         "early stopping watches the federated validation score: it needs validation rows (val-fraction > 0; "
+         "or patience-rounds = 0)",
+         lambda s: s.patience_rounds > 0 and s.val_fraction == 0),
 )
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}

@@ -181,7 +181,10 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     tests = test_frames(cfg)
     config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
                            P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"])})
+    stopped = should_stop(start - 1, best[1], cfg.patience_rounds)  # a resumed run that had stopped stays stopped
     for rnd in range(start, cfg.num_server_rounds + 1):
+        if stopped:
+            break
         params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
         if tests:
             entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
@@ -190,15 +193,28 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         score = validation_score(entry["federated_eval"], prep.schema)
         if score > best[0]:
             best = (score, rnd, params)
+        entry["validation_score"] = score
         entry["best_round"] = best[1]
+        stopped = should_stop(rnd, best[1], cfg.patience_rounds)
+        if stopped:
+            entry["stopped"] = {"after_round": rnd, "patience_rounds": cfg.patience_rounds, "best_round": best[1]}
         history.append(entry)
         log(INFO, "round %d: %s", rnd, {k: round(v, 4) for k, v in {**entry["train"], **entry["federated_eval"],
                                                                    **entry.get("test", {})}.items() if v == v})
         save_checkpoint(run_dir / "checkpoint.pt", cfg, rnd, params, prep_json, strategy, history, best)
+    last = history[-1]["round"] if history else 0
+    if stopped:
+        log(INFO, "stopped after round %d: no improvement for %d rounds; final model = round %d", last,
+            last - best[1], best[1] if cfg.keep_best else last)
+    selection = {"rounds_run": last, "max_rounds": cfg.num_server_rounds, "stopped_early": bool(stopped),
+                 "patience_rounds": cfg.patience_rounds, "best_round": best[1],
+                 "best_validation_score": best[0] if best[1] else None, "keep_best": cfg.keep_best,
+                 "final_round": last}
     if cfg.keep_best and best[1] > 0:
         log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
         params = best[2]
-    return finish(run_dir, cfg, params, prep, strategy, history, tests, plan)
+        selection["final_round"] = best[1]
+    return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan)
 
 
 def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
@@ -223,12 +239,26 @@ def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, n
     return params, entry
 
 
+def should_stop(rnd: int, best_round: int, patience: int) -> bool:
+    """Early stopping across rounds: after round ``rnd``, the best round is ``patience`` or more rounds old.
+    Never before a first scored round (``best_round`` 0), never when ``patience`` is 0."""
+    return patience > 0 and best_round > 0 and rnd - best_round >= patience
+
+
 def validation_score(eval_metrics, schema: Schema) -> float:
-    """Higher is better: the first task's AUROC (or -MSE), n-weighted over sites; -inf if unavailable."""
-    task = next(iter(schema.tasks.values()))
-    key, sign = (f"{task.name}/mse", -1.0) if task.kind == "regression" else (f"{task.name}/auroc", 1.0)
-    v = dict(eval_metrics or {}).get(key)
-    return sign * float(v) if v is not None and v == v else -float("inf")
+    """Higher is better; -inf if unavailable. The mean AUROC of the classification tasks, weighted by their
+    task weights, each AUROC n-weighted over sites (one noisy task does not pick the round alone; see
+    docs/federation.md, "How many rounds"); a schema with regression tasks only: the first one's -MSE."""
+    metrics = dict(eval_metrics or {})
+    ok = lambda v: v is not None and v == v  # noqa: E731  (NaN: a site without both classes)
+    cls = [(t.weight, metrics.get(f"{t.name}/auroc")) for t in schema.tasks.values() if t.kind != "regression"]
+    cls = [(w, float(v)) for w, v in cls if ok(v) and w > 0]
+    if cls:
+        return sum(w * v for w, v in cls) / sum(w for w, _ in cls)
+    if any(t.kind != "regression" for t in schema.tasks.values()):
+        return -float("inf")
+    v = metrics.get(f"{next(iter(schema.tasks.values())).name}/mse")
+    return -float(v) if ok(v) else -float("inf")
 
 
 def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: FederationConfig) -> torch.nn.Module:
@@ -254,11 +284,13 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
 
 
 def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
-           history: list[dict], tests: Mapping[str, pd.DataFrame], plan: Mapping[str, Any]) -> dict[str, Any]:
+           history: list[dict], tests: Mapping[str, pd.DataFrame], selection: Mapping[str, Any],
+           plan: Mapping[str, Any]) -> dict[str, Any]:
     model = global_model(params, prep, cfg)
     save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
-                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed, "missingness": dict(plan)})
+                                            "rounds": selection["rounds_run"], "final_round": selection["final_round"],
+                                            "seed": cfg.seed, "missingness": dict(plan)})
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:
@@ -270,6 +302,7 @@ def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, str
     _write_json(run_dir / "comm.json", strategy.comm)
     _write_json(run_dir / "evaluation.json", strategy.evaluations)
     _write_json(run_dir / "failures.json", strategy.failures)  # failed sites and rejected updates, per round
+    _write_json(run_dir / "selection.json", selection)  # rounds run, early stop, the round the final model is
     if isinstance(strategy, SecureModularFedAvg):
         _write_json(run_dir / "secagg.json", strategy.secagg_rounds)
     return {"run_dir": str(run_dir), "history": history}

@@ -222,7 +222,8 @@ _SET_BY_RUN_FEDERATION = ("schema", "data_dir", "run_dir")
 
 
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
-    """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
+    """Per-module federated averaging over the training sites (rounds chosen by the run settings: keep-best and
+    early stopping on the sites' validation rows by default, at most ``rounds``)."""
     from server.engines import run_federation
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
@@ -230,7 +231,9 @@ def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir
     result = run_federation(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation",
                             engine=sc.run.engine,
                             **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
-    return [Trained(result.trained, info={"rounds": settings.num_server_rounds, "seconds": round(result.seconds, 2)})]
+    sel = result.extra.get("selection", {})
+    return [Trained(result.trained, info={"rounds": sel.get("rounds_run", settings.num_server_rounds),
+                                          "final_round": sel.get("final_round"), "seconds": round(result.seconds, 2)})]
 
 
 BACKENDS: dict[str, Callable[..., list[Trained]]] = {

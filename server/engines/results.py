@@ -25,7 +25,9 @@ class FederationResult:
     evaluations: list[dict]
     run_dir: Path
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)  # "failures" (failed sites, rejected updates), "secagg" (per round)
+    # "failures" (failed sites, rejected updates), "secagg" (per round), "selection" (rounds run, early stop,
+    # the round the final model is: server/app.py)
+    extra: dict = field(default_factory=dict)
 
 
 def write_site_data(data_dir: Path, sites: Mapping[str, pd.DataFrame], schema: Schema,
@@ -47,6 +49,6 @@ def write_site_data(data_dir: Path, sites: Mapping[str, pd.DataFrame], schema: S
 def read_result(run_dir: Path, seconds: float = 0.0) -> FederationResult:
     run_dir = Path(run_dir)
     load = lambda name: json.loads((run_dir / name).read_text())  # noqa: E731
-    extra = {name: load(f"{name}.json") for name in ("failures", "secagg") if (run_dir / f"{name}.json").exists()}
+    extra = {name: load(f"{name}.json") for name in ("failures", "secagg", "selection") if (run_dir / f"{name}.json").exists()}
     return FederationResult(load_model(run_dir / "model.pt"), load("history.json"), read_metrics(run_dir / "metrics.json"),
                             load("comm.json"), load("evaluation.json"), run_dir, seconds, extra)

@@ -125,7 +125,7 @@ def test_federation_refuses_pooled_one_class_before_round_1_but_not_one_site(hea
 
     _, schema = load_builtin("heart")
     schema = schema.subset(tasks=["disease"])
-    fast = dict(rounds=1, val_fraction=0.0, local_epochs=1, state_size=8, hidden=8)
+    fast = dict(rounds=1, val_fraction=0.0, keep_best=False, patience_rounds=0, local_epochs=1, state_size=8, hidden=8)
     sick = {n: g.iloc[:40] for n, g in heart[heart["num"] > 0].groupby("dataset")}
     with pytest.raises(LabelError, match=r"task 'disease': every labelled row is class 1 \(160 rows pooled over 4 site"):
         run_federation(sick, schema, run_dir=tmp_path / "pooled", **fast)

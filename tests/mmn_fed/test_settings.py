@@ -170,3 +170,16 @@ def test_write_regenerates_both_files_and_keeps_the_rest_of_pyproject(tmp_path, 
     assert data["project"] == {"name": "x"} and data["tool"]["other"] == {"keep": True}
     assert (tmp_path / "docs" / "settings.md").read_text() == markdown()
     assert main(["settings", "--pyproject"]) == 0 and capsys.readouterr().out == pyproject_table()
+
+
+def test_early_stopping_needs_validation_rows_and_defaults_select_by_federated_validation():
+    from mmn_fed.settings import DEFAULTS
+
+    assert DEFAULTS.keep_best and DEFAULTS.patience_rounds > 0 and DEFAULTS.val_fraction > 0
+    with pytest.raises(SettingsError, match=r"^patience-rounds, val-fraction: .*needs validation rows") as e:
+        RunSettings.from_kwargs(val_fraction=0.0, keep_best=False, patience_rounds=5).check()
+    assert e.value.setting == "patience-rounds, val-fraction"
+    RunSettings.from_kwargs(val_fraction=0.0, keep_best=False, patience_rounds=0).check()  # a fixed budget: fine
+    RunSettings.from_kwargs(val_fraction=0.1, patience_rounds=5).check()
+    with pytest.raises(SettingsError, match="patience-rounds: expected a value >= 0"):
+        RunSettings.from_kwargs(patience_rounds=-1)

@@ -33,7 +33,7 @@ def heart(tmp_path_factory):
 
 def run(tmp_path, data_dir, name, client=None, spy=None, rounds=2, **extra):
     """The default ServerApp over ``client`` (default: the real ClientApp) with run config ``extra``."""
-    rc = {"num-server-rounds": rounds, "seed": 0, "val-fraction": 0.0, "data-dir": str(data_dir),
+    rc = {"num-server-rounds": rounds, "seed": 0, "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0, "data-dir": str(data_dir),
           "run-dir": str(tmp_path / name), "local-epochs": 1, "state-size": 8, "hidden": 8, **extra}
     app = client or A.app
 
@@ -218,7 +218,7 @@ def test_a_masked_update_of_the_wrong_shape_is_rejected_under_secure_aggregation
 @pytest.mark.parametrize("aggregation", ["trimmed-mean", "median"])
 def test_robust_aggregation_is_selectable(tmp_path, heart, aggregation):
     sites, schema, _ = heart
-    fast = dict(rounds=1, local_epochs=1, state_size=8, hidden=8, val_fraction=0.0)
+    fast = dict(rounds=1, local_epochs=1, state_size=8, hidden=8, val_fraction=0.0, keep_best=False, patience_rounds=0)
     mean = run_federation(sites, schema, run_dir=tmp_path / "mean", **fast)
     robust = run_federation(sites, schema, run_dir=tmp_path / aggregation, aggregation=aggregation, trim=0.25, **fast)
     a = mean.trained.model.state_dict()
@@ -230,9 +230,9 @@ def test_robust_aggregation_is_selectable(tmp_path, heart, aggregation):
 def test_dp_settings_reach_the_sites_and_the_budget_is_reported(tmp_path, heart):
     sites, schema, _ = heart
     res = run_federation(sites, schema, run_dir=tmp_path / "dp", rounds=2, local_epochs=1, state_size=8, hidden=8,
-                         val_fraction=0.0, dp_noise_multiplier=1.0, dp_clip=0.5, dp_delta=1e-5)
+                         val_fraction=0.0, keep_best=False, patience_rounds=0, dp_noise_multiplier=1.0, dp_clip=0.5, dp_delta=1e-5)
     eps = [h["train"]["dp_epsilon"] for h in res.history]
     assert 0 < eps[0] < eps[1]  # the budget grows with the rounds
     off = run_federation(sites, schema, run_dir=tmp_path / "no-dp", rounds=1, local_epochs=1, state_size=8, hidden=8,
-                         val_fraction=0.0)
+                         val_fraction=0.0, keep_best=False, patience_rounds=0)
     assert "dp_epsilon" not in off.history[0]["train"]

@@ -4,7 +4,7 @@ import pytest
 from server.engines import run_federation
 from server.engines.deployment import run_deployment
 
-FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8, "val_fraction": 0.0}
+FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8, "val_fraction": 0.0, "keep_best": False, "patience_rounds": 0}
 
 
 def max_diff(a, b):

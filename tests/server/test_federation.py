@@ -29,7 +29,7 @@ def test_site_without_a_modality_never_receives_or_sends_its_encoder(two_sites, 
         seen.append((ctx.node_config["partition-id"], msg, reply))
         return reply
 
-    rc = {"num-server-rounds": 2, "seed": 0, "val-fraction": 0.0, "data-dir": str(write_site_data(tmp_path / "data", sites, schema)),
+    rc = {"num-server-rounds": 2, "seed": 0, "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0, "data-dir": str(write_site_data(tmp_path / "data", sites, schema)),
           "run-dir": str(tmp_path / "run"), "local-epochs": 1, "state-size": 8, "hidden": 8}
     grid = InProcessGrid(spying_client, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
     server_app(grid, server_context(rc))
@@ -54,7 +54,7 @@ def test_site_without_a_modality_never_receives_or_sends_its_encoder(two_sites, 
 def test_federated_preprocessing_equals_pooled_fit_and_ships_in_the_model(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:60] for n, df in sites.items()}
-    res = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", val_fraction=0.0, **FAST)  # all rows
+    res = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", val_fraction=0.0, keep_best=False, patience_rounds=0, **FAST)  # all rows
     pooled = fit_preprocessor(schema, pd.concat(list(small.values()), ignore_index=True))
     assert res.trained.preprocessor.to_dict() == json.loads(json.dumps(pooled.to_dict()))
     assert res.trained.metadata["provenance"]["training"] == "federated"
@@ -95,9 +95,9 @@ def test_interrupted_run_resumes_to_the_same_final_model(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:80] for n, df in sites.items()}
     full = run_federation(small, schema, rounds=4, run_dir=tmp_path / "full", server_optimizer="fedavgm", server_lr=1.0,
-                          val_fraction=0.0, **FAST)
+                          val_fraction=0.0, keep_best=False, patience_rounds=0, **FAST)
     data = write_site_data(tmp_path / "cut" / "data", small, schema)
-    rc = {"num-server-rounds": 4, "data-dir": str(data), "run-dir": str(tmp_path / "cut"), "val-fraction": 0.0,
+    rc = {"num-server-rounds": 4, "data-dir": str(data), "run-dir": str(tmp_path / "cut"), "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0,
           "server-optimizer": "fedavgm", "local-epochs": 1, "state-size": 8, "hidden": 8}
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(rc, len(small), grid_cls=DiesInRound)
@@ -147,7 +147,7 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
     sites, schema = heart_sites
     small = {n: df.iloc[:40] for n, df in list(sites.items())[:2]}
     rc = {"num-server-rounds": 1, "data-dir": str(write_site_data(tmp_path / "data", small, schema)),
-          "run-dir": str(tmp_path / "run"), "val-fraction": 0.0, "state-size": 8, "hidden": 8}
+          "run-dir": str(tmp_path / "run"), "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0, "state-size": 8, "hidden": 8}
 
     def broken_training(msg, ctx):
         if msg.metadata.message_type == "train":
@@ -157,3 +157,95 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
     grid = InProcessGrid(broken_training, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
     with pytest.raises(FederationError, match="disk full"):
         server_app(grid, server_context(rc))
+
+
+class ScriptedValidation:
+    """The real ClientApp, whose evaluation replies report a scripted disease AUROC per round (the one
+    quantity the server's model selection reads), so that the best round and the stop are known; it keeps
+    the global parameters each evaluate message carried, per round."""
+
+    def __init__(self, scores):
+        self.scores = scores
+        self.sent: dict[int, dict] = {}
+
+    def __call__(self, msg, ctx):
+        from mmn_fed import protocol as P
+        from mmn_fed import records as R
+
+        reply = client_app(msg, ctx)
+        if msg.metadata.message_type == "evaluate":
+            rnd = int(msg.content[P.CONFIG]["server-round"])
+            self.sent[rnd] = {k: msg.content[P.ARRAYS][k].numpy().copy() for k in msg.content[P.ARRAYS].keys()}
+            recs = R.from_json_record(reply.content[P.RECORDS])
+            for rec in recs:
+                if rec["task"] == "disease" and rec["metric"] == "auroc":
+                    rec["value"] = self.scores[rnd - 1]
+            reply.content[P.RECORDS] = R.json_record(recs)
+        return reply
+
+
+def scripted_run(sites, schema, run_dir, scores, **settings):
+    rc = {"num-server-rounds": len(scores), "seed": 0, "val-fraction": 0.25, "data-dir": str(write_site_data(
+          run_dir / "data", sites, schema)), "run-dir": str(run_dir), "local-epochs": 1, "state-size": 8, "hidden": 8,
+          **settings}
+    client = ScriptedValidation(scores)
+    grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], rc)
+    server_app(grid, server_context(rc))
+    return read_result(run_dir), client
+
+
+SCORES = [0.60, 0.80, 0.70, 0.75, 0.79, 0.95, 0.96, 0.97]  # best 0.80 at round 2 until round 6
+
+
+def test_early_stopping_stops_when_validation_stops_improving_and_keeps_the_best_round(two_sites, tmp_path):
+    sites, schema = two_sites
+    res, client = scripted_run(sites, schema, tmp_path / "run", SCORES, **{"patience-rounds": 3, "keep-best": True})
+    assert [h["round"] for h in res.history] == [1, 2, 3, 4, 5]  # rounds 3, 4, 5 did not beat round 2
+    assert res.history[-1]["stopped"] == {"after_round": 5, "patience_rounds": 3, "best_round": 2}
+    assert res.extra["selection"]["rounds_run"] == 5 and res.extra["selection"]["final_round"] == 2
+    assert res.extra["selection"]["stopped_early"] and res.extra["selection"]["best_validation_score"] == 0.80
+    assert res.trained.metadata["provenance"]["final_round"] == 2
+    state = res.trained.model.state_dict()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["best"]["round"] == 2
+    for k, v in client.sent[2].items():  # the final model = the global model after round 2, exactly
+        assert torch.equal(state[k], torch.from_numpy(v)) and torch.equal(ck["best"]["params"][k], state[k])
+    assert any(not torch.equal(state[k], torch.from_numpy(v)) for k, v in client.sent[5].items())
+
+
+def test_without_patience_every_round_runs_and_keep_best_still_picks_the_best(two_sites, tmp_path):
+    sites, schema = two_sites
+    res, client = scripted_run(sites, schema, tmp_path / "run", SCORES, **{"patience-rounds": 0, "keep-best": True})
+    assert len(res.history) == len(SCORES) and "stopped" not in res.history[-1]
+    assert res.extra["selection"]["final_round"] == 8 and not res.extra["selection"]["stopped_early"]
+    state = res.trained.model.state_dict()
+    assert all(torch.equal(state[k], torch.from_numpy(v)) for k, v in client.sent[8].items())
+    res, client = scripted_run(sites, schema, tmp_path / "last", [0.9, 0.5, 0.6], **{"patience-rounds": 0,
+                                                                                     "keep-best": False})
+    state = res.trained.model.state_dict()  # keep-best off: the last round, whatever its score
+    assert all(torch.equal(state[k], torch.from_numpy(v)) for k, v in client.sent[3].items())
+
+
+def test_resuming_a_stopped_run_with_more_rounds_does_not_continue_past_the_stop(two_sites, tmp_path):
+    sites, schema = two_sites
+    first, _ = scripted_run(sites, schema, tmp_path / "run", SCORES[:6], **{"patience-rounds": 3})
+    assert len(first.history) == 5
+    (tmp_path / "run" / "model.pt").unlink()
+    again, client = scripted_run(sites, schema, tmp_path / "run", SCORES, **{"patience-rounds": 3})
+    assert [h["round"] for h in again.history] == [1, 2, 3, 4, 5] and client.sent == {}  # no round ran
+    assert again.extra["selection"]["final_round"] == 2 and again.extra["selection"]["stopped_early"]
+    a, b = first.trained.model.state_dict(), again.trained.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_score_is_the_task_weighted_mean_auroc_of_the_classification_tasks():
+    from mmn_fed import load_builtin
+    from server.app import validation_score
+
+    schema = load_builtin("support2")[1]  # death_180d (weight 1), death (0.5), sfdm2 (multiclass, 0.5)
+    m = {"death_180d/auroc": 0.8, "death/auroc": 0.7, "sfdm2/auroc": 0.6, "death_180d/accuracy": 0.99}
+    assert validation_score(m, schema) == pytest.approx((0.8 + 0.5 * 0.7 + 0.5 * 0.6) / 2.0)
+    nan = {**m, "death/auroc": float("nan")}  # a task no site could score is left out, not counted as 0
+    assert validation_score(nan, schema) == pytest.approx((0.8 + 0.5 * 0.6) / 1.5)
+    assert validation_score({}, schema) == -float("inf")
+    assert validation_score({"disease/auroc": 0.9}, schema.subset(tasks=["death"])) == -float("inf")

@@ -67,7 +67,7 @@ def test_run_federation_holds_out_the_default_val_fraction(heart_sites, tmp_path
     fed = [r for r in res.evaluations if r["metric"] == "auroc"]
     assert {r["split"] for r in fed} == {"validation"}
     assert all(r["n"] == 10 for r in fed)  # 20% of each site's 50 rows
-    explicit = run_federation(small, schema, rounds=1, run_dir=tmp_path / "all", val_fraction=0.0, **FAST)
+    explicit = run_federation(small, schema, rounds=1, run_dir=tmp_path / "all", val_fraction=0.0, keep_best=False, patience_rounds=0, **FAST)
     assert {(r["split"], r["n"]) for r in explicit.evaluations if r["metric"] == "auroc"} == {("train", 50)}
 
 
@@ -85,14 +85,14 @@ def test_run_federation_refuses_an_unknown_or_bad_setting_before_writing_anythin
 def test_a_checkpoint_whose_fingerprint_lacks_newer_settings_still_resumes(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:40] for n, df in list(sites.items())[:2]}
-    first = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", val_fraction=0.0, **FAST)
+    first = run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", val_fraction=0.0, keep_best=False, patience_rounds=0, **FAST)
     path = tmp_path / "run" / "checkpoint.pt"
     ck = torch.load(path, weights_only=True)
     # the format written before the security settings existed: those at their default are absent
     old = {k: v for k, v in json.loads(ck["config"]).items()
            if k not in ("aggregation", "trim", "secure_aggregation", "dp_clip", "dp_noise_multiplier", "dp_delta")}
     torch.save({**ck, "config": json.dumps(old, sort_keys=True)}, path)
-    resumed = run_federation(small, schema, rounds=2, run_dir=tmp_path / "run", val_fraction=0.0, **FAST)
+    resumed = run_federation(small, schema, rounds=2, run_dir=tmp_path / "run", val_fraction=0.0, keep_best=False, patience_rounds=0, **FAST)
     assert [h["round"] for h in resumed.history] == [1, 2]
     assert resumed.history[0] == first.history[0]  # round 1 came from the checkpoint, not from a new run
 

@@ -57,7 +57,7 @@ def reference(sc, out: Path, key: str, task: str, metric: str) -> str:
 
     from mmn_fed.data import encode
     from mmn_fed.evaluation import predict_final
-    from mmn_fed.metrics import mean_ci95, task_metrics
+    from mmn_fed.metrics import mean_ci, task_metrics
     from mmn_fed.model_io import load_model
     from simulations.runner import plan, prepare
 
@@ -80,7 +80,7 @@ def reference(sc, out: Path, key: str, task: str, metric: str) -> str:
                 p = predict_final(trained.model, data, trained.preprocessor.targets)[task]
                 vals.append(task_metrics(sc.schema.tasks[task].kind, data.y[task].numpy()[ok], p[ok])[metric])
             if vals:
-                m, l, h = mean_ci95(vals)
+                m, l, h = mean_ci(vals)
                 lines.append(f"reference ({lo:.0%} MNAR at training, tested {hi:.0%}-flipped): {model:<10} {training:<11} "
                              f"{m:.3f} [{l:.3f}, {h:.3f}]  (the flipped test set's own information loss)")
     return "\n".join(lines)

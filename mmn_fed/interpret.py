@@ -77,11 +77,11 @@ def cp(model: nn.Module, data: TensorData, targets: Mapping, row: int = 0) -> pd
 
 
 def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None, vmax=None, center=None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
+
+    from .figures import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.1 * matrix.shape[1]), 1.0 + 0.5 * matrix.shape[0]))
     norm = None
@@ -98,11 +98,7 @@ def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None,
                     ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_imc(table: pd.DataFrame, path: str | Path, value: str = "mean_delta", title: str | None = None) -> Path:

@@ -12,6 +12,7 @@ import torch
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
 
+from .audit import audit_frame
 from .data import derive_labels, encode, fit_preprocessor
 from .evaluation import evaluate
 from .model import ModelConfig
@@ -57,7 +58,8 @@ def train_centralized(
     info = fit(model, schema, prep.targets, data.subset(keep), data.subset(val_idx) if len(val_idx) else None,
                train_config, progress)
     meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-            "provenance": dict(provenance or {})}
+            "provenance": dict(provenance or {}),
+            "audit": audit_frame(schema, df).to_dict()}  # the training sites' missingness, for `mmn-fed evaluate`
     return TrainResult(TrainedModel(model, prep, model_config, meta), info)
 
 
@@ -73,4 +75,4 @@ def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str
 
 def save_trained(path: str | Path, trained: TrainedModel) -> Path:
     return save_model(path, trained.model, trained.preprocessor, trained.config,
-                      trained.metadata.get("train_config"), trained.metadata.get("provenance"))
+                      trained.metadata.get("train_config"), trained.metadata.get("provenance"), trained.metadata)

@@ -11,6 +11,7 @@ Two kinds of interval, both percentile bootstraps, so both stay inside the metri
 """
 from __future__ import annotations
 
+import warnings as _warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -109,9 +110,19 @@ def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
+def _auroc_ovr_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest AUROC per resample: (B, n) class indices, (B, n, k) probabilities -> (B,), over the
+    classes present in each resample (as :func:`auroc_ovr`)."""
+    per_class = np.stack([_auroc_rows((y == k).astype(int), s[..., k]) for k in range(s.shape[-1])], axis=1)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)  # a resample holding one class: NaN, dropped later
+        return np.nanmean(per_class, axis=1)
+
+
 # Replicates of the common metrics computed for all resamples at once: (B, n) labels, (B, n) scores -> (B,)
 _VECTORIZED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "auroc": lambda y, s: _auroc_rows(y.astype(int), s),
+    "auroc_ovr": _auroc_ovr_rows,
     "brier": lambda y, s: ((s - y) ** 2).mean(axis=1),
     "accuracy": lambda y, s: ((s >= 0.5) == (y == 1)).mean(axis=1),
     "mse": lambda y, s: ((s - y) ** 2).mean(axis=1),
@@ -120,7 +131,7 @@ _VECTORIZED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 # The same metrics on one sample, for metric names given to bootstrap_ci
 _SCALAR: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "auroc": auroc, "brier": brier, "accuracy": lambda y, s: accuracy(np.asarray(y).astype(int), (s >= 0.5).astype(int)),
-    "mse": mse, "mae": mae,
+    "mse": mse, "mae": mae, "auroc_ovr": auroc_ovr,
 }
 
 
@@ -128,8 +139,8 @@ def bootstrap_ci(y: np.ndarray, score: np.ndarray, metric: str | Callable[[np.nd
                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval over patients (rows): resample rows with replacement ``n_boot`` times,
     compute ``metric`` on each resample and take the (1 - level) / 2 and (1 + level) / 2 quantiles.
-    ``metric``: 'auroc', 'brier', 'accuracy' (binary p(1) scores), 'mse', 'mae' (vectorized over resamples)
-    or any ``f(y, score) -> float`` (e.g. :func:`auroc_ovr` with (n, k) scores). Resamples where the metric
+    ``metric``: 'auroc', 'brier', 'accuracy' (binary p(1) scores), 'auroc_ovr' ((n, k) class probabilities),
+    'mse', 'mae' (all vectorized over resamples) or any ``f(y, score) -> float`` (e.g. :func:`auroc_ovr` with (n, k) scores). Resamples where the metric
     is undefined (one class) are dropped; (NaN, NaN) when none is left or there are no rows."""
     y = np.asarray(y)
     score = np.asarray(score, dtype=np.float64)

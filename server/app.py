@@ -231,9 +231,11 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
 def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
            history: list[dict], tests: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
     model = global_model(params, prep, cfg)
+    audit_path = run_dir / "audit.json"  # the federated missingness audit, kept with the model for `mmn-fed evaluate`
+    extra = {"audit": json.loads(audit_path.read_text())} if audit_path.exists() else None
     save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
-                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed})
+                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed}, extra)
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:

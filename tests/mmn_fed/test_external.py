@@ -162,6 +162,7 @@ def test_audit_comparison_flags_a_removed_modality(heart, models):
     assert ("symptoms", "disease") in flagged
     row = next(s for s in ev.shifts if s["modality"] == "symptoms" and s["task"] == "disease")
     assert row["rate_site"][row["labels"].index("1")] == 0.0 and row["dependent_site"]
+    assert "present for 0% of disease = 1 patients here" in row["meaning"]
     clean = evaluate_site(trained, ext, n_boot=0)
     assert ("symptoms", "disease") not in {(s["modality"], s["task"]) for s in clean.shifts if s["flag"]}
     assert audit_shifts(ev.audit_site, None) == []

@@ -130,12 +130,10 @@ def _split(text: str) -> list[str]:
 def _predict(args) -> int:
     from .external import predict_csv
 
+    from edge_runtime.cli import print_summary
+
     s = predict_csv(args.model, args.input, args.output, keep=_split(args.keep))
-    failed = s["rows"] - s["predicted"]
-    print(f"wrote {s['rows']} row(s) to {args.output} (model {s['model_id']}): {s['predicted']} predicted"
-          + (f", {failed} not predicted (see the reason column)" if failed else ""), file=sys.stderr)
-    for problem in s["problems"]:
-        print(f"  {problem}", file=sys.stderr)
+    print_summary(s, args.output, s["model_id"])
     return 0
 
 

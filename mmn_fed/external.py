@@ -266,10 +266,11 @@ def audit_shifts(site: Mapping[str, Any], training: Mapping[str, Any] | None,
         big = {lab: d for lab, d in diffs.items() if d == d and abs(d) >= min_effect}
         reasons = []
         m, task = key
-        for lab, d in big.items():
-            reasons.append(f"{m} is present for {rate(h, lab):.0%} of {task} = {lab} patients here vs "
-                           f"{rate(t, lab):.0%} at the training sites: the model meets a presence pattern it did "
-                           "not learn from, so predictions for these patients may shift.")
+        if big:
+            here_s = " and ".join(f"{rate(h, lab):.0%} of {task} = {lab}" for lab in big)
+            train_s = " and ".join(f"{rate(t, lab):.0%}" for lab in big)
+            reasons.append(f"{m} is present for {here_s} patients here vs {train_s} at the training sites: the model "
+                           "meets a presence pattern it did not learn from, so predictions for these patients may shift.")
         if h["flagged"] and not t["flagged"]:
             reasons.append(f"{m}'s presence depends on {task} here but did not at the training sites: missingness "
                            "carries outcome information at this site that the model never saw.")
@@ -521,7 +522,7 @@ def write_report(ev: SiteEvaluation, out: Path, model_path: str | Path, data_pat
                  "yes" if s["dependent_site"] else "no", "yes" if s["dependent_training"] else "no",
                  s["meaning"] or "–"] for s in ev.shifts]
         parts.append(_table(["flag", "modality", "task", "present here", "present in training", "label-dependent here",
-                             "in training", "what it means"], rows, "audit"))
+                             "label-dependent in training", "what it means"], rows, "audit"))
     site_lines = [f"{f['name']} x {f['task']}: " + ", ".join(f"{r:.0%} of {lab}" for lab, r in zip(f['labels'], f['rates'])
                   if r is not None) for f in ev.audit_site["findings"] if f["kind"] == "modality" and not f["suppressed"]]
     parts.append("<details><summary>This site's audit</summary><ul>" + "".join(

@@ -1,4 +1,4 @@
-"""`mmn-fed` command line. ``train`` is built in and ``export``/``keygen`` come from ``mmn_fed.export``;
+"""`mmn-fed` command line. ``train``, ``predict`` and ``evaluate`` (``mmn_fed.external``) are built in and ``export``/``keygen`` come from ``mmn_fed.export``;
 subcommands of higher packages (``simulate``, ``deploy-local``, ``site-key``/``enrol``/``revoke``/``sites``)
 register themselves as entry points of the group ``mmn_fed.commands`` in pyproject.toml (name ->
 ``module:register``, where ``register(subparsers)`` adds the command), so this module names none of them:

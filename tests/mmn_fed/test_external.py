@@ -113,6 +113,12 @@ def test_evaluate_auroc_and_ci_match_sklearn_and_report(heart, models, tmp_path)
             assert value == f"{r['value']:.3f}"
             if r["ci_low"] is not None:
                 assert ci == f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    subs = {(c[0], c[1], c[2]): (c[3], c[4], c[5]) for c in _cells(tmp_path / "out" / "report.html", "subgroups")}
+    shown_subs = [r for r in recs if r["subgroup"] != "all" and r["metric"] in ("auroc", "brier")]
+    assert len(subs) == len(shown_subs) > 0
+    for r in shown_subs:
+        assert subs[(r["task"], r["subgroup"], r["metric"])] == (
+            f"{r['value']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", str(r["n"]))
 
 
 class _Tables(HTMLParser):

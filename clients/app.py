@@ -5,16 +5,19 @@ Handlers are thin: they unpack a message, call ``clients.site``, and pack the re
 (names in ``mmn_fed.protocol``, conversion in ``mmn_fed.records``).
 The train handler's reply passes through two mods: ``privacy_mod`` (clip + Gaussian noise per module when
 ``dp-noise-multiplier`` > 0) and, outside it, ``secagg_mod`` (masks the reply when the message carries a
-secure-aggregation record). Both pass through otherwise.
+secure-aggregation record). Both pass through otherwise. ``build_app`` wires the handlers; ``app`` is the
+site every engine runs (``simulations.attacks`` builds a misbehaving one with an extra train mod).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
@@ -26,9 +29,6 @@ from mmn_fed.settings import SiteSettings
 from .privacy import privacy_mod
 from .secagg import register_handlers, secagg_mod
 from .site import Site, load_rows, site_source
-
-app = ClientApp()
-register_handlers(app)  # query.secagg_keys / secagg_shares / secagg_unmask: used only under secure aggregation
 
 _SITES: dict = {}
 _PREPS: dict[str, Preprocessor] = {}
@@ -61,21 +61,25 @@ def _unpack(msg: Message) -> tuple[ConfigRecord, SiteSettings]:
     return config, SiteSettings.from_config(config)  # one versioned, typed record (mmn_fed.settings)
 
 
+def _correction(config: ConfigRecord) -> dict[str, str]:
+    """The modalities the server asks this site to balance against the label ({} when none)."""
+    return json.loads(str(config[P.CORRECTION])) if P.CORRECTION in config else {}
+
+
 def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name, "rows": len(site.rows)})
 
 
-@app.query(P.SUMMARY_ACTION)
 def summary(msg: Message, context: Context) -> Message:
     """Mergeable preprocessing summary of this site's training rows."""
     config, settings = _unpack(msg)
     site = _site(context)
     schema = Schema.from_dict(json.loads(str(config["schema"])))
-    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings))})
+    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings)),
+                          P.AUDIT_RECORD: R.json_record(site.audit_counts(schema, settings))})
     return Message(content, reply_to=msg)
 
 
-@app.query(P.PROFILE_ACTION)
 def profile(msg: Message, context: Context) -> Message:
     """Samples per module this site can train (modalities present, tasks labelled)."""
     config, settings = _unpack(msg)
@@ -85,7 +89,6 @@ def profile(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.SITE: _site_record(site), P.COUNTS: MetricRecord(counts)}), reply_to=msg)
 
 
-@app.train(mods=[secagg_mod, privacy_mod])  # both pass through unless the server switched them on
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the received modules only; reply with them, their counts and the loss."""
     config, settings = _unpack(msg)
@@ -93,13 +96,12 @@ def train(msg: Message, context: Context) -> Message:
     prep, key = _prep(config)
     params = R.from_arrayrecord(msg.content[P.ARRAYS])
     new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
-                                      settings, params, int(config["server-round"]))
+                                      settings, params, int(config["server-round"]), _correction(config))
     content = RecordDict({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
                           P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received modules on local validation rows, per task, as tidy records."""
     config, settings = _unpack(msg)
@@ -108,8 +110,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
     records = site.evaluate(prep, key, mc, settings, R.from_arrayrecord(msg.content[P.ARRAYS]),
                             {"model": mc.kind, "training": "federated", "seed": settings.seed,
-                             "round": int(config["server-round"])})
+                             "round": int(config["server-round"])}, _correction(config))
     flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
     flat.update({f"{r['task']}/n": r["n"] for r in records})
     content = RecordDict({P.METRICS: R.metric_record(flat), P.RECORDS: R.json_record(records), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
+
+
+def build_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The site's ClientApp: the handlers above plus the secure-aggregation queries. The train handler runs
+    inside ``privacy_mod`` inside ``secagg_mod`` (both pass through unless the server switched them on);
+    ``train_mods`` go between the two: they see the plaintext reply after DP and before masking."""
+    app = ClientApp()
+    register_handlers(app)  # query.secagg_keys / secagg_shares / secagg_unmask: used only under secure aggregation
+    app.query(P.SUMMARY_ACTION)(summary)
+    app.query(P.PROFILE_ACTION)(profile)
+    app.train(mods=[secagg_mod, *train_mods, privacy_mod])(train)
+    app.evaluate()(evaluate)
+    return app
+
+
+app = build_app()

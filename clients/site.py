@@ -19,6 +19,8 @@ import torch
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
 from mmn_fed.api import stratify_key
+from mmn_fed.audit import presence_counts
+from mmn_fed.correction import keep_probabilities, thin
 from mmn_fed.data import TensorData, encode, load_builtin, read_table, site_summary
 from mmn_fed.evaluation import evaluate
 from mmn_fed.model import ModelConfig
@@ -112,6 +114,7 @@ class Site:
         self.name = name
         self.rows = rows
         self._encoded: dict[tuple, tuple[TensorData, TensorData]] = {}
+        self._keep: dict[tuple, tuple[dict, TensorData | None]] = {}
 
     def splits(self, schema: Schema, settings: SiteSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         return split_site(schema, self.rows, settings.val_fraction, settings.seed)
@@ -120,6 +123,25 @@ class Site:
         """Mergeable preprocessing summary of the local training rows (never rows)."""
         train, _ = self.splits(schema, settings)
         return site_summary(schema, train)
+
+    def audit_counts(self, schema: Schema, settings: SiteSettings) -> dict:
+        """Missingness audit counts of the local training rows; cells below ``audit-min-cell`` suppressed."""
+        train, _ = self.splits(schema, settings)
+        return presence_counts(schema, train, min_cell=settings.audit_min_cell)
+
+    def keep(self, prep: Preprocessor, prep_key: str, settings: SiteSettings,
+             correct: Mapping[str, str]) -> tuple[dict, TensorData | None]:
+        """Keep probabilities of the corrected modalities on the training rows (computed once per site and
+        correction), and the validation rows with one fixed balanced subset hidden."""
+        key = (prep_key, settings.val_fraction, settings.seed, json.dumps(dict(correct), sort_keys=True))
+        if key not in self._keep:
+            train, val = self.encoded(prep, prep_key, settings)
+            keep = keep_probabilities(train, correct)
+            if keep and val is not None:
+                gen = torch.Generator().manual_seed(site_seed(settings.seed, 0, self.name))
+                val = thin(val, keep_probabilities(val, correct), gen)
+            self._keep = {key: (keep, val)}
+        return self._keep[key]
 
     def encoded(self, prep: Preprocessor, prep_key: str, settings: SiteSettings) -> tuple[TensorData, TensorData]:
         key = (prep_key, settings.val_fraction, settings.seed)
@@ -134,9 +156,12 @@ class Site:
         return module_counts(model, train)
 
     def train(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
-              params: Mapping[str, np.ndarray], server_round: int) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
-        """Train the received modules only; return (their new values, per-module counts, metrics)."""
+              params: Mapping[str, np.ndarray], server_round: int,
+              correct: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
+        """Train the received modules only; return (their new values, per-module counts, metrics).
+        ``correct``: the modalities whose presence is balanced against the label (``mmn_fed.correction``)."""
         train, _ = self.encoded(prep, prep_key, settings)
+        keep, _ = self.keep(prep, prep_key, settings, correct or {})
         seed = site_seed(settings.seed, server_round, self.name)
         torch.manual_seed(seed)  # dropout
         model = build_from_preprocessor(prep, model_config)
@@ -144,16 +169,19 @@ class Site:
         modules = {module_of(k) for k in params}
         tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
         stats = train_epochs(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
-                             prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules)
+                             prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules, keep=keep)
         state = model.state_dict()
         new = {k: state[k].detach().cpu().numpy().copy() for k in params}
         counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
     def evaluate(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
-                 params: Mapping[str, np.ndarray], context: Mapping[str, Any]) -> list[dict]:
-        """Tidy records of the received modules on the local validation rows (training rows if none)."""
-        train, val = self.encoded(prep, prep_key, settings)
+                 params: Mapping[str, np.ndarray], context: Mapping[str, Any],
+                 correct: Mapping[str, str] | None = None) -> list[dict]:
+        """Tidy records of the received modules on the local validation rows (training rows if none); under a
+        correction, on the validation rows with the same balanced subset hidden every round."""
+        train, _ = self.encoded(prep, prep_key, settings)
+        _, val = self.keep(prep, prep_key, settings, correct or {})
         data, split = (val, "validation") if val is not None else (train, "train")
         model = build_from_preprocessor(prep, model_config)
         load_partial(model, params)

@@ -155,8 +155,23 @@ class _Composed:
     run: Any = None  # the session's run without the Python wrapper's per-call input checks (see _composed)
 
 
+def session_runner(sess: ort.InferenceSession, binding: bool = True) -> Any:
+    """``run(output_names, feed)`` of ``sess``. At batch 1 the public ``InferenceSession.run``'s input
+    validation is ~20% of a call; our feeds are built from the graph's own names and dtypes, so with
+    ``binding`` this calls onnxruntime's (private) binding ``sess._sess`` directly when this onnxruntime
+    has it, and falls back to the public ``run`` otherwise (same results: tests/edge_runtime/test_parity.py)."""
+    raw = getattr(sess, "_sess", None) if binding else None
+    if raw is not None and hasattr(raw, "run"):
+        options = ort.RunOptions()
+        return lambda outputs, feed: raw.run(outputs, feed, options)
+    return sess.run
+
+
 class Bundle:
     """A verified bundle, ready to predict. Build with ``load_bundle``."""
+
+    #: False: run sessions through onnxruntime's public API only (``session_runner``); set before predicting.
+    use_binding: bool = True
 
     def __init__(self, verified: VerifiedBundle):
         m = verified.manifest
@@ -233,14 +248,7 @@ class Bundle:
             raise BundleError(f"the modules of {self.path} do not compose for modalities {list(steps)}: {e}") from None
         c = _Composed(sess, tuple(self._modules[f"encoders.{x}"].inputs[1] for x in steps),
                       [output_name(t) for t in self.tasks])
-        # At batch 1 the public run()'s input validation is ~20% of a call; our feeds are built from the
-        # graph's own names and dtypes, so call the binding directly when this onnxruntime exposes it.
-        raw = getattr(sess, "_sess", None)
-        if raw is not None and hasattr(raw, "run"):
-            options = ort.RunOptions()
-            c.run = lambda outputs, feed: raw.run(outputs, feed, options)
-        else:
-            c.run = sess.run
+        c.run = session_runner(sess, self.use_binding)
         self._sessions[key] = c
         if len(self._sessions) > MAX_CACHED_SESSIONS:
             self._sessions.popitem(last=False)

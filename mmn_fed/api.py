@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,7 +12,8 @@ import torch
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
 
-from .audit import audit_frame
+from .audit import AuditResult, audit_frame
+from .correction import describe, resolve
 from .data import derive_labels, encode, fit_preprocessor
 from .evaluation import evaluate
 from .model import ModelConfig
@@ -45,22 +46,34 @@ def train_centralized(
     prep: Preprocessor | None = None,
     progress: Callable[[dict], None] | None = None,
     provenance: Mapping | None = None,
+    sites: Sequence[str] | np.ndarray | None = None,
 ) -> TrainResult:
-    """Fit preprocessing (unless given), split off a stratified validation set, train, return the model."""
+    """Fit preprocessing (unless given), audit missingness, split off a stratified validation set, train,
+    return the model. The audit (per site: ``sites`` names each row's site, else the schema's site column,
+    else the table is one site) decides with ``train_config.missingness`` which modalities are balanced
+    against the label during training (``mmn_fed.correction``); both are kept in the model's provenance."""
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     df = df.reset_index(drop=True)
     prep = prep or fit_preprocessor(schema, df)
+    found = audit_frame(schema, df, sites=sites, min_cell=train_config.audit_min_cell)
+    correct = resolve(train_config.missingness, found, schema)
     keep, val_idx = split_indices(len(df), train_config.val_fraction, train_config.seed, stratify_key(schema, df))
     data = encode(prep, df)
     torch.manual_seed(train_config.seed)  # seeded initialization
     model = build_from_preprocessor(prep, model_config)
     info = fit(model, schema, prep.targets, data.subset(keep), data.subset(val_idx) if len(val_idx) else None,
-               train_config, progress)
+               train_config, progress, correct=correct)
+    info["missingness"] = missingness_record(train_config.missingness, correct, found)
     meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-            "provenance": dict(provenance or {}),
-            "audit": audit_frame(schema, df).to_dict()}  # the training sites' missingness, for `mmn-fed evaluate`
+            "provenance": {**dict(provenance or {}), "missingness": info["missingness"]}}
     return TrainResult(TrainedModel(model, prep, model_config, meta), info)
+
+
+def missingness_record(mode: str, correct: Mapping[str, str], found: AuditResult | None) -> dict[str, Any]:
+    """What a run did about label-dependent missingness: kept with the model, written as audit.json."""
+    return {"mode": mode, "corrected": dict(correct), "summary": describe(mode, correct),
+            "audit": found.to_dict() if found is not None else None}
 
 
 def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str, Any], **kw) -> list[dict[str, Any]]:
@@ -75,4 +88,4 @@ def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str
 
 def save_trained(path: str | Path, trained: TrainedModel) -> Path:
     return save_model(path, trained.model, trained.preprocessor, trained.config,
-                      trained.metadata.get("train_config"), trained.metadata.get("provenance"), trained.metadata)
+                      trained.metadata.get("train_config"), trained.metadata.get("provenance"))

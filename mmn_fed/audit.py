@@ -18,7 +18,7 @@ The audit works on mergeable counts, so a federation computes it without moving 
 
 A (modality, task) pair is *flagged* when some site's test is significant at ``alpha`` after the FDR
 control and its presence rates differ by at least ``min_effect``. Training with ``missingness = "auto"``
-corrects exactly the flagged pairs (:func:`mmn_fed.training.presence_balance`).
+corrects exactly the flagged pairs (:func:`mmn_fed.correction.resolve`).
 """
 from __future__ import annotations
 

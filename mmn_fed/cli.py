@@ -18,7 +18,7 @@ from .settings import RunSettings, add_command, add_flags, centralized_names
 from .training import TrainConfig
 
 COMMANDS = "mmn_fed.commands"  # entry-point group of the subcommands of higher packages
-OWN = ("train", "predict", "evaluate", "export", "keygen", "settings")
+OWN = ("train", "audit", "predict", "evaluate", "export", "keygen", "settings")
 
 
 class CommandUnavailable(RuntimeError):
@@ -70,23 +70,21 @@ def _train(args) -> int:
                             provenance={"dataset": args.dataset, "seed": settings.seed, "training": "centralized"})
     if not args.quiet:
         print()
+    plan = res.fit_info["missingness"]
+    print(plan["summary"], file=sys.stderr)
+    (out / "audit.json").write_text(json.dumps(plan, indent=1))
     model_path = save_trained(out / "model.pt", res.trained)
-    ctx = {"model": settings.model, "training": "centralized", "seed": settings.seed, "condition": "clean", "dataset": args.dataset}
+    ctx = {"model": settings.model, "training": "centralized", "seed": settings.seed, "condition": "clean",
+           "dataset": args.dataset, "missingness": plan["mode"], "corrected": ",".join(plan["corrected"])}
     records = evaluate_frame(res.trained, test_df, ctx) if len(test_df) else []
     write_metrics(out / "metrics.json", records)
     summary = {r["task"] + ":" + r["metric"]: round(r["value"], 4) for r in records
                if r["state"] == "final" and r["combination"] == "all" and r["site"] == "all" and r["value"] == r["value"]}
     if args.explain and settings.model == "multimodn":
-        from .interpret import cp, imc, plot_cp, plot_imc
+        from .interpret import write_explanations
 
-        data = encode(res.trained.preprocessor, test_df)
-        t_imc = imc(res.trained.model, data, res.trained.preprocessor.targets)
-        t_imc.to_csv(out / "imc.csv", index=False)
-        plot_imc(t_imc, out / "figures" / "imc.png")
-        plot_imc(t_imc, out / "figures" / "imc_abs.png", value="mean_abs_delta")
-        t_cp = cp(res.trained.model, data, res.trained.preprocessor.targets, row=0)
-        t_cp.to_csv(out / "cp.csv", index=False)
-        plot_cp(t_cp, out / "figures" / "cp.png")
+        write_explanations(res.trained.model, encode(res.trained.preprocessor, test_df),
+                           res.trained.preprocessor.targets, out, figures_dir=out / "figures")
     print(json.dumps({"model": str(model_path), "metrics": str(out / "metrics.json"), "best_epoch": res.fit_info["best_epoch"],
                       "seconds": round(time.perf_counter() - t0, 2), "test": summary}, indent=1))
     return 0
@@ -128,9 +126,9 @@ def _split(text: str) -> list[str]:
 
 
 def _predict(args) -> int:
-    from .external import predict_csv
-
     from edge_runtime.cli import print_summary
+
+    from .external import predict_csv
 
     s = predict_csv(args.model, args.input, args.output, keep=_split(args.keep))
     print_summary(s, args.output, s["model_id"])
@@ -151,6 +149,43 @@ def _evaluate(args) -> int:
     for w in res.get("recalibration_warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     print(json.dumps(res, indent=1))
+    return 0
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="missingness audit of one table: does each modality's (and column's) presence "
+                                     "depend on a task's label? writes audit.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", help="a built-in dataset name or a CSV")
+    p.add_argument("--schema", help="schema TOML (required with a CSV)")
+    p.add_argument("--min-cell", type=int, default=RunSettings().audit_min_cell,
+                   help="tables with a count below this are reported as suppressed (as they would be at a site)")
+    p.add_argument("--out", help="write the audit here (JSON); default: print only")
+    p.add_argument("--all", action="store_true", help="print every test, not only the label-dependent ones")
+    p.set_defaults(func=_audit)
+
+
+def _audit(args) -> int:
+    from .audit import audit_frame
+    from .data import load_dataset
+
+    df, schema = load_dataset(args.data, args.schema)
+    if args.min_cell < 1:
+        raise ValueError(f"--min-cell must be >= 1, got {args.min_cell}")
+    found = audit_frame(schema, df, min_cell=args.min_cell, columns=True)
+    where = f"per site ({schema.site_column})" if len(found.sites) > 1 or found.sites != ["all"] else "the whole table"
+    print(f"missingness audit of {args.data}: {len(df)} rows, {where}; FDR {found.alpha:g}, smallest difference "
+          f"{found.min_effect:g}, minimum cell count {found.min_cell}")
+    lines = found.lines(only_flagged=not args.all)
+    print("\n".join(lines) if lines else "no label-dependent presence found")
+    suppressed = sum(f.suppressed for f in found.findings)
+    if suppressed:
+        print(f"{suppressed} table(s) suppressed (a count below {found.min_cell}); --min-cell 1 shows them on your own data")
+    if found.flagged():
+        print("label-dependent modalities (training with missingness = auto corrects them): "
+              + ", ".join(f"{m} (against {t})" for m, t in found.flagged().items()))
+    if args.out:
+        print(f"wrote {found.write(args.out)}")
     return 0
 
 
@@ -192,6 +227,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wanted = (argv or [None])[0]
     _add_train(sub)
     _add_external(sub)
+    _add_audit(sub)
     add_command(sub)  # mmn-fed settings
     if wanted in (None, "-h", "--help", "export", "keygen"):
         from .export import register

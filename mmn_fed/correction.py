@@ -14,13 +14,19 @@ the order of encoders, is what is balanced) and for both MultiModN and P-Fusion.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 
+from edge_runtime.schema import Schema
+
 from .data import TensorData
 
+if TYPE_CHECKING:
+    from .audit import AuditResult
+
+MODES = ("auto", "correct", "off")
 SMOOTHING = 5.0  # pseudo-rows pulling each label's presence share toward the site's overall share
 
 
@@ -55,11 +61,11 @@ def keep_probabilities(data: TensorData, targets: Mapping[str, str],
 def thin(data: TensorData, keep: Mapping[str, torch.Tensor], generator: torch.Generator) -> TensorData:
     """The same rows with each corrected modality hidden where a uniform draw exceeds its keep probability."""
     if not keep:
-        return data
+        return data  # no correction: no draw either, so uncorrected runs are bit-identical to before
     present = dict(data.present)
     for m, k in keep.items():
         present[m] = present[m] & (torch.rand(len(k), generator=generator) < k)
-    return TensorData(data.x, present, data.y, data.y_present, data.cell_weight)
+    return TensorData(data.x, present, data.y, data.y_present)
 
 
 def retained(data: TensorData, keep: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -69,3 +75,37 @@ def retained(data: TensorData, keep: Mapping[str, torch.Tensor]) -> dict[str, fl
         p = data.present[m]
         out[m] = float(k[p].mean()) if bool(p.any()) else 1.0
     return out
+
+
+def resolve(mode: str, result: "AuditResult | None", schema: Schema) -> dict[str, str]:
+    """The modalities to balance, and against which task, for ``missingness = mode``:
+
+    - ``off``: none;
+    - ``auto``: the modalities whose presence the audit found label-dependent (:meth:`AuditResult.flagged`);
+    - ``correct``: every modality, each against the classification task its presence differs most by (the
+      first classification task when the audit has no figure for it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"missingness '{mode}' unknown; expected one of {', '.join(MODES)}")
+    if mode == "off":
+        return {}
+    if mode == "auto":
+        return dict(result.flagged()) if result is not None else {}
+    tasks = [t for t, task in schema.tasks.items() if task.kind != "regression"]
+    if not tasks:
+        return {}
+    best: dict[str, tuple[float, str]] = {}
+    for f in (result.findings if result is not None else []):
+        if f.kind == "modality" and not f.suppressed and f.rate_difference == f.rate_difference:
+            if f.name not in best or f.rate_difference > best[f.name][0]:
+                best[f.name] = (f.rate_difference, f.task)
+    return {m: best.get(m, (0.0, tasks[0]))[1] for m in schema.modalities}
+
+
+def describe(mode: str, targets: Mapping[str, str]) -> str:
+    """One line for logs and reports: what the missingness setting did."""
+    if not targets:
+        return f"missingness = {mode}: no modality corrected" + (
+            " (the audit found no label-dependent presence)" if mode == "auto" else "")
+    pairs = ", ".join(f"{m} (against {t})" for m, t in targets.items())
+    return f"missingness = {mode}: presence balanced against the label for {pairs}"

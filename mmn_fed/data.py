@@ -145,8 +145,6 @@ class TensorData:
     present: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
     y_present: dict[str, torch.Tensor]
-    # optional loss weight per (state, row) and task, shape (S, N): see training.missingness_balance_weights
-    cell_weight: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return next(iter(self.present.values())).shape[0]
@@ -154,12 +152,7 @@ class TensorData:
     def subset(self, idx) -> "TensorData":
         idx = torch.as_tensor(idx, dtype=torch.long)
         pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
-        cw = None if self.cell_weight is None else {k: v[:, idx] for k, v in self.cell_weight.items()}
-        return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present), cw)
-
-    def with_present(self, present: Mapping[str, torch.Tensor]) -> "TensorData":
-        """The same rows with other presence masks (used to simulate missingness at test)."""
-        return TensorData(self.x, {m: present.get(m, p) for m, p in self.present.items()}, self.y, self.y_present)
+        return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
 
     @property
     def modalities(self) -> list[str]:

@@ -19,9 +19,6 @@ from edge_runtime.schema import Schema
 from .data import TensorData
 from .metrics import task_metrics
 
-RECORD_KEYS = ("model", "training", "seed", "condition", "site", "task", "metric", "value")
-
-
 def to_prediction(kind: str, logits: torch.Tensor, target_stats: Mapping | None) -> np.ndarray:
     """Logits -> what a user reads: p(positive), class probabilities, or a value in original units.
     A binary task recalibrated at a site (``mmn_fed.external.recalibrate``) carries ``calibration``

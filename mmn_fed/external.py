@@ -261,6 +261,12 @@ def audit_shifts(site: Mapping[str, Any], training: Mapping[str, Any] | None,
         if h is None or t is None:
             continue
         labels = sorted(set(h["n"]) & set(t["n"]))
+        if not labels and t["suppressed"]:
+            rows.append({"modality": key[0], "task": key[1], "labels": [], "rate_site": [], "rate_training": [],
+                         "dependent_site": h["flagged"], "dependent_training": t["flagged"], "flag": False,
+                         "meaning": "not compared: the training sites' counts were suppressed (a cell below the "
+                                    "minimum count never leaves a site)"})
+            continue
         rate = lambda e, lab: e["present"][lab] / e["n"][lab] if e["n"].get(lab) else float("nan")  # noqa: E731
         diffs = {lab: rate(h, lab) - rate(t, lab) for lab in labels}
         big = {lab: d for lab, d in diffs.items() if d == d and abs(d) >= min_effect}
@@ -283,6 +289,12 @@ def audit_shifts(site: Mapping[str, Any], training: Mapping[str, Any] | None,
                      "dependent_site": h["flagged"], "dependent_training": t["flagged"],
                      "flag": bool(reasons), "meaning": " ".join(reasons)})
     return rows
+
+
+def training_audit_of(trained: TrainedModel) -> dict[str, Any] | None:
+    """The training sites' missingness audit kept in the model file (``provenance.missingness.audit``,
+    written by centralized and federated training), or None for a model trained without one."""
+    return ((trained.metadata.get("provenance") or {}).get("missingness") or {}).get("audit")
 
 
 def evaluate_site(trained: TrainedModel, df: pd.DataFrame, lines: np.ndarray | None = None, site: str = "external",
@@ -324,7 +336,7 @@ def evaluate_site(trained: TrainedModel, df: pd.DataFrame, lines: np.ndarray | N
             calibration[t] = reliability(y[sel], preds[t][sel])
     site_audit = audit_frame(schema, df[enc.valid].reset_index(drop=True), sites=[site] * int(enc.valid.sum()),
                              min_cell=1).to_dict()
-    training_audit = trained.metadata.get("audit")
+    training_audit = training_audit_of(trained)
     notes = [] if training_audit else ["the model file holds no training audit (trained before audits were stored): "
                                        "only this site's audit is shown"]
     excluded = [r for r in enc.reasons if r]

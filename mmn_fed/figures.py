@@ -1,13 +1,14 @@
-"""The one place figures are drawn to PNG and embedded in self-contained HTML reports (headless: Agg)."""
+"""The one place figures are made and saved: a headless pyplot and ``save_figure``."""
 from __future__ import annotations
 
 import base64
 import html
 from pathlib import Path
+from typing import Any
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (no display on servers and CI)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: figures are optional)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,15 +17,13 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Lay out, write ``fig`` as PNG (creating the folder) and close it; returns the path."""
-    import matplotlib.pyplot as plt
-
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``path`` (parents created) and close it."""
     path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import TensorData
 from .evaluation import predict_trajectory, to_prediction
+from .figures import pyplot, save_figure
 
 
 def _require_mmn(model: nn.Module) -> None:
@@ -76,14 +77,11 @@ def cp(model: nn.Module, data: TensorData, targets: Mapping, row: int = 0) -> pd
     return pd.DataFrame(out)
 
 
-def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None, vmax=None, center=None) -> Path:
+def _heatmap(matrix: pd.DataFrame, title: str, cmap: str, vmin=None, vmax=None, center=None, fmt: str = "{:.2f}"):
+    """A heatmap of ``matrix`` (rows x columns, labelled by its index and columns), each cell annotated."""
     from matplotlib.colors import TwoSlopeNorm
 
-    from .figures import pyplot, save_figure
-
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.1 * matrix.shape[1]), 1.0 + 0.5 * matrix.shape[0]))
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 1.2 + 1.1 * matrix.shape[1]), 1.0 + 0.5 * matrix.shape[0]))
     norm = None
     if center is not None:
         lim = max(float(np.nanmax(np.abs(matrix.values))), 1e-6)
@@ -94,29 +92,78 @@ def _heatmap(matrix: pd.DataFrame, title: str, path: Path, cmap: str, vmin=None,
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
-            ax.text(j, i, f"{matrix.values[i, j]:+.2f}" if center is not None else f"{matrix.values[i, j]:.2f}",
-                    ha="center", va="center", fontsize=8)
+            ax.text(j, i, fmt.format(matrix.values[i, j]), ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return save_figure(fig, path, dpi=110)
+    return fig
 
 
-def plot_imc(table: pd.DataFrame, path: str | Path, value: str = "mean_delta", title: str | None = None) -> Path:
-    """Heatmap modality x task output. value='mean_delta' (signed shift from the prior, the paper's
-    importance score) or 'mean_abs_delta' (magnitude, which does not cancel across patients)."""
+def imc_matrix(table: pd.DataFrame, value: str = "mean_delta") -> pd.DataFrame:
+    """What the IMC heatmap draws: ``value`` per modality (rows, encoder order) and task output (columns)."""
     t = table.assign(col=table["task"] + " " + table["output"])
     m = t.pivot(index="modality", columns="col", values=value)
-    m = m.loc[list(dict.fromkeys(table["modality"])), list(dict.fromkeys(t["col"]))]
+    return m.loc[list(dict.fromkeys(table["modality"])), list(dict.fromkeys(t["col"]))]
+
+
+def imc_figure(table: pd.DataFrame, value: str = "mean_delta", title: str | None = None):
+    """Heatmap modality x task output. value='mean_delta' (signed shift from the prior, the paper's
+    importance score) or 'mean_abs_delta' (magnitude, which does not cancel across patients)."""
     if title is None:
         title = ("Importance score (IMC): encoder alone minus prior" if value == "mean_delta"
                  else "Importance score (IMC): mean |encoder alone - prior|")
-    return _heatmap(m, title, Path(path), "RdBu_r" if value == "mean_delta" else "Reds",
-                    center=0.0 if value == "mean_delta" else None, vmin=0 if value != "mean_delta" else None)
+    signed = value == "mean_delta"
+    return _heatmap(imc_matrix(table, value), title, "RdBu_r" if signed else "Reds", center=0.0 if signed else None,
+                    vmin=None if signed else 0, fmt="{:+.2f}" if signed else "{:.2f}")
 
 
-def plot_cp(table: pd.DataFrame, path: str | Path, title: str = "Cumulative prediction (CP), one patient") -> Path:
+def plot_imc(table: pd.DataFrame, path: str | Path, value: str = "mean_delta", title: str | None = None) -> Path:
+    """``imc_figure`` written as a PNG to ``path``."""
+    return save_figure(imc_figure(table, value, title), path, dpi=110)
+
+
+def cp_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """What the CP heatmap draws: the prediction per task output (rows) after each step (columns
+    '<step>:<state>', ' (missing)' when the patient lacks that modality)."""
     t = table.assign(row=table["task"] + " " + table["output"],
                      col=table["step"].astype(str) + ":" + table["state"] + np.where(table["applied"], "", " (missing)"))
     m = t.pivot(index="row", columns="col", values="prediction")
-    m = m.loc[list(dict.fromkeys(t["row"])), sorted(m.columns, key=lambda c: int(c.split(":")[0]))]
-    return _heatmap(m, title, Path(path), "RdBu_r", vmin=0, vmax=1)
+    return m.loc[list(dict.fromkeys(t["row"])), sorted(m.columns, key=lambda c: int(c.split(":")[0]))]
+
+
+def cp_figure(table: pd.DataFrame, title: str = "Cumulative prediction (CP), one patient"):
+    return _heatmap(cp_matrix(table), title, "RdBu_r", vmin=0, vmax=1)
+
+
+def plot_cp(table: pd.DataFrame, path: str | Path, title: str = "Cumulative prediction (CP), one patient") -> Path:
+    """``cp_figure`` written as a PNG to ``path``."""
+    return save_figure(cp_figure(table, title), path, dpi=110)
+
+
+def explained_row(data: TensorData) -> int:
+    """The row CP shows: the first one holding every modality (row 0 when none does)."""
+    full = np.stack([p.numpy() for p in data.present.values()]).all(axis=0)
+    return int(np.flatnonzero(full)[0]) if full.any() else 0
+
+
+def plot_explanations(t_imc: pd.DataFrame, t_cp: pd.DataFrame, figures_dir: str | Path) -> dict[str, Path]:
+    """The IMC heatmaps (signed and magnitude) and the CP heatmap: imc.png, imc_abs.png, cp.png."""
+    figures_dir = Path(figures_dir)
+    return {"imc.png": plot_imc(t_imc, figures_dir / "imc.png"),
+            "imc_abs.png": plot_imc(t_imc, figures_dir / "imc_abs.png", value="mean_abs_delta"),
+            "cp.png": plot_cp(t_cp, figures_dir / "cp.png")}
+
+
+def write_explanations(model: nn.Module, data: TensorData, targets: Mapping, out_dir: str | Path,
+                       figures_dir: str | Path | None = None) -> dict[str, Path]:
+    """IMC over ``data``'s rows and CP of ``explained_row(data)``, as ``out_dir``/imc.csv and cp.csv;
+    with ``figures_dir``, also their heatmaps (``plot_explanations``). Returns file name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_imc = imc(model, data, targets)
+    t_cp = cp(model, data, targets, row=explained_row(data))
+    paths = {"imc.csv": out_dir / "imc.csv", "cp.csv": out_dir / "cp.csv"}
+    t_imc.to_csv(paths["imc.csv"], index=False)
+    t_cp.to_csv(paths["cp.csv"], index=False)
+    if figures_dir is not None:
+        paths.update(plot_explanations(t_imc, t_cp, figures_dir))
+    return paths

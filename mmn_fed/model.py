@@ -14,7 +14,6 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .modules import INIT_STATE
 from .settings import DEFAULTS, RunSettings
 
 
@@ -173,7 +172,3 @@ def build_model(modality_dims: Mapping[str, int], task_dims: Mapping[str, int], 
     if config.kind == "pfusion":
         return PFusion(modality_dims, task_dims, config)
     raise ValueError(f"unknown model kind '{config.kind}'; expected 'multimodn' or 'pfusion'")
-
-
-def has_init_state(model: nn.Module) -> bool:
-    return INIT_STATE in dict(model.named_parameters())

@@ -2,7 +2,9 @@
 
 Layout: {"format": "mmn-fed-model", "version": 1, "state_dict": {...tensors}, "metadata": "<json>"}
 metadata = {model_config, preprocessing (schema + statistics), train_config, provenance}.
-Never a pickle of classes: the model is rebuilt from its config and the weights loaded in.
+torch.save writes a zip archive whose data.pkl pickles only plain containers and tensors (no classes);
+torch.load(weights_only=True) unpickles nothing else. The model is rebuilt from its JSON config and the
+weights loaded in.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one place that names parameters and modules.
 
-Contract (DESIGN.md): parameters are named ``init_state``, ``encoders.<modality>.<...>`` and
+Contract (docs/design.md, "Parameter and module names"): parameters are named ``init_state``, ``encoders.<modality>.<...>`` and
 ``decoders.<task>.<...>``; the module of a parameter is its first two dotted parts
 (``init_state`` alone for the initial state). Federation, export and checkpoints key on these.
 """
@@ -43,9 +43,3 @@ def select_modules(params: Mapping[str, V], modules: Iterable[str]) -> dict[str,
     """The entries of ``params`` that belong to ``modules``."""
     keep = set(modules)
     return {k: v for k, v in params.items() if module_of(k) in keep}
-
-
-def site_modules(modalities: Iterable[str], tasks: Iterable[str], has_init_state: bool = True) -> list[str]:
-    """Modules a site trains: the initial state, its modalities' encoders, its tasks' decoders."""
-    mods = [INIT_STATE] if has_init_state else []
-    return mods + [encoder_module(m) for m in modalities] + [decoder_module(t) for t in tasks]

@@ -32,9 +32,11 @@ METRICS = "metrics"  # site -> server: numbers (MetricRecord)
 RECORDS = "records"  # site -> server: tidy evaluation records (JSON in a ConfigRecord)
 SITE = "site"  # site -> server: {name, rows}
 SUMMARY_RECORD = "summary"  # site -> server: preprocessing summary (JSON in a ConfigRecord)
+AUDIT_RECORD = "audit"  # site -> server: missingness audit counts (mmn_fed.audit.presence_counts; JSON)
 JSON_KEY = "json"  # the key under which a ConfigRecord carries one JSON document
 
 # config keys (server -> site, in every message's config record)
+CORRECTION = "correction"  # JSON {modality: task}: the modalities to balance (mmn_fed.correction); {} = none
 SETTINGS = "settings"  # the site-scope run settings: a versioned JSON record (mmn_fed.settings.SiteSettings)
 
 

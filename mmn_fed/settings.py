@@ -77,9 +77,12 @@ class RunSettings:
     val_fraction: float = setting(0.2, "share of each site's rows held out for federated evaluation and keep-best "
                                        "(centralized: the early-stopping split); 0 = evaluate on training rows",
                                   scope=SITE, minimum=0.0, below=1.0, centralized=True)
-    balance_missingness: bool = setting(False, "reweight the loss so that presence patterns carry no label "
-                                               "information (robustness to label-dependent missingness)",
-                                        scope=SITE, centralized=True)
+    missingness: str = setting("auto", "label-dependent missingness: auto = hide, in training, the modalities whose presence "
+                                       "the training data's audit finds label-dependent until presence is independent "
+                                       "of the label; correct = do so for every modality; off = train as the data is",
+                               scope=SERVER, choices=("auto", "correct", "off"), centralized=True)
+    audit_min_cell: int = setting(10, "missingness audit: smallest count behind any number that leaves a site "
+                                      "(smaller cells are suppressed)", scope=SITE, minimum=1, centralized=True)
     # ---- the model
     model: str = setting("multimodn", "model: MultiModN or the P-Fusion baseline", scope=SERVER,
                          choices=("multimodn", "pfusion"), centralized=True)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from edge_runtime.schema import Schema
 
+from .correction import keep_probabilities, thin
 from .data import TensorData
 from .modules import decoder_module, encoder_module, INIT_STATE
 from .settings import DEFAULTS
@@ -22,7 +23,7 @@ from .settings import DEFAULTS
 @dataclass
 class TrainConfig:
     """Optimization hyperparameters. The fields shared with the run settings (lr, batch_size, weight_decay,
-    grad_clip, val_fraction, balance_missingness, seed) take their defaults and meaning from ``mmn_fed.settings``."""
+    grad_clip, val_fraction, missingness, audit_min_cell, seed) take their defaults and meaning from ``mmn_fed.settings``."""
 
     epochs: int = 150
     batch_size: int = DEFAULTS.batch_size  # 0 = auto: a power of two near n/50, between 32 and 256
@@ -34,9 +35,9 @@ class TrainConfig:
     monitor: str = "auto"  # "loss", "<task>:auroc", "<task>:mse"... ; auto = first task's main metric
     shuffle_order: bool = False  # permute the encoder order per batch (order invariance)
     state_change_penalty: float = 0.0
-    # Reweight loss cells so that, among rows reaching a state with the same pattern of applied encoders,
-    # labels keep their overall prevalence: the model cannot learn label-dependent (MNAR) missingness.
-    balance_missingness: bool = DEFAULTS.balance_missingness
+    # auto | correct | off: which modalities are balanced against the label (mmn_fed.correction)
+    missingness: str = DEFAULTS.missingness
+    audit_min_cell: int = DEFAULTS.audit_min_cell
     seed: int = DEFAULTS.seed
 
     def to_dict(self) -> dict:
@@ -78,8 +79,6 @@ def model_loss(model: nn.Module, schema: Schema, batch: TensorData, order=None,
         n = int(mask.sum())
         if n == 0:
             continue
-        if batch.cell_weight is not None and t in batch.cell_weight:
-            mask = mask * batch.cell_weight[t].reshape(-1)
         y = batch.y[t].repeat(n_states)
         loss = per_sample_loss(task.kind, lg.reshape(-1, lg.shape[-1]), y)
         total = total + task.weight * (loss * mask).sum()
@@ -105,48 +104,6 @@ def module_counts(model: nn.Module, data: TensorData) -> dict[str, int]:
     for t, p in data.y_present.items():
         counts[decoder_module(t)] = int(p.sum())
     return counts
-
-
-def missingness_balance_weights(model: nn.Module, schema: Schema, data: TensorData,
-                                max_weight: float = 10.0) -> dict[str, Tensor]:
-    """Per classification task, a (S, N) loss weight p(y) / p(y | pattern) where pattern is which encoders a
-    row passed through up to state i (MultiModN) or which modalities it holds (P-Fusion, one state).
-    Within every pattern the weighted labels then have the overall prevalence, so presence patterns carry
-    no label information (inverse-propensity weighting for label-dependent missingness). Computed from
-    ``data`` alone: a federated site balances its own rows."""
-    mods = list(getattr(model, "modalities", data.modalities))
-    pres = torch.stack([data.present[m] for m in mods]).numpy()  # (M, N)
-    sequential = hasattr(model, "init_state")
-    steps = range(len(mods) + 1) if sequential else [len(mods)]
-    out = {}
-    for t in schema.tasks:
-        if schema.tasks[t].kind == "regression" or t not in data.y:
-            continue
-        lab = data.y_present[t].numpy()
-        y = data.y[t].numpy().astype(np.int64)
-        w = np.ones((len(steps), len(data)), dtype=np.float32)
-        if lab.sum() == 0:
-            out[t] = torch.from_numpy(w)
-            continue
-        classes = np.unique(y[lab])
-        overall = {c: float(np.mean(y[lab] == c)) for c in classes}
-        for i, k in enumerate(steps):
-            if k == 0:
-                continue
-            key = np.zeros(len(data), dtype=np.int64)
-            for j in range(k):  # pattern over the first k modalities as an integer
-                key = key * 2 + pres[j].astype(np.int64)
-            for pat in np.unique(key[lab]):
-                rows = (key == pat) & lab
-                shares = {c: float(np.mean(y[rows] == c)) for c in classes}
-                if any(s * max_weight < overall[c] for c, s in shares.items()):
-                    # this pattern (nearly) determines the label: it cannot be balanced, leave its cells out
-                    w[i, rows] = 0.0
-                    continue
-                for c in classes:
-                    w[i, rows & (y == c)] = overall[c] / shares[c]
-        out[t] = torch.from_numpy(w)
-    return out
 
 
 def resolve_batch_size(batch_size: int, n: int) -> int:
@@ -175,22 +132,23 @@ def train_epochs(
     optimizer: torch.optim.Optimizer | None = None,
     prox_mu: float = 0.0,
     trainable: Callable[[str], bool] | None = None,
+    keep: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Run ``epochs`` passes over ``data``. ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2
-    against the weights at entry; ``trainable(name)`` restricts which parameters move."""
+    against the weights at entry; ``trainable(name)`` restricts which parameters move; ``keep`` (modality ->
+    per-row keep probability, ``mmn_fed.correction.keep_probabilities``) hides a new subset of those
+    modalities at every epoch."""
     params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer is None:
         optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
-    if config.balance_missingness and data.cell_weight is None:
-        data = TensorData(data.x, data.present, data.y, data.y_present,
-                          missingness_balance_weights(model, schema, data))
     modalities = list(getattr(model, "modalities", data.modalities))
     model.train()
     losses, steps = [], 0
     for _ in range(epochs):
+        shown = thin(data, keep or {}, generator)
         for idx in iterate_batches(len(data), config.batch_size, generator):
-            batch = data.subset(idx)
+            batch = shown.subset(idx)
             order = None
             if config.shuffle_order:
                 order = [modalities[i] for i in torch.randperm(len(modalities), generator=generator).tolist()]
@@ -263,17 +221,23 @@ def fit(
     val: TensorData | None,
     config: TrainConfig,
     progress: Callable[[dict], None] | None = None,
+    correct: Mapping[str, str] | None = None,
 ) -> dict:
     """Train with Adam, gradient clipping and early stopping on ``val``; restores the best weights.
+    ``correct`` (modality -> task) balances those modalities' presence against the label
+    (``mmn_fed.correction``): a new subset hidden at every epoch, one fixed subset of ``val``.
     Seeded: the same config and data give the same weights on CPU."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    keep = keep_probabilities(train, correct or {})
+    if keep and val is not None and len(val):
+        val = thin(val, keep_probabilities(val, correct or {}), torch.Generator().manual_seed(config.seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     monitor = default_monitor(schema) if config.monitor == "auto" else config.monitor
     best, best_state, best_epoch, history = -float("inf"), None, 0, []
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        stats = train_epochs(model, schema, train, config, 1, gen, optimizer=opt)
+        stats = train_epochs(model, schema, train, config, 1, gen, optimizer=opt, keep=keep)
         rec = {"epoch": epoch, "train_loss": stats["loss"]}
         if val is not None and len(val):
             score = monitor_value(model, schema, val, monitor, targets)

@@ -25,6 +25,9 @@ from edge_runtime.preprocessing import Preprocessor, merge_summaries
 from edge_runtime.schema import Schema
 from mmn_fed import protocol as P
 from mmn_fed import records as R
+from mmn_fed.api import missingness_record
+from mmn_fed.audit import AuditResult, audit
+from mmn_fed.correction import resolve
 from mmn_fed.data import encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
@@ -110,12 +113,31 @@ def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, 
     return replies
 
 
-def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> Preprocessor:
-    """Sites send mergeable summaries of their training rows (never rows); the server merges them."""
+def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
+                            cfg: FederationConfig) -> tuple[Preprocessor, AuditResult]:
+    """Sites send mergeable summaries and missingness-audit counts of their training rows (never rows); the
+    server merges the summaries and tests each site's presence-vs-label tables (``mmn_fed.audit``)."""
     replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
                     cfg.timeout)
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
-    return Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered]))
+    prep = Preprocessor.from_summary(schema, merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD])
+                                                              for r in ordered]))
+    found = audit({str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.AUDIT_RECORD]) for r in ordered})
+    return prep, found
+
+
+def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | None, schema: Schema) -> dict[str, Any]:
+    """Decide (``missingness`` setting + the audit) which modalities the sites balance; log it and write
+    ``run_dir/audit.json`` (read back when the run resumes, so a resumed run corrects the same modalities)."""
+    path = run_dir / "audit.json"
+    if found is None:  # resuming: the decision made before round 1
+        return json.loads(path.read_text()) if path.exists() else missingness_record(cfg.missingness, {}, None)
+    plan = missingness_record(cfg.missingness, resolve(cfg.missingness, found, schema), found)
+    for line in found.lines(only_flagged=True):
+        log(INFO, "missingness audit: %s", line)
+    log(INFO, "%s", plan["summary"])
+    _write_json(path, plan)
+    return plan
 
 
 def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
@@ -144,18 +166,20 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         torch.set_rng_state(ckpt["rng"])
         log(INFO, "resuming %s after round %d", run_dir, ckpt["round"])
     else:
-        prep_json = json.dumps(federated_preprocessing(grid, nodes, schema, cfg).to_dict(), sort_keys=True)
+        fitted, found = federated_preprocessing(grid, nodes, schema, cfg)
+        prep_json = json.dumps(fitted.to_dict(), sort_keys=True)
         torch.manual_seed(cfg.seed)
         model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config())
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         start, history = 1, []
         best = (-float("inf"), 0, params)
     prep = Preprocessor.from_dict(json.loads(prep_json))
+    plan = missingness_plan(run_dir, cfg, None if ckpt else found, prep.schema)
     strategy.sites = profile_sites(grid, nodes, prep_json, cfg)
     strategy.summary()
     tests = test_frames(cfg)
     config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
-                           P.SETTINGS: cfg.site_record()})
+                           P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"])})
     for rnd in range(start, cfg.num_server_rounds + 1):
         params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
         if tests:
@@ -173,7 +197,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     if cfg.keep_best and best[1] > 0:
         log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
         params = best[2]
-    return finish(run_dir, cfg, params, prep, strategy, history, tests)
+    return finish(run_dir, cfg, params, prep, strategy, history, tests, plan)
 
 
 def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
@@ -229,17 +253,17 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
 
 
 def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
-           history: list[dict], tests: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+           history: list[dict], tests: Mapping[str, pd.DataFrame], plan: Mapping[str, Any]) -> dict[str, Any]:
     model = global_model(params, prep, cfg)
-    audit_path = run_dir / "audit.json"  # the federated missingness audit, kept with the model for `mmn-fed evaluate`
-    extra = {"audit": json.loads(audit_path.read_text())} if audit_path.exists() else None
     save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
-                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed}, extra)
+                                            "rounds": cfg.num_server_rounds, "seed": cfg.seed, "missingness": dict(plan)})
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:
         records = held_out_records(params, prep, cfg, tests) + records
+    corrected = ",".join(plan["corrected"])
+    records = [{**r, "missingness": cfg.missingness, "corrected": corrected} for r in records]
     write_metrics(run_dir / "metrics.json", records)
     _write_json(run_dir / "history.json", history)
     _write_json(run_dir / "comm.json", strategy.comm)

@@ -74,6 +74,3 @@ def median_modules(global_params: Params, updates: Sequence[SiteUpdate]):
     for k, v, w in _stack(global_params, updates):
         out[k] = np.median(v, axis=0) if v.shape[0] >= 3 else trimmed_mean(v, w, 0.0)
     return _finish(global_params, updates, out)
-
-
-ROBUST = {"mean": None, "trimmed-mean": trimmed_mean_modules, "median": median_modules}

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .missingness import apply_rules
-from .runner import _SET_BY_RUN_FEDERATION, federation_entry, load_frame
+from .runner import _SET_BY_RUN_FEDERATION, load_frame
 from .scenario import Scenario, ScenarioError
 from .sites import assign_sites
 
@@ -23,8 +23,8 @@ def leave_one_site_out(sc: Scenario, out: str | Path, models: Sequence[str] | No
                        rounds: int | None = None, n_boot: int = 1000) -> pd.DataFrame:
     """One row per (external site, model): n, AUROC (or MSE) of the first task with its bootstrap interval,
     Brier, and the modalities whose presence differs from training (the audit comparison)."""
-    from mmn_fed.audit import audit_frame
     from mmn_fed.evaluation import write_metrics
+    from server.engines import run_federation
     from mmn_fed.external import evaluate_site, write_report
     from mmn_fed.model_io import model_id
 
@@ -37,7 +37,6 @@ def leave_one_site_out(sc: Scenario, out: str | Path, models: Sequence[str] | No
     seed = sc.run.seeds[0] if seed is None else seed
     task = next(iter(sc.schema.tasks))
     primary = "mse" if sc.schema.tasks[task].kind == "regression" else "auroc"
-    run_federation = federation_entry()
     rows = []
     for held in names:
         train_rows = sites != held
@@ -45,7 +44,6 @@ def leave_one_site_out(sc: Scenario, out: str | Path, models: Sequence[str] | No
         train_sites = sites[train_rows]
         frames = {s: train[train_sites == s].reset_index(drop=True) for s in names if s != held}
         external = df[~train_rows].reset_index(drop=True)
-        training_audit = audit_frame(sc.schema, train, sites=train_sites).to_dict()
         for model in models or sc.run.models:
             settings = asdict(sc.run.settings_for(model, seed))
             if rounds is not None:
@@ -54,8 +52,7 @@ def leave_one_site_out(sc: Scenario, out: str | Path, models: Sequence[str] | No
             logging.getLogger("flwr").setLevel(logging.WARNING)
             result = run_federation(sites=frames, schema=sc.schema, run_dir=run_dir / "federation", engine="inprocess",
                                     **{k: v for k, v in settings.items() if k not in _SET_BY_RUN_FEDERATION})
-            trained = result.trained
-            trained.metadata.setdefault("audit", training_audit)  # the federation's own audit.json when it wrote one
+            trained = result.trained  # its provenance holds the federation's missingness audit
             ident = model_id(run_dir / "federation" / "model.pt")
             ev = evaluate_site(trained, external, site=held, identity=ident, n_boot=n_boot, seed=seed)
             for r in ev.records:

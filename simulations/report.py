@@ -62,14 +62,10 @@ def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = 
 
 # ---- figures ----------------------------------------------------------------------------------
 
-def _plt():
-    return pyplot()
-
-
 def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path, title: str) -> Path:
     """The paper's Figure 5: metric vs a numeric sweep value, one panel per training mode; colour = model,
     line style = test condition, shaded 95% CI."""
-    plt = _plt()
+    plt = pyplot()
     trainings = list(dict.fromkeys(table["training"]))
     fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
     for ax, training in zip(axes[0], trainings):
@@ -88,16 +84,12 @@ def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path
     axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=11)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
 def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str, path: Path, title: str) -> Path:
     """Grouped bars with 95% CI error bars: x = model/training (and sweep value), bars = test condition."""
-    plt = _plt()
+    plt = pyplot()
     table = table.copy()
     table["group"] = table[group_cols].astype(str).agg(" / ".join, axis=1)
     groups = list(dict.fromkeys(table["group"]))
@@ -118,11 +110,11 @@ def plot_bars(table: pd.DataFrame, group_cols: list[str], task: str, metric: str
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=11)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
     im = ax.imshow(table.values, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
@@ -133,7 +125,7 @@ def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
             ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -162,10 +154,53 @@ def _table(df: pd.DataFrame, ci: bool = True) -> str:
 
 def read_availability(out: Path) -> list[tuple[str, pd.DataFrame]]:
     """The availability tables the runner wrote (``availability.json``; see ``runner.availability_tables``)."""
+    return [(t["title"], pd.DataFrame(**t["table"])) for t in _availability_json(out)]
+
+
+def _availability_json(out: Path) -> list[dict[str, Any]]:
     path = out / AVAILABILITY
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: simulations.runner.run_scenario writes it before any training")
-    return [(t["title"], pd.DataFrame(**t["table"])) for t in json.loads(path.read_text())]
+    return json.loads(path.read_text())
+
+
+def read_audits(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The missingness audits of the training rows the runner wrote (``mmn_fed.audit.AuditResult.to_dict``)."""
+    return [(t["title"], t["audit"]) for t in _availability_json(out) if "audit" in t]
+
+
+def audit_table(audit: Mapping[str, Any]) -> pd.DataFrame:
+    """The audit's unsuppressed modality findings, one row per (site, modality, task), strongest first."""
+    rows = [{"site": f["site"], "modality": f["name"], "task": f["task"],
+             "presence by label": ", ".join(f"{lab}: {r:.0%}" for lab, r in zip(f["labels"], f["rates"]) if r is not None),
+             "difference": f["rate_difference"], "q": f["q_value"], "label-dependent": "yes" if f["flagged"] else ""}
+            for f in audit["findings"] if f["kind"] == "modality" and not f["suppressed"]]
+    df = pd.DataFrame(rows)
+    return df.sort_values(["label-dependent", "difference"], ascending=False).reset_index(drop=True) if len(df) else df
+
+
+def _missingness_html(records: Iterable[Mapping[str, Any]], audits: list[tuple[str, dict[str, Any]]]) -> str:
+    """What each model did about label-dependent missingness (from the records), and the training audit."""
+    seen = {}
+    for r in records:
+        key = (r.get("model"), r.get("training"), r.get("missingness") or "off")
+        seen.setdefault(key, set()).add(r.get("corrected") or "")
+    items = []
+    for (model, training, mode), corrected in sorted(seen.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        what = "; ".join(sorted(c.replace(",", ", ") or "nothing" for c in corrected))
+        items.append(f"<li><b>{html.escape(str(model))}</b> ({html.escape(str(training))}): missingness = "
+                     f"<code>{html.escape(mode)}</code>; presence balanced against the label for: {html.escape(what)}</li>")
+    out = ["<h2>Missingness audit and correction</h2>",
+           "<p>Each site tests, on its training rows, whether a modality's presence depends on the label "
+           "(chi-squared / Fisher, Benjamini-Hochberg over all tests; counts below the minimum cell count stay at "
+           "the site). With <code>missingness = auto</code> the modalities found label-dependent are hidden in "
+           "some training rows until presence is independent of the label (docs/simulations.md).</p>",
+           f"<ul>{''.join(items)}</ul>"]
+    for title, audit in audits:
+        tab = audit_table(audit)
+        out.append(f"<h3>Audit of the {html.escape(title)}</h3>")
+        out.append(_table(tab, ci=False) if len(tab) else "<p>No table could be tested (all suppressed).</p>")
+    return "".join(out)
 
 
 def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | None:
@@ -181,7 +216,7 @@ def _explain_run(infos: Mapping[str, Mapping], out: Path) -> tuple[str, Path] | 
 
 def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[str, Mapping], summary: Mapping) -> Path:
     """Write figures/*.png and report.html; returns the report's path."""
-    from mmn_fed.interpret import plot_cp, plot_imc
+    from mmn_fed.interpret import plot_explanations
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -217,15 +252,11 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
     explain = _explain_run(infos, out)
     if explain:
         label, run_dir = explain
-        t_imc = pd.read_csv(run_dir / "imc.csv")
-        p = plot_imc(t_imc, figs / "imc.png", title="IMC")
-        figures.append(_img(p, f"Individual modality contribution (IMC): encoder alone minus prior, mean over "
-                               f"clean test rows; {label}"))
-        p = plot_imc(t_imc, figs / "imc_abs.png", value="mean_abs_delta", title="IMC magnitude")
-        figures.append(_img(p, f"IMC magnitude (mean |encoder alone - prior|); {label}"))
-        t_cp = pd.read_csv(run_dir / "cp.csv")
-        p = plot_cp(t_cp, figs / "cp.png", title="CP, one test patient")
-        figures.append(_img(p, f"Cumulative prediction (CP) of one test patient, {label}"))
+        shown = plot_explanations(pd.read_csv(run_dir / "imc.csv"), pd.read_csv(run_dir / "cp.csv"), figs)
+        figures.append(_img(shown["imc.png"], f"Individual modality contribution (IMC): encoder alone minus prior, "
+                                              f"mean over clean test rows; {label}"))
+        figures.append(_img(shown["imc_abs.png"], f"IMC magnitude (mean |encoder alone - prior|); {label}"))
+        figures.append(_img(shown["cp.png"], f"Cumulative prediction (CP) of one test patient, {label}"))
 
     all_tasks = summarize(records, keys)
     per_site = summarize(records, keys, site=None, task=task, metric=metric)
@@ -233,8 +264,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
 
     rules = "".join(f"<li>{html.escape(r.describe())}</li>" for r in sc.rules) or "<li>none</li>"
     status = (f"{summary['done']} of {summary['jobs']} runs done")
-    notes = "".join(f"<li class='warn'>unavailable: {html.escape(u)}</li>" for u in summary.get("unavailable", []))
-    notes += "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
+    notes = "".join(f"<li class='warn'>failed: {html.escape(f)}</li>" for f in summary.get("failed", []))
     sweep = "".join(f"<li><code>{html.escape(k)}</code> = {html.escape(json.dumps(v))}</li>" for k, v in sc.sweep.items())
     try:
         import tomli_w
@@ -253,13 +283,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
                  f"{list(sc.run.seeds)}; test share {sc.test.fraction:.0%} of each site.</p>")
     if notes:
         parts.append(f"<ul>{notes}</ul>")
-    balanced = [m for m in sc.run.models if sc.run.balanced(m)]
-    if balanced:
-        parts.append(
-            f"<p class='warn'><b>Loss correction:</b> {', '.join(balanced)} trained with <code>balance_missingness</code> "
-            "(each loss cell weighted by p(y) / p(y | modalities seen so far), so presence patterns carry no label "
-            "information). Without it, in our measurements MultiModN also collapses under label-flipped MNAR, like "
-            "P-Fusion: see docs/simulations.md and the <code>exp4-mnar-controls</code> scenario.</p>")
+    parts.append(_missingness_html(records, read_audits(out)))
     parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
     parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
                  "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")

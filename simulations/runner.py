@@ -30,10 +30,6 @@ from .scenario import Scenario, ScenarioError
 from .sites import assign_sites
 
 
-class FederationUnavailable(RuntimeError):
-    """The federation engine (``server``) is not importable or lacks the in-process entry point."""
-
-
 # ---- plan -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -149,6 +145,7 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
 def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
     """Modality availability per site (with row counts) of the training rows and of each test condition, at
     the first and last sweep point (first seed): what the report shows, as JSON-ready tables."""
+    from mmn_fed.audit import audit_frame
     from mmn_fed.data import fit_preprocessor
 
     from .missingness import availability
@@ -162,10 +159,14 @@ def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
         label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
         frames = [(f"training rows ({label})", data.train, data.train_sites)]
         frames += [(f"test rows, condition {cond} ({label})", frame, data.test_sites) for cond, frame in data.tests.items()]
-        for title, frame, sites in frames:
+        for i, (title, frame, sites) in enumerate(frames):
             tab = availability(prep, frame, sites)
             tab.insert(0, "rows", pd.Series(sites).value_counts().reindex(tab.index).to_numpy())
-            out.append({"title": title, "table": tab.to_dict(orient="split")})
+            entry = {"title": title, "table": tab.to_dict(orient="split")}
+            if i == 0:  # what the sites' own audit of their training rows finds (mmn_fed.audit)
+                entry["audit"] = audit_frame(psc.schema, frame, sites=sites,
+                                             min_cell=psc.run.settings.audit_min_cell).to_dict()
+            out.append(entry)
     return out
 
 
@@ -195,8 +196,11 @@ def train_centralized(sc: Scenario, data: Prepared, model: str, seed: int, run_d
     from mmn_fed.api import train_centralized as fit_pooled
 
     mc, tc = _configs(sc, model, seed)
-    pooled = pd.concat(list(data.site_frames().values()), ignore_index=True)
-    res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed})
+    frames = data.site_frames()
+    pooled = pd.concat(list(frames.values()), ignore_index=True)
+    sites = np.concatenate([np.full(len(f), s, dtype=object) for s, f in frames.items()])  # audited per site
+    res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed},
+                     sites=sites)
     return [Trained(res.trained, info={"best_epoch": res.fit_info["best_epoch"], "seconds": res.fit_info["seconds"]})]
 
 
@@ -213,26 +217,19 @@ def train_local(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Pa
     return out
 
 
-def federation_entry() -> Callable[..., Any]:
-    """``server.engines.run_federation`` (the federation engine, issue 3), or FederationUnavailable saying why."""
-    try:
-        from server.engines import run_federation
-    except ImportError as e:
-        raise FederationUnavailable(f"the federation engine is not importable: {e}") from None
-    return run_federation
-
-
 # run_federation's own arguments: the schema object (not a TOML path), and where it writes
 _SET_BY_RUN_FEDERATION = ("schema", "data_dir", "run_dir")
 
 
 def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Path) -> list[Trained]:
     """Per-module federated averaging over the training sites (fixed rounds, no early stopping)."""
-    fn = federation_entry()
+    from server.engines import run_federation
+
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
     settings = sc.run.settings_for(model, seed)
-    result = fn(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation", engine=sc.run.engine,
-                **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
+    result = run_federation(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation",
+                            engine=sc.run.engine,
+                            **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
     return [Trained(result.trained, info={"rounds": settings.num_server_rounds, "seconds": round(result.seconds, 2)})]
 
 
@@ -256,8 +253,10 @@ def evaluate_job(sc: Scenario, job: Job, data: Prepared, models: list[Trained]) 
             if not rows.any():
                 continue
             tensors = encode(prep, frame[rows].reset_index(drop=True))
+            plan = t.trained.metadata.get("provenance", {}).get("missingness") or {}
             ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
-                   "site": t.label or "all", **extra}
+                   "site": t.label or "all", "missingness": plan.get("mode", ""),
+                   "corrected": ",".join(plan.get("corrected", {})), **extra}
             sites = data.test_sites[rows].astype(str) if t.eval_sites is None else None
             records += evaluate(t.trained.model, sc.schema, prep.targets, tensors, ctx, sites=sites)
     return records
@@ -287,8 +286,6 @@ def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
         if sc.run.explain and job.model == "multimodn" and models[0].eval_sites is None:
             _explain(models[0].trained, data, run_dir)
         info.update(status="done", models=[t.info for t in models])
-    except FederationUnavailable as e:
-        info.update(status="unavailable", reason=str(e))
     except ScenarioError:
         raise
     except Exception as e:  # a failed job is reported, the others go on
@@ -299,17 +296,13 @@ def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
 
 
 def _explain(trained, data: Prepared, run_dir: Path) -> None:
-    """IMC over the clean test rows and CP of the first test patient holding every modality (or row 0)."""
+    """IMC over the clean test rows and CP of the first of them holding every modality (tables only: the
+    report draws the heatmaps of the one run it shows)."""
     from mmn_fed.data import encode
-    from mmn_fed.interpret import cp, imc
+    from mmn_fed.interpret import write_explanations
 
     frame = data.tests.get("clean", next(iter(data.tests.values())))
-    tensors = encode(trained.preprocessor, frame)
-    targets = trained.preprocessor.targets
-    imc(trained.model, tensors, targets).to_csv(run_dir / "imc.csv", index=False)
-    full = np.stack([p.numpy() for p in tensors.present.values()]).all(axis=0)
-    row = int(np.flatnonzero(full)[0]) if full.any() else 0
-    cp(trained.model, tensors, targets, row=row).to_csv(run_dir / "cp.csv", index=False)
+    write_explanations(trained.model, encode(trained.preprocessor, frame), trained.preprocessor.targets, run_dir)
 
 
 def _worker_init() -> None:
@@ -404,7 +397,6 @@ def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, prog
     pd.DataFrame(records).to_csv(out / "results.csv", index=False)
     statuses = [infos[j.key] for j, _ in jobs if j.key in infos]
     summary = {"jobs": len(jobs), "done": sum(i["status"] == "done" for i in statuses),
-               "unavailable": sorted({f"{i['training']}: {i['reason']}" for i in statuses if i["status"] == "unavailable"}),
                "failed": [f"{i['key']}: {i['reason']}" for i in statuses if i["status"] == "failed"],
                "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -74,16 +74,15 @@ class RunSpec:
     workers: int = 0  # 0 = one per CPU core
     explain: bool = True  # IMC / CP tables and heatmaps for MultiModN runs
     settings: RunSettings = SCENARIO_SETTINGS  # rounds = settings.num_server_rounds
-    # balance-missingness may also name the models it applies to: true / false / list of models
-    balance_missingness: bool | tuple[str, ...] = False
+    # missingness per model ({"pfusion": "off"}): models not named take settings.missingness
+    missingness: Mapping[str, str] = field(default_factory=dict)
 
-    def balanced(self, model: str) -> bool:
-        b = self.balance_missingness
-        return model in b if isinstance(b, tuple) else bool(b)
+    def missingness_for(self, model: str) -> str:
+        return self.missingness.get(model, self.settings.missingness)
 
     def settings_for(self, model: str, seed: int) -> RunSettings:
-        """The run settings of one job: this model and seed, balance-missingness resolved for the model."""
-        return replace(self.settings, model=model, seed=seed, balance_missingness=self.balanced(model))
+        """The run settings of one job: this model and seed, missingness resolved for the model."""
+        return replace(self.settings, model=model, seed=seed, missingness=self.missingness_for(model))
 
 
 @dataclass
@@ -383,12 +382,17 @@ def _run(t: dict) -> RunSpec:
     explain = t.get("explain", d.explain)
     if not isinstance(explain, bool):
         raise ScenarioError(f"run.explain: expected true or false, got {explain!r}")
-    balance = t.get("balance_missingness", d.balance_missingness)
-    if isinstance(balance, list):
-        balance = _str_list(balance, "run.balance_missingness", MODELS, allow_empty=True)
-    elif not isinstance(balance, bool):
-        raise ScenarioError(f"run.balance_missingness: expected true, false or a list of models, got {balance!r}")
-    values = {k: v for k, v in t.items() if k in _RUN_SETTINGS and k != "balance_missingness"}
+    per_model: dict[str, str] = {}
+    values = {k: v for k, v in t.items() if k in _RUN_SETTINGS}
+    if isinstance(t.get("missingness"), Mapping):  # a table: one mode per model
+        per_model = dict(values.pop("missingness"))
+        for m, mode in per_model.items():
+            if m not in MODELS:
+                raise ScenarioError(f"run.missingness: unknown model {m!r}; expected one of {list(MODELS)}")
+            try:
+                replace(d.settings, missingness=mode)
+            except SettingsError as e:
+                raise ScenarioError(f"run.missingness.{m}: {e.reason}") from None
     if "rounds" in t:
         values["num_server_rounds"] = t["rounds"]
     try:
@@ -406,7 +410,7 @@ def _run(t: dict) -> RunSpec:
         workers=int(_number(t.get("workers", d.workers), "run.workers", 0, integer=True)),
         explain=explain,
         settings=settings,
-        balance_missingness=balance,
+        missingness=per_model,
     )
 
 

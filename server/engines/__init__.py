@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from flwr.clientapp import ClientApp
+
 from edge_runtime.schema import Schema
 from mmn_fed.settings import RunSettings, SettingsError
 
@@ -34,6 +36,7 @@ def run_federation(
     *,
     engine: str = "inprocess",
     test_sites: Mapping[str, pd.DataFrame] | None = None,
+    client_app: ClientApp | None = None,
     **settings: Any,
 ) -> FederationResult:
     """Federate MultiModN (or P-Fusion) over ``sites`` (name -> rows) and return the final model,
@@ -48,10 +51,15 @@ def run_federation(
     ``num_server_rounds``; ``schema`` is the Schema itself (the ``schema`` setting, a TOML path, does not apply)
     and ``data_dir`` is written here (``run_dir/data``). Update validation is always on
     (rejections in each history entry's ``rejected`` and in ``run_dir/failures.json``).
+    ``client_app``: the ClientApp every site runs (default: ``clients.app.app``; in-process engine only),
+    e.g. one with a malicious site (``simulations.attacks``).
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """
     if engine not in ("inprocess", "ray"):
         raise ValueError(f"engine '{engine}' unknown; expected 'inprocess' or 'ray' (deployment: mmn-fed deploy-local)")
+    if client_app is not None and engine != "inprocess":
+        raise ValueError(f"client_app is supported by the in-process engine only, not engine '{engine}' (Ray loads "
+                         "the ClientApp named in pyproject.toml)")
     if not sites:
         raise ValueError("run_federation needs at least one site")
     for short, name in ((model_kind, "model"), (rounds, "num_server_rounds")):
@@ -69,7 +77,7 @@ def run_federation(
     rc = {**cfg.to_run_config(), "data-dir": str(data_dir), "run-dir": str(run_dir)}
     t0 = time.perf_counter()
     if engine == "inprocess":
-        run_inprocess(rc, len(sites))
+        run_inprocess(rc, len(sites), client_app=client_app)
     else:
         run_ray(rc, len(sites), run_dir / "ray")
     return read_result(run_dir, time.perf_counter() - t0)

@@ -6,13 +6,41 @@ import copy
 import uuid
 from typing import Any, Iterable, Mapping
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 0
+
+
+# ---- the two Flower internals the in-process engine needs ------------------------------------------------
+# Flower 1.42 has no public API for what its processes and its SuperLink do around a message, and this engine
+# plays both parts. These two functions are the only places that touch Flower's internals;
+# tests/server/test_flower_internals.py fails with a message naming them when a Flower upgrade changes them.
+
+def claim_task_identity(run_id: int, node_id: int, task_id: int = 0) -> None:
+    """Make this process the sender ``node_id`` of run ``run_id``: ``Message(content, dst_node_id, ...)``
+    (called by the ServerApp and by Flower's strategies) reads the sender from ``TaskIdentity``, which
+    Flower's own processes set when they start (flwr/superlink/runtime/run_serverapp.py,
+    flwr/simulation/run_simulation.py); it is not a public API."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+
+
+def as_stored(message: Message, content: RecordDict | Error | None = None) -> Message:
+    """``message`` as the SuperLink hands it on: a fresh message id (the SuperLink sets ids when it stores
+    a message; Flower's own InMemoryGrid writes ``metadata.__dict__["_message_id"]``), with ``content``
+    (default: the message's own). Built from the public ``Metadata`` class through ``Message``'s
+    ``metadata=`` argument, which Flower marks for internal use."""
+    md = message.metadata
+    stamped = Metadata(run_id=md.run_id, message_id=uuid.uuid4().hex, src_node_id=md.src_node_id,
+                       dst_node_id=md.dst_node_id, reply_to_message_id=md.reply_to_message_id, group_id=md.group_id,
+                       created_at=md.created_at, ttl=md.ttl, message_type=md.message_type,
+                       src_task_id=md.src_task_id, dst_task_id=md.dst_task_id)
+    if content is None:
+        content = message.error if message.has_error() else message.content
+    return Message(content, metadata=stamped)
 
 
 class InProcessGrid(Grid):
@@ -31,8 +59,7 @@ class InProcessGrid(Grid):
         # node ids are arbitrary (as in Flower, where they are random); 1000 + i keeps logs readable
         self.contexts = {1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config=dict(nc), state=RecordDict(),
                                            run_config=dict(run_config)) for i, nc in enumerate(node_configs)}
-        for attr, value in (("run_id", run_id), ("node_id", SERVER_NODE_ID), ("task_id", 0)):
-            setattr(TaskIdentity, attr, value)  # Message() reads the sender's identity from here
+        claim_task_identity(run_id, SERVER_NODE_ID)  # the ServerApp's messages are sent from here
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -57,18 +84,12 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            # the site gets its own copy, as over a wire
-            delivered = Message(copy.deepcopy(msg.content), dst_node_id=msg.metadata.dst_node_id,
-                                message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
-            delivered.metadata.__dict__.update({"_message_id": msg.metadata.message_id,
-                                                "_src_node_id": msg.metadata.src_node_id})
+            delivered = as_stored(msg, copy.deepcopy(msg.content))  # the site gets its own copy, as over a wire
             try:
                 reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # a failing site is a failed reply, as in Flower's engines
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=delivered)
-            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            replies.append(reply)
+            replies.append(as_stored(reply))
         return replies
 
 

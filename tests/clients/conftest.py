@@ -1,10 +1,8 @@
-import uuid
-
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from mmn_fed import load_builtin
+from server.engines.inprocess import as_stored, claim_task_identity
 
 
 @pytest.fixture(scope="session")
@@ -15,14 +13,12 @@ def heart():
 
 @pytest.fixture
 def make_message():
-    """Build an instruction Message outside a Flower process: Message() reads the sender's identity
-    from TaskIdentity (set by Flower's processes), and a reply needs the message id the SuperLink sets."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    """Build an instruction Message outside a Flower process, as the in-process engine does: sent by the
+    server (node 0) of run 1, with the message id a SuperLink would give it."""
+    claim_task_identity(run_id=1, node_id=0)
 
     def make(message_type: str, content: RecordDict, node_id: int = 1000) -> Message:
-        msg = Message(content, dst_node_id=node_id, message_type=message_type, group_id="1")
-        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        return msg
+        return as_stored(Message(content, dst_node_id=node_id, message_type=message_type, group_id="1"))
 
     return make
 

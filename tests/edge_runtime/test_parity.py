@@ -138,3 +138,39 @@ def test_regression_and_gru_encoders_match_torch(tmp_path, encoder):
         np.testing.assert_allclose(got.values[t], preds[-1][t], atol=atol, rtol=0)
         for s, ref in zip(got.trajectory, preds):
             np.testing.assert_allclose(s.values[t], ref[t], atol=atol, rtol=0)
+
+
+def test_the_public_onnxruntime_run_gives_the_same_predictions(heart, bundle, monkeypatch):
+    """``Bundle.use_binding = False`` runs every session through the public ``InferenceSession.run`` (the
+    fallback for an onnxruntime without the private ``_sess`` binding): the predictions are identical."""
+    import onnxruntime as ort
+
+    from edge_runtime import load_bundle
+
+    public_calls = []
+    real_run = ort.InferenceSession.run
+
+    def counted(self, *args, **kwargs):  # the real run, counted
+        public_calls.append(1)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counted)
+    rng = np.random.default_rng(7)
+    idx = rng.choice(len(heart.df), 40, replace=False)
+    df = blank(heart, idx, [SUBSETS[i] for i in rng.integers(1, len(SUBSETS), len(idx))])
+    rows = df.to_dict("records")
+    fast = load_bundle(heart.bundle, trust_key=heart.public_key)
+    expected = [fast.predict(rows, explain=True), fast.predict(rows[:1]), fast.predict(rows[1:2], explain=True)]
+    assert not public_calls  # the binding ran them all
+    public = load_bundle(heart.bundle, trust_key=heart.public_key)
+    public.use_binding = False
+    got = [public.predict(rows, explain=True), public.predict(rows[:1]), public.predict(rows[1:2], explain=True)]
+    assert len(public_calls) == 3  # one session call per predict: every one through the public run
+    for e, g in zip(expected, got):
+        for t in e.tasks:
+            np.testing.assert_array_equal(g.values[t], e.values[t])
+        for se, sg in zip(e.trajectory or [], g.trajectory or []):
+            assert se.name == sg.name
+            for t in e.tasks:
+                np.testing.assert_array_equal(sg.values[t], se.values[t])
+    assert_matches(heart, public, df, explain=True)  # and both match torch

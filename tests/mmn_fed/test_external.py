@@ -15,7 +15,7 @@ from mmn_fed.data import encode, load_builtin
 from mmn_fed.evaluation import predict_final
 from mmn_fed.export import ExportError, export_bundle
 from mmn_fed.external import (
-    ExternalError, audit_shifts, evaluate_csv, evaluate_site, predict_csv, recalibrate, save_recalibrated,
+    ExternalError, audit_shifts, training_audit_of, evaluate_csv, evaluate_site, predict_csv, recalibrate, save_recalibrated,
 )
 from mmn_fed.metrics import bootstrap_ci, mean_ci
 from mmn_fed.model import ModelConfig
@@ -159,7 +159,7 @@ def _cells(path, cls):
 def test_audit_comparison_flags_a_removed_modality(heart, models):
     _, ext, schema = heart
     trained = load_model(models["multimodn"])
-    assert trained.metadata["audit"]["findings"]  # stored at training time
+    assert training_audit_of(trained)["findings"]  # stored at training time
     site = ext.copy()
     sick = site["num"] > 0
     site.loc[sick, ["cp"]] = np.nan  # symptoms removed for diseased patients only

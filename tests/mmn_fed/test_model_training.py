@@ -3,19 +3,22 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from matplotlib.image import imread
 
 from mmn_fed import ModelConfig, TrainConfig, encode, fit_preprocessor, load_model, make_synthetic, train_centralized
 from mmn_fed.api import save_trained
 from mmn_fed.data import load_builtin
 from mmn_fed.evaluation import evaluate, predict_trajectory
-from mmn_fed.interpret import cp, imc, plot_cp, plot_imc
+from mmn_fed.figures import pyplot
+from mmn_fed.interpret import cp, cp_figure, explained_row, imc, imc_figure, plot_imc
 from mmn_fed.metrics import auroc, balanced_accuracy, mean_ci
 from mmn_fed.model import MultiModN, build_model
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import group_by_module, module_of
-from mmn_fed.training import model_loss, module_counts
+from mmn_fed.training import model_loss, module_counts, train_epochs
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +74,53 @@ def test_missing_modality_equals_sequence_without_its_encoder(heart):
     assert not applied[1 + model.modalities.index("rest")].any()
 
 
-def test_fixed_order_is_deterministic_and_shuffle_changes_result(heart):
+def test_an_explicit_order_is_the_encoders_composed_in_that_order(heart):
     _, _, prep, data = heart
     model = fresh(prep)
+    full = np.stack([p.numpy() for p in data.present.values()]).all(axis=0)
+    b = data.subset(np.flatnonzero(full)[:50])  # every modality present: the order alone decides
+    order = ["imaging", "rest", "demographics", "exercise_ecg", "symptoms"]
+    assert order != model.modalities and sorted(order) == sorted(model.modalities)
     with torch.no_grad():
-        a, _ = model(data.x, data.present)
-        b, _ = model(data.x, data.present, order=model.modalities)
-        c, _ = model(data.x, data.present, order=list(reversed(model.modalities)))
-    assert torch.equal(a[-1]["disease"], b[-1]["disease"])
-    assert not torch.allclose(a[-1]["disease"], c[-1]["disease"])
+        out, applied = model(b.x, b.present, order=order)
+        default, _ = model(b.x, b.present)
+        s = model.initial(len(b))
+        by_hand = [model.decode(s)]
+        for m in order:
+            s = model.encoders[m](s, b.x[m])
+            by_hand.append(model.decode(s))
+    assert len(out) == len(by_hand) == 1 + len(order)
+    for i in range(len(out)):
+        assert torch.allclose(out[i]["disease"], by_hand[i]["disease"], atol=1e-6), i
+    assert not torch.allclose(out[-1]["disease"], default[-1]["disease"], atol=1e-3)  # the order is not ignored
+
+
+def test_shuffled_order_training_draws_a_new_permutation_per_batch():
+    df, schema = make_synthetic(480, {"a": 2, "b": 2, "c": 2}, seed=5)
+    schema = schema.subset(tasks=["outcome"])
+    prep = fit_preprocessor(schema, df)
+    data = encode(prep, df)
+    runs = {}
+    for shuffle in (False, True):
+        torch.manual_seed(0)
+        model = build_from_preprocessor(prep, ModelConfig(dropout=0.0, state_size=8, hidden=8))
+        tc = TrainConfig(batch_size=8, seed=0, shuffle_order=shuffle)
+        calls = []
+        hooks = [model.encoders[m].register_forward_hook(lambda mod, inp, out, m=m: calls.append(m))
+                 for m in model.modalities]
+        stats = train_epochs(model, schema, data, tc, 1, torch.Generator().manual_seed(0))
+        for h in hooks:
+            h.remove()
+        assert stats["steps"] == 60 and len(calls) == 60 * 3  # every batch holds every modality
+        runs[shuffle] = ([tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)], model.state_dict())
+    fixed, shuffled = runs[False][0], runs[True][0]
+    assert set(fixed) == {("a", "b", "c")}
+    assert all(sorted(o) == ["a", "b", "c"] for o in shuffled)
+    # 60 batches, 6 permutations: each is drawn (a per-epoch or a single draw would show one)
+    assert len(set(shuffled)) == 6
+    assert sum(a != b for a, b in zip(shuffled, shuffled[1:])) > 30
+    moved = [k for k in runs[False][1] if not torch.equal(runs[False][1][k], runs[True][1][k])]
+    assert moved, "shuffled-order training gave the fixed-order weights"
 
 
 def test_loss_counts_only_existing_cells(heart):
@@ -155,7 +196,7 @@ def test_evaluate_records_are_tidy(heart):
     assert any(r["combination"] not in ("all",) for r in recs)
 
 
-def test_imc_and_cp_tables_and_heatmaps(tmp_path, heart):
+def test_imc_and_cp_tables(heart):
     _, schema, prep, data = heart
     model = fresh(prep)
     t = imc(model, data, prep.targets)
@@ -170,10 +211,46 @@ def test_imc_and_cp_tables_and_heatmaps(tmp_path, heart):
     assert row.mean_delta == pytest.approx(float((after - pr).mean()), abs=1e-6)
     c = cp(model, data, prep.targets, row=0)
     assert c["step"].max() == len(schema.modalities)
-    assert plot_imc(t, tmp_path / "imc.png").stat().st_size > 1000
-    assert plot_cp(c, tmp_path / "cp.png").stat().st_size > 1000
     with pytest.raises(TypeError, match="P-Fusion"):
         imc(fresh(prep, "pfusion"), data, prep.targets)
+
+
+def drawn(fig):
+    """What a heatmap figure shows: the cell values, the row and column labels and the annotations."""
+    ax = fig.axes[0]
+    cells = np.asarray(ax.images[0].get_array())
+    pyplot().close(fig)
+    return (cells, [t.get_text() for t in ax.get_yticklabels()], [t.get_text() for t in ax.get_xticklabels()],
+            [t.get_text() for t in ax.texts])
+
+
+def test_imc_and_cp_heatmaps_draw_their_tables(tmp_path, heart):
+    _, schema, prep, data = heart
+    model = fresh(prep)
+    t = imc(model, data, prep.targets)
+    outputs = ["disease p(1)"] + [f"severity p({c})" for c in prep.targets["severity"]["classes"]]
+    for value, fmt in (("mean_delta", "{:+.2f}"), ("mean_abs_delta", "{:.2f}")):
+        cells, rows, cols, texts = drawn(imc_figure(t, value))
+        assert rows == list(schema.modalities) and cols == outputs
+        for i, m in enumerate(rows):
+            for j, col in enumerate(cols):
+                task, output = col.split(" ")
+                v = t[(t.modality == m) & (t.task == task) & (t.output == output)][value].item()
+                assert cells[i, j] == pytest.approx(v)
+                assert texts[i * len(cols) + j] == fmt.format(v)
+    c = cp(model, data, prep.targets, row=explained_row(data))
+    cells, rows, cols, _ = drawn(cp_figure(c))
+    assert rows == outputs
+    assert cols == ["0:prior"] + [f"{i + 1}:{m}" for i, m in enumerate(schema.modalities)]  # all present
+    for j in range(len(cols)):
+        assert cells[0, j] == pytest.approx(c[(c.step == j) & (c.task == "disease")].prediction.item())
+    missing = cp(model, data, prep.targets, row=int(np.flatnonzero(~data.present["imaging"].numpy())[0]))
+    assert drawn(cp_figure(missing))[2][-1] == f"{len(schema.modalities)}:imaging (missing)"
+    # the PNG is that figure: its height grows with the rows it draws (modalities for IMC, outputs for CP)
+    one = plot_imc(t[t.modality == "rest"], tmp_path / "one.png")
+    five = plot_imc(t, tmp_path / "five.png")
+    h1, h5 = imread(one).shape[0], imread(five).shape[0]
+    assert h5 - h1 == pytest.approx(4 * 0.5 * 110, abs=2)  # 0.5 inch per row at 110 dpi
 
 
 def test_auroc_matches_pairwise_definition():
@@ -195,7 +272,10 @@ def test_cli_train_writes_model_and_metrics(tmp_path):
     assert r.returncode == 0, r.stderr
     recs = json.loads((out / "metrics.json").read_text())
     assert {"model", "training", "seed", "condition", "site", "task", "metric", "value"} <= set(recs[0])
-    assert (out / "model.pt").exists() and (out / "figures" / "imc.png").exists()
+    assert (out / "model.pt").exists()
+    assert {p.name for p in (out / "figures").iterdir()} == {"imc.png", "imc_abs.png", "cp.png"}
+    assert set(pd.read_csv(out / "imc.csv").modality) == set(load_builtin("heart")[1].modalities)
+    assert len(pd.read_csv(out / "cp.csv")) > 0
     bad = subprocess.run([sys.executable, "-m", "mmn_fed.cli", "train", "--dataset", "nope.csv", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--schema" in bad.stderr

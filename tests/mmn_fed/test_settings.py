@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bools_parse_strictly_and_false_is_false():
-    s = RunSettings.from_run_config({"keep-best": "false", "secure-aggregation": "True", "balance-missingness": False})
-    assert s.keep_best is False and s.secure_aggregation is True and s.balance_missingness is False
-    assert SiteSettings(balance_missingness="false").balance_missingness is False
+    s = RunSettings.from_run_config({"keep-best": "false", "secure-aggregation": "True"})
+    assert s.keep_best is False and s.secure_aggregation is True
+    assert RunSettings(keep_best="false").keep_best is False
     with pytest.raises(SettingsError, match="keep-best: expected true or false, got 1"):
         RunSettings.from_run_config({"keep-best": 1})
 
@@ -76,14 +76,14 @@ def test_valid_combinations_pass_the_rules():
 
 
 def test_the_site_record_round_trips_and_holds_only_site_settings():
-    s = RunSettings.from_run_config({"local-epochs": 3, "lr": 0.05, "balance-missingness": True, "dp-delta": 1e-6,
+    s = RunSettings.from_run_config({"local-epochs": 3, "lr": 0.05, "audit-min-cell": 5, "dp-delta": 1e-6,
                                      "aggregation": "median"})
     record = json.loads(s.site_record())
     assert record["version"] == SITE_RECORD_VERSION
     assert set(record["values"]) == {x.name for x in SETTINGS if x.scope == SITE}
     site = SiteSettings.from_record(s.site_record())
     assert site == s.site()
-    assert (site.local_epochs, site.lr, site.balance_missingness, site.dp_delta) == (3, 0.05, True, 1e-6)
+    assert (site.local_epochs, site.lr, site.audit_min_cell, site.dp_delta) == (3, 0.05, 5, 1e-6)
     assert not hasattr(site, "aggregation")
 
 
@@ -95,8 +95,8 @@ def test_the_site_refuses_another_record_version_or_a_server_setting():
         SiteSettings.from_record(json.dumps(record["values"]))  # flat keys, as before the record existed
     with pytest.raises(SettingsError, match="aggregation: unknown setting"):
         SiteSettings.from_record(json.dumps({**record, "values": {**record["values"], "aggregation": "mean"}}))
-    with pytest.raises(SettingsError, match="balance-missingness: expected true or false"):
-        SiteSettings.from_record(json.dumps({**record, "values": {**record["values"], "balance-missingness": "yes"}}))
+    with pytest.raises(SettingsError, match="audit-min-cell: expected an integer"):
+        SiteSettings.from_record(json.dumps({**record, "values": {**record["values"], "audit-min-cell": "yes"}}))
 
 
 def test_pyproject_run_config_equals_the_defaults():
@@ -118,10 +118,10 @@ def test_flags_come_from_the_declaration():
     names = [s.name for s in SETTINGS]
     add_flags(p, names, aliases={"num-server-rounds": "--rounds"})
     assert RunSettings.from_args(p.parse_args([]), names) == DEFAULTS
-    args = p.parse_args(["--rounds", "3", "--keep-best", "--no-balance-missingness", "--lr", "0.1",
+    args = p.parse_args(["--rounds", "3", "--keep-best", "--missingness", "off", "--lr", "0.1",
                          "--aggregation", "median", "--val-fraction", "0.3"])
     s = RunSettings.from_args(args, names)
-    assert (s.num_server_rounds, s.keep_best, s.balance_missingness, s.lr, s.aggregation) == (3, True, False, 0.1, "median")
+    assert (s.num_server_rounds, s.keep_best, s.missingness, s.lr, s.aggregation) == (3, True, "off", 0.1, "median")
     with pytest.raises(SystemExit):
         p.parse_args(["--aggregation", "mode"])
     with pytest.raises(SettingsError, match="trim: expected a value in"):
@@ -145,7 +145,8 @@ def test_train_and_model_config_defaults_are_the_settings_defaults():
 
     tc = TrainConfig()
     shared = [f.name for f in fields(TrainConfig) if f.name in SETTING_FIELDS]
-    assert set(shared) >= {"lr", "batch_size", "weight_decay", "grad_clip", "seed", "val_fraction", "balance_missingness"}
+    assert set(shared) >= {"lr", "batch_size", "weight_decay", "grad_clip", "seed", "val_fraction", "missingness",
+                          "audit_min_cell"}
     assert all(getattr(tc, f) == getattr(DEFAULTS, f) for f in shared)
     assert ModelConfig.from_settings(DEFAULTS) == ModelConfig()
     custom = RunSettings.from_kwargs(lr=0.5, batch_size=64, model="pfusion", hidden=7)

@@ -189,21 +189,34 @@ def test_tampered_share_or_foreign_modules_are_refused():
                                   counts["s1"], {"s0": out["s0"]["s1"], "s2": out["s2"]["s1"]})
 
 
-def test_secure_federation_on_heart_ends_at_the_plaintext_model():
-    """Three rounds of real local training on heart's 4 hospitals: secure vs plaintext aggregation."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from bench_robustness import HeartFederation
+def test_secure_federation_on_heart_ends_at_the_plaintext_model(tmp_path):
+    """Three rounds of real local training on heart's 4 hospitals through the real ServerApp and ClientApps:
+    secure vs plaintext aggregation, Switzerland failing at the unmask step of round 2 (its masked update
+    arrived, so it still counts; the others' shares recover its self-mask)."""
+    import clients.app as A
+    from mmn_fed import load_builtin
+    from server.engines import run_federation
+    from simulations.attacks import holdout_split
 
-    fed = HeartFederation(seed=1, state_size=8, hidden=8)
+    df, schema = load_builtin("heart")
+    schema = schema.subset(tasks=["disease"])
+    train, test = holdout_split(df, schema.site_column, 0.3, seed=1)
 
-    def secure(g, ups):
-        res, _ = run_round(g, {u.site: u.params for u in ups}, {u.site: u.counts for u in ups},
-                           drop={"Switzerland": "unmask"})
-        return res.averaged(g), res.counts
+    failed = []
 
-    a = fed.run(3, aggregate_modules)
-    b = fed.run(3, secure)
-    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-5
-    assert abs(fed.auroc(a) - fed.auroc(b)) < 1e-4
+    def unmask_fails(msg, ctx):
+        if (msg.metadata.message_type == "query.secagg_unmask" and ctx.node_config["partition-id"] == 2
+                and msg.metadata.group_id == "2"):
+            failed.append(msg.metadata.group_id)
+            raise ConnectionError("Switzerland lost its network")
+        return A.app(msg, ctx)
+
+    fast = dict(rounds=3, seed=1, test_sites=test, val_fraction=0.2, state_size=8, hidden=8)
+    a = run_federation(train, schema, run_dir=tmp_path / "plain", **fast)
+    b = run_federation(train, schema, run_dir=tmp_path / "secure", secure_aggregation=True, client_app=unmask_fails,
+                       **fast)
+    assert sorted(train)[2] == "Switzerland" and failed == ["2"]
+    assert b.history[1]["secagg"]["survivors"] == sorted(train)
+    pa, pb = a.trained.model.state_dict(), b.trained.model.state_dict()
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
+    assert abs(a.history[-1]["test"]["disease/auroc"] - b.history[-1]["test"]["disease/auroc"]) < 1e-4

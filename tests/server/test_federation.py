@@ -158,14 +158,3 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
     with pytest.raises(FederationError, match="disk full"):
         server_app(grid, server_context(rc))
 
-
-def test_the_runs_audit_is_kept_in_the_model_file(heart_sites, tmp_path):
-    """finish() stores run_dir/audit.json (the federated missingness audit) in model.pt for `mmn-fed evaluate`."""
-    sites, schema = heart_sites
-    small = {n: df.iloc[:40] for n, df in sites.items()}
-    run = tmp_path / "run"
-    run.mkdir()
-    audit = {"sites": sorted(small), "flagged": {"imaging": "disease"}, "findings": []}
-    (run / "audit.json").write_text(json.dumps(audit))
-    res = run_federation(small, schema, rounds=1, run_dir=run, val_fraction=0.0, **FAST)
-    assert res.trained.metadata["audit"] == audit

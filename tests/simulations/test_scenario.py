@@ -125,19 +125,19 @@ def test_every_shipped_scenario_loads():
 
 def test_run_takes_every_run_setting_by_its_snake_case_name():
     run = {**BASE["run"], "aggregation": "median", "val_fraction": 0.1, "keep_best": True, "rounds": 7, "lr": 0.01,
-           "balance_missingness": ["multimodn"], "grad_clip": 0.5}
+           "missingness": {"pfusion": "off"}, "grad_clip": 0.5}
     sc = Scenario.from_dict({**BASE, "run": run})
     s = sc.run.settings
     assert (s.aggregation, s.val_fraction, s.keep_best, s.num_server_rounds, s.lr) == ("median", 0.1, True, 7, 0.01)
     assert s.local_epochs == 2  # the scenarios' own default
     job = sc.run.settings_for("multimodn", seed=3)
-    assert (job.model, job.seed, job.balance_missingness) == ("multimodn", 3, True)
-    assert sc.run.settings_for("pfusion", seed=3).balance_missingness is False
+    assert (job.model, job.seed, job.missingness) == ("multimodn", 3, "auto")
+    assert sc.run.settings_for("pfusion", seed=3).missingness == "off"
 
     from simulations.runner import _configs
 
     mc, tc = _configs(sc, "pfusion", 4)
-    assert (mc.kind, tc.lr, tc.seed, tc.balance_missingness, tc.epochs) == ("pfusion", 0.01, 4, False, sc.run.epochs)
+    assert (mc.kind, tc.lr, tc.seed, tc.missingness, tc.epochs) == ("pfusion", 0.01, 4, "off", sc.run.epochs)
     assert tc.grad_clip == 0.5
 
 

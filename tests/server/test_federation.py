@@ -157,4 +157,3 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
     grid = InProcessGrid(broken_training, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
     with pytest.raises(FederationError, match="disk full"):
         server_app(grid, server_context(rc))
-

@@ -21,7 +21,7 @@ import torch
 from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
 from mmn_fed.data import encode
 from mmn_fed.evaluation import predict_final
-from mmn_fed.metrics import auroc, mean_ci95
+from mmn_fed.metrics import auroc, mean_ci
 
 FLAMBY_FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalch", "exang", "oldpeak"]
 CENTERS = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
@@ -87,7 +87,7 @@ def main() -> None:
     for kind, res in results.items():
         cells = []
         for name in ("A", "B"):
-            m, lo, hi = mean_ci95(res[name])
+            m, lo, hi = mean_ci(res[name])
             cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
         print(f"{kind + ' (centralized)':<28}{cells[0]:>26}{cells[1]:>30}{np.mean(res['sec']):>14.1f}")
     gap = np.mean(results["multimodn"]["A"]) - np.mean(results["pfusion"]["A"])

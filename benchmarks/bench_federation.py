@@ -29,7 +29,7 @@ from accuracy import flamby_split  # noqa: E402  (FLamby's exact test patients)
 from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized  # noqa: E402
 from mmn_fed.data import encode  # noqa: E402
 from mmn_fed.evaluation import predict_final  # noqa: E402
-from mmn_fed.metrics import auroc, mean_ci95  # noqa: E402
+from mmn_fed.metrics import auroc, mean_ci  # noqa: E402
 from server.engines import run_federation  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def fmt(vals) -> str:
     vals = [v for v in vals if v == v]
     if not vals:
         return "n/a"
-    m, lo, hi = mean_ci95(vals)
+    m, lo, hi = mean_ci(vals)
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 

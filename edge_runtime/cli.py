@@ -49,14 +49,19 @@ def _predict(args) -> int:
     order = [m.strip() for m in args.order.split(",")] if args.order else None
     s = bundle.predict_csv(args.input, args.output, explain=args.explain, order=order, chunk_size=args.chunk_size,
                            min_modalities=args.min_modalities, keep=keep)
-    for note in s["notes"]:
+    print_summary(s, args.output)
+    return 0
+
+
+def print_summary(s: dict, output: str, model: str = "") -> None:
+    """What a predict command tells the user on stderr (also ``mmn-fed predict``'s): notes, counts, first problems."""
+    for note in s.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     failed = s["rows"] - s["predicted"]
-    print(f"wrote {s['rows']} row(s) to {args.output}: {s['predicted']} predicted"
+    print(f"wrote {s['rows']} row(s) to {output}{f' (model {model})' if model else ''}: {s['predicted']} predicted"
           + (f", {failed} not predicted (see the reason column)" if failed else ""), file=sys.stderr)
     for problem in s["problems"]:
         print(f"  {problem}", file=sys.stderr)
-    return 0
 
 
 def _verify(args) -> int:

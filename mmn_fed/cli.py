@@ -1,4 +1,4 @@
-"""`mmn-fed` command line. ``train`` is built in and ``export``/``keygen`` come from ``mmn_fed.export``;
+"""`mmn-fed` command line. ``train``, ``predict`` and ``evaluate`` (``mmn_fed.external``) are built in and ``export``/``keygen`` come from ``mmn_fed.export``;
 subcommands of higher packages (``simulate``, ``deploy-local``, ``site-key``/``enrol``/``revoke``/``sites``)
 register themselves as entry points of the group ``mmn_fed.commands`` in pyproject.toml (name ->
 ``module:register``, where ``register(subparsers)`` adds the command), so this module names none of them:
@@ -18,7 +18,7 @@ from .settings import RunSettings, add_command, add_flags, centralized_names
 from .training import TrainConfig
 
 COMMANDS = "mmn_fed.commands"  # entry-point group of the subcommands of higher packages
-OWN = ("train", "audit", "export", "keygen", "settings")
+OWN = ("train", "audit", "predict", "evaluate", "export", "keygen", "settings")
 
 
 class CommandUnavailable(RuntimeError):
@@ -100,6 +100,68 @@ def _train(args) -> int:
     return 0
 
 
+def _add_external(sub) -> None:
+    p = sub.add_parser("predict", help="score a CSV with a model file (MultiModN or P-Fusion); one row out per row in",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Rows with bad values are reported (status, reason with the CSV line and column) "
+                                   "and the others predicted. Output columns: --keep columns, per task the prediction "
+                                   "(binary p(1); multiclass class and <task>_p_<class>; regression value), modalities, "
+                                   "status, reason, warnings, model_id (sha256 of the model file, 16 hex). See "
+                                   "docs/evaluation.md.")
+    p.add_argument("model", help="model.pt")
+    p.add_argument("--input", required=True, help="CSV in the training data's format")
+    p.add_argument("--output", required=True, help="CSV to write (atomically; never the input)")
+    p.add_argument("--keep", default="", help="comma-separated input columns to copy first (e.g. an id)")
+    p.set_defaults(func=_predict)
+    e = sub.add_parser("evaluate", help="external validation on a labelled site CSV: metrics.json + report.html",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="AUROC and Brier with bootstrap CIs over patients, calibration, per modality "
+                                   "combination and subgroup, this site's missingness audit vs training's; "
+                                   "--recalibrate writes model-recalibrated.pt. See docs/evaluation.md.")
+    e.add_argument("model", help="model.pt")
+    e.add_argument("--data", required=True, help="labelled CSV of the site")
+    e.add_argument("--out", help="output directory (default: runs/evaluate/<data file name>)")
+    e.add_argument("--site", help="site name in records and report (default: the data file's name)")
+    e.add_argument("--subgroup", default="", help="comma-separated columns to break performance down by "
+                                                  "(numeric ones in quartiles)")
+    e.add_argument("--recalibrate", action="store_true", help="fit a Platt recalibration per binary task on these rows "
+                                                              "and write model-recalibrated.pt")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    e.set_defaults(func=_evaluate)
+
+
+def _split(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _predict(args) -> int:
+    from edge_runtime.cli import print_summary
+
+    from .external import predict_csv
+
+    s = predict_csv(args.model, args.input, args.output, keep=_split(args.keep))
+    print_summary(s, args.output, s["model_id"])
+    return 0
+
+
+def _evaluate(args) -> int:
+    import torch
+
+    from .external import evaluate_csv
+
+    torch.set_num_threads(1)
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    out = Path(args.out or Path("runs") / "evaluate" / Path(args.data).stem)
+    res = evaluate_csv(args.model, args.data, out, _split(args.subgroup), args.recalibrate, args.bootstrap, args.seed,
+                       args.site)
+    for w in res.get("recalibration_warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="missingness audit of one table: does each modality's (and column's) presence "
                                      "depend on a task's label? writes audit.json",
@@ -174,6 +236,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     wanted = (argv or [None])[0]
     _add_train(sub)
+    _add_external(sub)
     _add_audit(sub)
     add_command(sub)  # mmn-fed settings
     if wanted in (None, "-h", "--help", "export", "keygen"):

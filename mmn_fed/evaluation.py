@@ -20,9 +20,15 @@ from .data import TensorData
 from .metrics import task_metrics
 
 def to_prediction(kind: str, logits: torch.Tensor, target_stats: Mapping | None) -> np.ndarray:
-    """Logits -> what a user reads: p(positive), class probabilities, or a value in original units."""
+    """Logits -> what a user reads: p(positive), class probabilities, or a value in original units.
+    A binary task recalibrated at a site (``mmn_fed.external.recalibrate``) carries ``calibration``
+    {intercept, slope} in its target statistics: p = sigmoid(intercept + slope * logit)."""
     if kind == "binary":
-        return torch.sigmoid(logits.squeeze(-1)).numpy()
+        z = logits.squeeze(-1)
+        cal = (target_stats or {}).get("calibration")
+        if cal:
+            z = cal["intercept"] + cal["slope"] * z
+        return torch.sigmoid(z).numpy()
     if kind == "multiclass":
         return torch.softmax(logits, dim=-1).numpy()
     v = logits.squeeze(-1).numpy()

@@ -196,6 +196,10 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
     model = trained.model
     if not isinstance(model, MultiModN):
         raise ExportError(f"only MultiModN models are modular and can be exported; this is a {type(model).__name__}")
+    recalibrated = [t for t, st in trained.preprocessor.targets.items() if st.get("calibration")]
+    if recalibrated:  # the edge decoders output the training calibration: refuse rather than silently drop the map
+        raise ExportError(f"this model was recalibrated at a site (task(s) {recalibrated}, `mmn-fed evaluate "
+                          "--recalibrate`); edge bundles do not carry a recalibration: export the original model")
     key = load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

@@ -1,6 +1,8 @@
 """The one place figures are made and saved: a headless pyplot and ``save_figure``."""
 from __future__ import annotations
 
+import base64
+import html
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +27,10 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100, layout: bool = True)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+def img_html(path: str | Path, alt: str) -> str:
+    """A <figure> holding the PNG at ``path`` as a base64 data URI (the report needs no other file)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{html.escape(alt)}</figcaption></figure>')

@@ -1,60 +1,84 @@
-"""Plain numpy metrics (no scikit-learn at run time). NaN where a metric is undefined."""
+"""Metrics from scikit-learn, NaN where a metric is undefined (e.g. AUROC on one-class labels), and
+percentile-bootstrap confidence intervals.
+
+Two kinds of interval, both percentile bootstraps, so both stay inside the metric's range by construction
+(every replicate is a value of the metric, or a mean of such values):
+
+- :func:`bootstrap_ci` resamples *patients* (rows) of one test set: the uncertainty of one model's score on
+  one site (``mmn-fed evaluate``).
+- :func:`mean_ci` resamples *seeds*' values: the uncertainty of an across-seed mean (simulation reports,
+  benchmarks). With 3 seeds it is necessarily coarse: it never extends beyond the seeds' own range.
+"""
 from __future__ import annotations
 
-import math
+import warnings as _warnings
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+NAN = float("nan")
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties averaged."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x))
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
+def _two_classes(y: np.ndarray) -> bool:
+    return len(y) > 0 and np.unique(y).size >= 2
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
-    y = np.asarray(y).astype(bool)
-    score = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = _ranks(score)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """Area under the ROC curve (ties count half); NaN unless both classes occur."""
+    y = np.asarray(y).astype(int)
+    return float(skm.roc_auc_score(y, np.asarray(score, dtype=np.float64))) if _two_classes(y) else NAN
 
 
 def auroc_ovr(y: np.ndarray, proba: np.ndarray) -> float:
-    """Macro one-vs-rest AUROC over the classes present in y (and absent from nowhere)."""
-    vals = [auroc(y == k, proba[:, k]) for k in range(proba.shape[1])]
-    vals = [v for v in vals if not math.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    """Macro one-vs-rest AUROC over the classes that occur in ``y`` (a class absent from ``y`` has no ROC
+    curve); NaN with fewer than two classes. Equals ``roc_auc_score(..., multi_class="ovr")`` when every
+    class occurs."""
+    y = np.asarray(y).astype(int)
+    proba = np.asarray(proba, dtype=np.float64)
+    present = np.unique(y)
+    if present.size < 2:
+        return NAN
+    if present.size == proba.shape[1]:
+        return float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])))
+    indicator = (y[:, None] == present[None, :]).astype(int)  # the same macro average over the classes seen
+    return float(skm.roc_auc_score(indicator, proba[:, present], average="macro"))
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    y, pred = np.asarray(y), np.asarray(pred)
-    recalls = [float((pred[y == k] == k).mean()) for k in np.unique(y)]
-    return float(np.mean(recalls)) if recalls else float("nan")
+    """Mean recall over the classes present in ``y``."""
+    return float(skm.balanced_accuracy_score(y, pred)) if len(y) else NAN
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    return float((np.asarray(y) == np.asarray(pred)).mean()) if len(y) else float("nan")
+    return float(skm.accuracy_score(y, pred)) if len(y) else NAN
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean squared difference between p(1) and the 0/1 label (lower is better)."""
+    return float(skm.brier_score_loss(np.asarray(y).astype(int), p, pos_label=1)) if len(y) else NAN
 
 
 def mse(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean((np.asarray(y) - np.asarray(pred)) ** 2)) if len(y) else float("nan")
+    return float(skm.mean_squared_error(y, pred)) if len(y) else NAN
 
 
 def mae(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(y) - np.asarray(pred)))) if len(y) else float("nan")
+    return float(skm.mean_absolute_error(y, pred)) if len(y) else NAN
+
+
+def reliability(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
+    """The reliability diagram of binary p(1): per non-empty bin of equal width, the mean predicted
+    probability, the observed share of positives and the row count."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    if not len(y):
+        return {"predicted": [], "observed": [], "n": []}
+    observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    # calibration_curve drops empty bins; count the rows per bin with its own binning to align them
+    counts = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p), minlength=n_bins)
+    return {"predicted": predicted.tolist(), "observed": observed.tolist(), "n": counts[counts > 0].tolist()}
 
 
 def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -64,7 +88,8 @@ def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]
     if kind == "binary":
         hard = (pred >= 0.5).astype(int)
         y = y.astype(int)
-        return {"auroc": auroc(y, pred), "balanced_accuracy": balanced_accuracy(y, hard), "accuracy": accuracy(y, hard)}
+        return {"auroc": auroc(y, pred), "balanced_accuracy": balanced_accuracy(y, hard), "accuracy": accuracy(y, hard),
+                "brier": brier(y, pred)}
     if kind == "multiclass":
         hard = pred.argmax(axis=1)
         y = y.astype(int)
@@ -72,14 +97,87 @@ def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]
     return {"mse": mse(y, pred), "mae": mae(y, pred)}
 
 
-def mean_ci95(values) -> tuple[float, float, float]:
-    """Mean and a t-based 95% confidence interval over seeds (NaNs dropped)."""
+# ---- bootstrap ----------------------------------------------------------------------------------
+
+def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """AUROC of each row of (B, n) label / score matrices at once (Mann-Whitney U on mid-ranks, as
+    ``roc_auc_score``); NaN for a row holding one class."""
+    ranks = rankdata(s, axis=1)
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def _auroc_ovr_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest AUROC per resample: (B, n) class indices, (B, n, k) probabilities -> (B,), over the
+    classes present in each resample (as :func:`auroc_ovr`)."""
+    per_class = np.stack([_auroc_rows((y == k).astype(int), s[..., k]) for k in range(s.shape[-1])], axis=1)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)  # a resample holding one class: NaN, dropped later
+        return np.nanmean(per_class, axis=1)
+
+
+# Replicates of the common metrics computed for all resamples at once: (B, n) labels, (B, n) scores -> (B,)
+_VECTORIZED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "auroc": lambda y, s: _auroc_rows(y.astype(int), s),
+    "auroc_ovr": _auroc_ovr_rows,
+    "brier": lambda y, s: ((s - y) ** 2).mean(axis=1),
+    "accuracy": lambda y, s: ((s >= 0.5) == (y == 1)).mean(axis=1),
+    "mse": lambda y, s: ((s - y) ** 2).mean(axis=1),
+    "mae": lambda y, s: np.abs(s - y).mean(axis=1),
+}
+# The same metrics on one sample, for metric names given to bootstrap_ci
+_SCALAR: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "auroc": auroc, "brier": brier, "accuracy": lambda y, s: accuracy(np.asarray(y).astype(int), (s >= 0.5).astype(int)),
+    "mse": mse, "mae": mae, "auroc_ovr": auroc_ovr,
+}
+
+
+def bootstrap_ci(y: np.ndarray, score: np.ndarray, metric: str | Callable[[np.ndarray, np.ndarray], float],
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval over patients (rows): resample rows with replacement ``n_boot`` times,
+    compute ``metric`` on each resample and take the (1 - level) / 2 and (1 + level) / 2 quantiles.
+    ``metric``: 'auroc', 'brier', 'accuracy' (binary p(1) scores), 'auroc_ovr' ((n, k) class probabilities),
+    'mse', 'mae' (all vectorized over resamples) or any ``f(y, score) -> float`` (e.g. :func:`auroc_ovr` with (n, k) scores). Resamples where the metric
+    is undefined (one class) are dropped; (NaN, NaN) when none is left or there are no rows."""
+    y = np.asarray(y)
+    score = np.asarray(score, dtype=np.float64)
+    n = len(y)
+    if n == 0 or n_boot < 1:
+        return NAN, NAN
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    if isinstance(metric, str):
+        if metric not in _VECTORIZED:
+            raise ValueError(f"unknown metric '{metric}' for bootstrap_ci; known: {sorted(_VECTORIZED)} or a callable")
+        reps = _VECTORIZED[metric](y.astype(np.float64)[idx], score[idx])
+    else:
+        reps = np.array([metric(y[i], score[i]) for i in idx], dtype=np.float64)
+    reps = reps[~np.isnan(reps)]
+    if not reps.size:
+        return NAN, NAN
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def metric_value(metric: str, y: np.ndarray, score: np.ndarray) -> float:
+    """The point estimate of a metric named as in :func:`bootstrap_ci`."""
+    return _SCALAR[metric](y, score)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds and a percentile-bootstrap interval of that mean (resampling the seeds' values; NaNs
+    dropped). The interval lies within [min, max] of the values, so inside the metric's range; it is
+    (m, m, m) for a single value."""
     v = np.asarray([x for x in values if x == x], dtype=np.float64)
     if v.size == 0:
-        return float("nan"), float("nan"), float("nan")
+        return NAN, NAN, NAN
     m = float(v.mean())
     if v.size == 1:
         return m, m, m
-    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(v.size, 1.96)
-    h = t * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return m, m - h, m + h
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return m, float(lo), float(hi)

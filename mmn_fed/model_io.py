@@ -9,6 +9,7 @@ weights loaded in.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import platform
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ from .model import ModelConfig, build_model
 
 FORMAT = "mmn-fed-model"
 VERSION = 1
+
+
+STANDARD_KEYS = ("model_config", "preprocessing", "train_config", "provenance")  # metadata every file has
+
+
+def model_id(path: str | Path) -> str:
+    """A model file's identity: the first 16 hex digits of the SHA-256 of its bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 class ModelFileError(ValueError):
@@ -50,7 +59,10 @@ def build_from_preprocessor(prep: Preprocessor, config: ModelConfig) -> nn.Modul
 
 
 def save_model(path: str | Path, model: nn.Module, prep: Preprocessor, config: ModelConfig,
-               train_config: Mapping | None = None, provenance: Mapping | None = None) -> Path:
+               train_config: Mapping | None = None, provenance: Mapping | None = None,
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a model file. ``extra``: more JSON metadata, e.g. ``audit`` (the training sites' missingness
+    audit, ``AuditResult.to_dict()``) or ``recalibration`` (where a site recalibrated it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -62,6 +74,7 @@ def save_model(path: str | Path, model: nn.Module, prep: Preprocessor, config: M
             "torch": torch.__version__, "python": platform.python_version(),
             **dict(provenance or {}),
         },
+        **{k: v for k, v in dict(extra or {}).items() if k not in STANDARD_KEYS},
     }
     payload = {"format": FORMAT, "version": VERSION,
                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

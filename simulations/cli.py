@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
     p.add_argument("--check", action="store_true", help="validate the scenario, print its plan and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--loso", action="store_true",
+                   help="leave one site out instead: each site in turn is the external site of a federation of the "
+                        "others (first seed; docs/evaluation.md)")
+    p.add_argument("--rounds", type=int, help="with --loso: federated rounds (default: the scenario's)")
     p.set_defaults(func=simulate)
 
 
@@ -38,6 +42,12 @@ def simulate(args) -> int:
         raw = sc.to_dict()
         raw.setdefault("run", {})["seeds"] = args.seeds
         sc = Scenario.from_dict(raw, sc.base_dir)
+    if args.loso:
+        from .loso import run
+
+        out = Path(args.out or Path("runs") / "loso" / sc.name)
+        print(json.dumps(run(sc, out, args.rounds), indent=1))
+        return 0
     from .runner import plan, run_scenario
 
     jobs = plan(sc)

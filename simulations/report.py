@@ -1,13 +1,13 @@
 """Figures and one self-contained ``report.html`` (PNGs embedded as base64) from a scenario's records.
 
 Every number in the report is computed here from the same records written to ``metrics.json``:
-the final-state, all-combinations records, averaged over seeds with ``mmn_fed.metrics.mean_ci95``.
+the final-state, all-combinations records, averaged over seeds with ``mmn_fed.metrics.mean_ci`` (a
+percentile bootstrap over the seeds' values: it stays inside the metric's range and within the seeds' own spread).
 The report reads only what earlier stages wrote in the output directory (records, ``availability.json``,
 each run's ``imc.csv``/``cp.csv``); it never prepares data itself.
 """
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from mmn_fed.figures import pyplot, save_figure
-from mmn_fed.metrics import mean_ci95
+from mmn_fed.figures import img_html, pyplot, save_figure
+from mmn_fed.metrics import mean_ci
 
 from .scenario import Scenario
 
@@ -39,7 +39,8 @@ def primary(sc: Scenario) -> tuple[str, str]:
 
 def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = (), site: str | None = "all",
               task: str | None = None, metric: str | None = None) -> pd.DataFrame:
-    """Mean and 95% CI over seeds of final-state, all-combination records, one row per
+    """Mean over seeds and a 95% percentile-bootstrap interval of that mean (seeds resampled,
+    ``mmn_fed.metrics.mean_ci``) of final-state, all-combination records, one row per
     (sweep values, model, training, condition, site, task, metric)."""
     df = pd.DataFrame(list(records))
     if df.empty:
@@ -54,7 +55,7 @@ def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = 
     keys = [k for k in sweep_keys if k in df.columns] + ["model", "training", "condition", "site", "task", "metric"]
     rows = []
     for group, part in df.groupby(keys, sort=False, dropna=False):
-        m, lo, hi = mean_ci95(part["value"].astype(float).tolist())
+        m, lo, hi = mean_ci(part["value"].astype(float).tolist())
         rows.append({**dict(zip(keys, group)), "mean": m, "ci_low": lo, "ci_high": hi, "seeds": int(part["seed"].nunique())})
     return pd.DataFrame(rows)
 
@@ -129,9 +130,7 @@ def plot_availability(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 # ---- the report -------------------------------------------------------------------------------
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+_img = img_html
 
 
 def _fmt(v: Any) -> str:
@@ -298,7 +297,9 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
     parts.append("<details><summary>All tasks and metrics</summary>" + _table(all_tasks) + "</details>")
     parts.append(f"<details><summary>Scenario file</summary><pre>{html.escape(toml_text)}</pre></details>")
     parts.append("<p class='small'>Numbers: final-state records with combination = all from metrics.json "
-                 "(results.csv holds the same records), mean and t-based 95% CI over seeds.</p>")
+                 "(results.csv holds the same records). Intervals: mean over seeds and a 95% percentile-bootstrap "
+                 "interval of that mean, resampling the seeds' values (so it never leaves the seeds' range: with 3 "
+                 "seeds it shows their spread, not a population interval).</p>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:24px auto;padding:0 16px;color:#222}"
              "table{border-collapse:collapse;margin:8px 0 18px;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:left}th{background:#f2f2f2}figure{margin:12px 0}img{max-width:100%;border:1px solid #eee}"

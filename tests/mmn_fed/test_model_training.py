@@ -14,7 +14,7 @@ from mmn_fed.data import load_builtin
 from mmn_fed.evaluation import evaluate, predict_trajectory
 from mmn_fed.figures import pyplot
 from mmn_fed.interpret import cp, cp_figure, explained_row, imc, imc_figure, plot_imc
-from mmn_fed.metrics import auroc, balanced_accuracy, mean_ci95
+from mmn_fed.metrics import auroc, balanced_accuracy, mean_ci
 from mmn_fed.model import MultiModN, build_model
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import group_by_module, module_of
@@ -262,7 +262,7 @@ def test_auroc_matches_pairwise_definition():
     brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
     assert auroc(y, s) == pytest.approx(brute)
     assert balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.5
-    m, lo, hi = mean_ci95([0.8, 0.82, 0.84])
+    m, lo, hi = mean_ci([0.8, 0.82, 0.84])
     assert lo < m < hi and m == pytest.approx(0.82)
 
 

@@ -45,3 +45,18 @@ def test_the_report_shows_the_tables_it_finds_and_refuses_to_guess(scenario, tmp
     (tmp_path / AVAILABILITY).unlink()
     with pytest.raises(FileNotFoundError, match=AVAILABILITY):
         write_report(scenario, tmp_path, [], {}, {"done": 0, "jobs": 0})
+
+
+def test_seed_intervals_stay_inside_the_metric_range():
+    """Three seeds near 1 (and near 0): a t interval left [0, 1] (1.062, -0.095); the bootstrap cannot."""
+    from simulations.report import summarize
+
+    base = {"model": "multimodn", "training": "local", "condition": "clean", "task": "t", "metric": "auroc",
+            "state": "final", "combination": "all"}
+    records = [{**base, "site": s, "seed": i, "value": v} for s, vals in (("a", [1.0, 0.93, 1.0]), ("b", [0.0, 0.1, 0.02]))
+               for i, v in enumerate(vals)]
+    table = summarize(records, site=None).set_index("site")
+    for s, vals in (("a", [1.0, 0.93, 1.0]), ("b", [0.0, 0.1, 0.02])):
+        eps = 1e-12  # a mean of equal values may round one ulp past them
+        assert min(vals) - eps <= table.loc[s, "ci_low"] <= table.loc[s, "mean"] <= table.loc[s, "ci_high"] <= max(vals) + eps
+        assert table.loc[s, "ci_low"] < table.loc[s, "ci_high"]

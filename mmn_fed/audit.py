@@ -9,7 +9,8 @@ The audit works on mergeable counts, so a federation computes it without moving 
 1. each site counts, per modality (and per column inside it) x classification task x label, the labelled
    rows and how many of them hold the modality (:func:`presence_counts`). Counts between 1 and
    ``min_cell - 1`` never leave the site (small-cell suppression; zeros do, as in common disclosure rules):
-   a table with such a cell is sent as ``suppressed``.
+   a table with such a cell is sent as ``suppressed``, with only the site's own test of it (its p-value and
+   whether the presence rates differ by at least ``min_effect``), so a small site still takes part.
 2. the server tests, per site (pooled counts are confounded by site prevalence), presence against the label
    with Pearson's chi-squared test (Fisher's exact test for 2 x 2 tables with an expected count below 5),
    controls the false discovery rate over all modality x task x site tests (Benjamini-Hochberg), and
@@ -81,7 +82,7 @@ def _classes(schema: Schema, task: str, values: np.ndarray, present: np.ndarray)
 
 
 def presence_counts(schema: Schema, df: pd.DataFrame, min_cell: int = MIN_CELL,
-                    columns: bool = False) -> dict[str, Any]:
+                    columns: bool = False, min_effect: float = MIN_EFFECT) -> dict[str, Any]:
     """One site's audit counts: ``{"tables": [{"kind": "modality"|"column", "name", "task", "labels",
     "n": [...], "present": [...]} | {..., "suppressed": true}]}``. ``n[i]`` rows carry label ``labels[i]``
     and ``present[i]`` of them hold the modality. Regression tasks are not audited."""
@@ -110,7 +111,12 @@ def presence_counts(schema: Schema, df: pd.DataFrame, min_cell: int = MIN_CELL,
             cells = [v for pair in zip(k, (a - b for a, b in zip(n, k))) for v in pair]
             entry: dict[str, Any] = {"kind": kind, "name": name, "task": t, "labels": [str(c) for c in classes]}
             if any(0 < v < min_cell for v in cells):
-                entry["suppressed"] = True
+                # the counts stay here; the site's own test of them leaves (one p-value over all its labelled rows,
+                # and whether the rates differ by the audit's smallest effect), so small sites still count
+                p, _ = _test(n, k)
+                rates = [b / a for a, b in zip(n, k) if a]
+                entry.update(suppressed=True, p_value=None if p != p else p,
+                             large_effect=bool(len(rates) >= 2 and max(rates) - min(rates) >= min_effect))
             else:
                 entry.update(n=n, present=k)
             tables.append(entry)
@@ -143,7 +149,10 @@ class Finding:
 
     def describe(self) -> str:
         if self.suppressed:
-            return f"{self.site}: {self.kind} {self.name} x {self.task}: suppressed (a cell below the minimum count)"
+            verdict = ("LABEL-DEPENDENT (tested at the site)" if self.flagged else
+                       f"q = {self.q_value:.2g}, tested at the site" if self.q_value == self.q_value else "not testable")
+            return (f"{self.site}: {self.kind} {self.name} x {self.task}: counts suppressed (a cell below the minimum "
+                    f"count); {verdict}")
         rates = ", ".join(f"{r:.0%} of {lab}" for lab, r in zip(self.labels, self.rates) if r == r)
         tail = "LABEL-DEPENDENT" if self.flagged else "no evidence" if self.q_value >= ALPHA else "small effect"
         return (f"{self.site}: {self.kind} {self.name} present for {rates} ({self.task}); "
@@ -231,7 +240,9 @@ def audit(site_counts: Mapping[str, Mapping[str, Any]], alpha: float = ALPHA, mi
             base = dict(site=str(site), kind=str(t["kind"]), name=str(t["name"]), task=str(t["task"]),
                         labels=tuple(t["labels"]))
             if t.get("suppressed"):
-                raw.append((Finding(**base, suppressed=True), float("nan"), float("nan")))
+                p = t.get("p_value")
+                raw.append((Finding(**base, suppressed=True), float("nan") if p is None else float(p), float("nan"),
+                            bool(t.get("large_effect", False))))
                 continue
             n, k = tuple(int(v) for v in t["n"]), tuple(int(v) for v in t["present"])
             if len(n) != len(base["labels"]) or len(k) != len(n) or any(b > a or b < 0 for a, b in zip(n, k)):
@@ -243,8 +254,11 @@ def audit(site_counts: Mapping[str, Mapping[str, Any]], alpha: float = ALPHA, mi
     q = benjamini_hochberg([r[1] for r in raw])
     findings = []
     for (f, p, v, *rest), qi in zip(raw, q):
-        if f.suppressed:
-            findings.append(f)
+        if f.suppressed:  # tested at the site: only its p-value and whether the effect is large came here
+            large = rest[0]
+            findings.append(Finding(**{**{k: getattr(f, k) for k in ("site", "kind", "name", "task", "labels")},
+                                       "suppressed": True, "p_value": p, "q_value": float(qi),
+                                       "flagged": bool(qi == qi and qi < alpha and large)}))
             continue
         diff = rest[0]
         flagged = bool(qi == qi and qi < alpha and diff == diff and diff >= min_effect)

@@ -60,9 +60,13 @@ def test_counts_are_exact_and_small_cells_never_leave_the_site():
     sent = presence_counts(schema, small, min_cell=10)
     for t in sent["tables"]:
         assert t.get("suppressed") is True and "n" not in t and "present" not in t
+        assert set(t) == {"kind", "name", "task", "labels", "suppressed", "p_value", "large_effect"}
     res = audit({"small": sent})
-    assert all(f.suppressed and not f.flagged for f in res.findings)
-    assert "suppressed" in res.findings[0].describe()
+    assert all(f.suppressed and not f.n and not f.present for f in res.findings)
+    # the site's own test still counts: its MNAR modality is found, the others are not
+    assert res.flagged() == {"m_mnar": "y"}
+    mnar = next(f for f in res.findings if f.name == "m_mnar")
+    assert "counts suppressed" in mnar.describe() and "tested at the site" in mnar.describe()
     # zeros are not small cells: a complete modality is counted (present == n)
     full = next(t for t in presence_counts(schema, df, 10)["tables"] if t["name"] == "complete")
     assert full["present"] == full["n"]

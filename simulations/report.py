@@ -170,26 +170,37 @@ def read_audits(out: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def audit_table(audit: Mapping[str, Any]) -> pd.DataFrame:
-    """The audit's unsuppressed modality findings, one row per (site, modality, task), strongest first."""
-    rows = [{"site": f["site"], "modality": f["name"], "task": f["task"],
-             "presence by label": ", ".join(f"{lab}: {r:.0%}" for lab, r in zip(f["labels"], f["rates"]) if r is not None),
-             "difference": f["rate_difference"], "q": f["q_value"], "label-dependent": "yes" if f["flagged"] else ""}
-            for f in audit["findings"] if f["kind"] == "modality" and not f["suppressed"]]
+    """The audit's tested modality findings, one row per (site, modality, task), strongest first. Tables that
+    could not be tested (a modality every row holds) are left out; suppressed ones show the site's verdict."""
+    rows = []
+    for f in audit["findings"]:
+        if f["kind"] != "modality" or f["q_value"] is None:
+            continue
+        shares = ("counts suppressed at the site" if f["suppressed"] else
+                  ", ".join(f"{lab}: {r:.0%}" for lab, r in zip(f["labels"], f["rates"]) if r is not None))
+        diff = f.get("rate_difference")
+        rows.append({"site": f["site"], "modality": f["name"], "task": f["task"],
+                     "presence by label": shares, "difference": "–" if diff is None else f"{diff:.2f}",
+                     "q": f"{f['q_value']:.2g}", "label-dependent": "yes" if f["flagged"] else ""})
     df = pd.DataFrame(rows)
     return df.sort_values(["label-dependent", "difference"], ascending=False).reset_index(drop=True) if len(df) else df
 
 
-def _missingness_html(records: Iterable[Mapping[str, Any]], audits: list[tuple[str, dict[str, Any]]]) -> str:
+def _missingness_html(records: Iterable[Mapping[str, Any]], audits: list[tuple[str, dict[str, Any]]],
+                      sweep_keys: Iterable[str] = ()) -> str:
     """What each model did about label-dependent missingness (from the records), and the training audit."""
     seen = {}
     for r in records:
-        key = (r.get("model"), r.get("training"), r.get("missingness") or "off")
+        key = (", ".join(f"{k} = {r.get(k)}" for k in sweep_keys), r.get("model"), r.get("training"),
+               r.get("missingness") or "off")
         seen.setdefault(key, set()).add(r.get("corrected") or "")
     items = []
-    for (model, training, mode), corrected in sorted(seen.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (point, model, training, mode), corrected in sorted(seen.items(), key=lambda kv: tuple(map(str, kv[0]))):
         what = "; ".join(sorted(c.replace(",", ", ") or "nothing" for c in corrected))
-        items.append(f"<li><b>{html.escape(str(model))}</b> ({html.escape(str(training))}): missingness = "
-                     f"<code>{html.escape(mode)}</code>; presence balanced against the label for: {html.escape(what)}</li>")
+        where = f"{html.escape(point)}: " if point else ""
+        items.append(f"<li>{where}<b>{html.escape(str(model))}</b> ({html.escape(str(training))}): missingness = "
+                     f"<code>{html.escape(mode)}</code>; presence balanced against the label for: {html.escape(what)} "
+                     "(over seeds)</li>")
     out = ["<h2>Missingness audit and correction</h2>",
            "<p>Each site tests, on its training rows, whether a modality's presence depends on the label "
            "(chi-squared / Fisher, Benjamini-Hochberg over all tests; counts below the minimum cell count stay at "
@@ -283,7 +294,7 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
                  f"{list(sc.run.seeds)}; test share {sc.test.fraction:.0%} of each site.</p>")
     if notes:
         parts.append(f"<ul>{notes}</ul>")
-    parts.append(_missingness_html(records, read_audits(out)))
+    parts.append(_missingness_html(records, read_audits(out), keys))
     parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
     parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
                  "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")

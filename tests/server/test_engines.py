@@ -46,7 +46,9 @@ def test_deployment_engine_on_loopback_with_tls_and_node_auth(heart_sites, tmp_p
     # the nodes authenticated with their own keys over TLS: the files the deployment made for that
     assert sorted(p.name for p in (tmp_path / "deploy" / "credentials" / "nodes").glob("*.pub")) == ["node0.pub",
                                                                                                     "node1.pub"]
-    inproc = run_federation(two, schema, rounds=2, seed=0, run_dir=tmp_path / "inproc", **{**FAST, "val_fraction": 0.2})
+    # the same settings as the deployment's run config (everything else at its default, keep-best included)
+    inproc = run_federation(two, schema, rounds=2, seed=0, run_dir=tmp_path / "inproc", local_epochs=1, state_size=8,
+                            hidden=8, val_fraction=0.2)
     assert max_diff(inproc.trained.model.state_dict(), res.trained.model.state_dict()) <= 1e-6
     assert [h["train"]["train_loss"] for h in res.history] == pytest.approx(
         [h["train"]["train_loss"] for h in inproc.history], abs=1e-6)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmn_fed.metrics import mean_ci
+
 DATASETS = {  # builtin, sites, MNAR modality, task
     "heart": ("heart", {"by": "dataset"}, "exercise_ecg", "disease"),
     "support2": ("support2", {"iid": 4}, "labs", "death_180d"),
@@ -107,16 +109,8 @@ def run_one(dataset: str, variant: str, seed: int, out: str) -> dict:
     return rec
 
 
-def boot_ci(values, n_boot: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval of the mean (resampling seeds)."""
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    return float(v.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def fmt(values) -> str:
-    m, lo, hi = boot_ci(values)
+    m, lo, hi = mean_ci(values)
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -134,11 +128,11 @@ def report(dataset: str, recs: list[dict], seeds: list[int]) -> None:
     d_flip = pair("mmn auto", "oracle", "mnar_flipped")
     d_clean = pair("oracle", "mmn off, no MNAR", "clean")
     if d_flip:
-        m = boot_ci(d_flip)[0]
+        m = mean_ci(d_flip)[0]
         print(f"paired MultiModN flipped - oracle flipped: {fmt(d_flip)} per seed {np.round(d_flip, 3).tolist()} "
               f"-> {'met' if m >= -0.02 else 'MISSED'} (>= -0.02)")
     if d_clean:
-        m = boot_ci(d_clean)[0]
+        m = mean_ci(d_clean)[0]
         print(f"no injected MNAR, clean test, auto - off: {fmt(d_clean)} per seed {np.round(d_clean, 3).tolist()} "
               f"-> {'met' if m >= -0.01 else 'MISSED'} (>= -0.01)")
     d_pf = pair("mmn auto", "pfusion off", "mnar_flipped")

@@ -110,14 +110,9 @@ def logistic_regression(split: Split, inner_cv: bool = True):
 
 
 def bootstrap_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUROC and its 95% percentile-bootstrap interval over patients (resamples with one class skipped)."""
-    from sklearn.metrics import roc_auc_score
+    """AUROC and its 95% percentile-bootstrap interval over patients (``mmn_fed.metrics.bootstrap_ci``)."""
+    from mmn_fed.metrics import auroc
+    from mmn_fed.metrics import bootstrap_ci as patient_bootstrap
 
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if 0 < y[i].sum() < len(i):
-            stats.append(roc_auc_score(y[i], p[i]))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(roc_auc_score(y, p)), float(lo), float(hi)
+    lo, hi = patient_bootstrap(y, p, "auroc", n_boot=n_boot, seed=seed)
+    return float(auroc(y, p)), float(lo), float(hi)

@@ -259,7 +259,8 @@ RULES: tuple[Rule, ...] = (
          "secure aggregation hides each site's update, which the robust rules need: use aggregation = \"mean\"",
          lambda s: s.secure_aggregation and s.aggregation != "mean"),
     Rule(("keep-best", "val-fraction"),
-         "keep-best picks the round by the federated validation score: it needs validation rows (val-fraction > 0)",
+         "keep-best picks the round by the federated validation score: it needs validation rows (val-fraction > 0; "
+         "or keep-best = false)",
          lambda s: s.keep_best and s.val_fraction == 0),
     Rule(("patience-rounds", "val-fraction"),
          "early stopping watches the federated validation score: it needs validation rows (val-fraction > 0; "

@@ -32,7 +32,7 @@ from splits import Split, bootstrap_ci, load_split, logistic_regression  # noqa:
 from mmn_fed import ModelConfig, TrainConfig, train_centralized  # noqa: E402
 from mmn_fed.data import encode  # noqa: E402
 from mmn_fed.evaluation import predict_final  # noqa: E402
-from mmn_fed.metrics import mean_ci95  # noqa: E402
+from mmn_fed.metrics import mean_ci  # noqa: E402
 from mmn_fed.settings import DEFAULTS  # noqa: E402
 from server.engines import run_federation  # noqa: E402
 
@@ -85,8 +85,8 @@ def compare(args, work: Path) -> None:
             if not res:
                 continue
             auc = [r[0] for r in res]
-            m, lo, hi = mean_ci95(auc)
-            d = mean_ci95([a - lr[0] for a in auc])
+            m, lo, hi = mean_ci(auc)
+            d = mean_ci([a - lr[0] for a in auc])
             print(f"  {'MultiModN ' + kind + ' (defaults)':<34}{fmt((m, lo, hi)):>34}{fmt(d):>30}")
         if info:
             print(f"  federated rounds run: {[i[0] for i in info]} (final model = rounds {[i[1] for i in info]}); "

@@ -131,11 +131,42 @@ def first_task_score(entry: dict, schema) -> float:
     return entry["federated_eval"].get(f"{next(iter(schema.tasks))}/auroc", -float("inf"))
 
 
+def _smoothed(values: list[float], k: int = 3) -> list[float]:
+    """Trailing mean of the last ``k`` rounds' scores (a round's own score while fewer exist)."""
+    return [float(np.mean(values[max(0, i - k + 1): i + 1])) for i in range(len(values))]
+
+
+def _weighted(h, schema) -> list[float]:
+    """The validation score before the pooled Brier: the task-weighted mean of the n-weighted per-site AUROCs."""
+    out = []
+    for e in h:
+        cls = [(t.weight, e["federated_eval"].get(f"{t.name}/auroc")) for t in schema.tasks.values()
+               if t.kind != "regression"]
+        cls = [(w, v) for w, v in cls if v is not None and v == v and w > 0]
+        out.append(sum(w * v for w, v in cls) / sum(w for w, _ in cls) if cls else -float("inf"))
+    return out
+
+
+def _brier(h, schema) -> list[float]:
+    """The default validation score (server.app.validation_score): minus the task-weighted pooled Brier."""
+    from server.app import validation_score
+    return [validation_score(e["federated_eval"], schema) for e in h]
+
+
+SCORES = {  # --selection: candidate validation scores, each a list over the rounds of a history
+    "weighted mean AUROC": _weighted,
+    "first task AUROC": lambda h, schema: [first_task_score(e, schema) for e in h],
+    "smoothed (3) AUROC": lambda h, schema: _smoothed(_weighted(h, schema)),
+    "pooled Brier (default)": _brier,
+    "smoothed (3) Brier": lambda h, schema: _smoothed(_brier(h, schema)),
+}
+
+
 def selection(args, work: Path) -> None:
     """How to pick the round, measured without test rows: a pooled 25% of the TRAINING rows ("dev", stratified)
     is held out of the federation; every round is run (patience off) and scored on dev; then each rule
     (validation score x patience) is replayed on the history: the round it keeps and that round's dev AUROC."""
-    from server.app import should_stop, validation_score
+    from server.app import should_stop
     from sklearn.model_selection import train_test_split
 
     for name in args.datasets:
@@ -149,18 +180,21 @@ def selection(args, work: Path) -> None:
         sub = split.train.iloc[tr]
         sites = {s: sub[site[tr] == s].reset_index(drop=True) for s in sorted(set(site[tr]))}
         devdf = split.train.iloc[dev].reset_index(drop=True)
-        rules = {(score, p): [] for score in ("weighted mean AUROC", "first task AUROC") for p in (5, 10, 15, 20, 0)}
+        rules = {(score, p): [] for score in SCORES for p in (5, 10, 15, 20, 0)}
+        central = []
         for seed in range(args.seeds):
             fed = run_federation(sites, split.schema, seed=seed, rounds=args.rounds, patience_rounds=0,
                                  run_dir=work / f"sel-{name}-{seed}", test_sites={"dev": devdf})
             h = fed.history
             dev_auc = [e["test"][f"{split.task}/auroc"] for e in h]
+            if args.central:
+                c = train_centralized(sub.reset_index(drop=True), split.schema, ModelConfig(), TrainConfig(seed=seed))
+                yd, ld = split.labels(devdf)
+                central.append(bootstrap_ci(yd[ld].astype(int), mmn_predict(c.trained, split.task)(devdf[ld]))[0])
             for (score, p), out in rules.items():
-                f = (lambda e: validation_score(e["federated_eval"], split.schema)) if score.startswith("weighted") \
-                    else (lambda e: first_task_score(e, split.schema))
+                values = SCORES[score](h, split.schema)
                 best, best_r = -float("inf"), 0
-                for e in h:
-                    v = f(e)
+                for e, v in zip(h, values):
                     if v > best:
                         best, best_r = v, e["round"]
                     if should_stop(e["round"], best_r, p):
@@ -169,6 +203,8 @@ def selection(args, work: Path) -> None:
             print(f"  {name} seed {seed}: dev AUROC by round (max {max(dev_auc):.3f} at {1 + int(np.argmax(dev_auc))}, "
                   f"last {dev_auc[-1]:.3f})", flush=True)
         print(f"\n{name}: {args.rounds} rounds, {args.seeds} seeds; rule -> dev AUROC of the kept round (mean), rounds run")
+        if central:
+            print(f"  centralized MultiModN (defaults) on the same rows: dev {np.mean(central):.4f} {np.round(central, 3)}")
         for (score, p), out in rules.items():
             print(f"  {score:<22} patience {p if p else 'off':>3}: dev {np.mean([o[0] for o in out]):.4f}  "
                   f"rounds run {[o[1] for o in out]}  kept {[o[2] for o in out]}")
@@ -185,6 +221,7 @@ def main() -> None:
     ap.add_argument("--selection", action="store_true", help="replay round-selection rules on a dev split of the "
                                                                "training rows (no test rows)")
     ap.add_argument("--rounds", type=int, default=60, help="--selection: rounds run")
+    ap.add_argument("--central", action="store_true", help="--selection: also centralized MultiModN on the same rows")
     ap.add_argument("--configs", help='--tune: a JSON list of grid points instead of the grid, e.g. \'[{"lr": 0.01}]\'')
     ap.add_argument("--work", help="run directories (default: a temporary directory)")
     args = ap.parse_args()

@@ -31,7 +31,7 @@ from edge_runtime.schema import Schema
 from .audit import MIN_EFFECT, audit_frame
 from .data import TensorData, check_columns, derive_labels, frame_to_columns, read_table
 from .evaluation import combination_key, predict_final, write_metrics
-from .metrics import bootstrap_ci, reliability, task_metrics
+from .metrics import bootstrap_ci, brier_multiclass, reliability, task_metrics
 from .model_io import TrainedModel, load_model, model_id, save_model
 
 RECALIBRATION_MIN_ROWS = 100  # below this (or 10 events) a recalibration is noisy: warn
@@ -211,10 +211,10 @@ def subgroup_keys(df: pd.DataFrame, column: str, schema: Schema) -> np.ndarray:
     return np.array([names[v] if v == v else f"{column}=missing" for v in q], dtype=object)
 
 
-def _ci_metric(kind: str, metric: str):
+def _ci_metric(kind: str, metric: str):  # -> a bootstrap_ci metric name or function
     """What bootstrap_ci computes for a metric of a task kind (None: no interval, e.g. balanced accuracy)."""
     if kind == "multiclass":
-        return "auroc_ovr" if metric == "auroc" else None
+        return {"auroc": "auroc_ovr", "brier": brier_multiclass}.get(metric)
     return metric if metric in ("auroc", "brier", "accuracy", "mse", "mae") else None
 
 

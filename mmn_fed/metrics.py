@@ -61,6 +61,16 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
     return float(skm.brier_score_loss(np.asarray(y).astype(int), p, pos_label=1)) if len(y) else NAN
 
 
+def brier_multiclass(y: np.ndarray, proba: np.ndarray) -> float:
+    """Half the mean squared distance between the probability vector and the one-hot label: in [0, 1], and
+    equal to ``brier`` for two classes (lower is better)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if not len(y):
+        return NAN
+    onehot = np.eye(proba.shape[1])[np.asarray(y).astype(int)]
+    return float(0.5 * np.mean(np.sum((proba - onehot) ** 2, axis=1)))
+
+
 def mse(y: np.ndarray, pred: np.ndarray) -> float:
     return float(skm.mean_squared_error(y, pred)) if len(y) else NAN
 
@@ -93,7 +103,8 @@ def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]
     if kind == "multiclass":
         hard = pred.argmax(axis=1)
         y = y.astype(int)
-        return {"auroc": auroc_ovr(y, pred), "balanced_accuracy": balanced_accuracy(y, hard), "accuracy": accuracy(y, hard)}
+        return {"auroc": auroc_ovr(y, pred), "balanced_accuracy": balanced_accuracy(y, hard), "accuracy": accuracy(y, hard),
+                "brier": brier_multiclass(y, pred)}
     return {"mse": mse(y, pred), "mae": mae(y, pred)}
 
 

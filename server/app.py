@@ -7,6 +7,7 @@ hooks do the protocol and ``server.aggregation`` does the arithmetic.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -114,17 +115,38 @@ def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, 
 
 
 def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
-                            cfg: FederationConfig) -> tuple[Preprocessor, AuditResult]:
+                            cfg: FederationConfig) -> tuple[Preprocessor, AuditResult, dict[str, str]]:
     """Sites send mergeable summaries and missingness-audit counts of their training rows (never rows); the
-    server merges the summaries and tests each site's presence-vs-label tables (``mmn_fed.audit``)."""
+    server merges the summaries and tests each site's presence-vs-label tables (``mmn_fed.audit``). Also
+    returns a digest of each site's summary (site name -> sha256), which tells a resumed run whether a site's
+    data changed."""
     replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
                     cfg.timeout)
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
-    merged = merge_summaries([R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered])
+    summaries = {str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered}
+    merged = merge_summaries(list(summaries.values()))
     check_summary(schema, merged, f" pooled over {len(ordered)} site(s)")  # one-class pooled labels: stop before round 1
     prep = Preprocessor.from_summary(schema, merged)
     found = audit({str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.AUDIT_RECORD]) for r in ordered})
-    return prep, found
+    digests = {name: hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()
+               for name, s in summaries.items()}
+    return prep, found, digests
+
+
+def check_site_data(run_dir: Path, grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> None:
+    """Before resuming: each site that answers must summarize the same training rows as when the run began
+    (``run_dir/site_data.json``); a changed site is refused by name (the checkpoint, audit and preprocessing
+    were computed from the old rows). A site that is absent now is not compared."""
+    path = run_dir / "site_data.json"
+    if not path.exists():  # a run directory from before this check
+        return
+    before = json.loads(path.read_text())
+    _, _, now = federated_preprocessing(grid, nodes, schema, cfg)
+    changed = sorted(n for n, d in now.items() if before.get(n) != d)
+    if changed:
+        raise FederationError(
+            f"{run_dir}: the training data of site(s) {changed} changed since this run began (their summaries differ "
+            f"from {path.name}); its checkpoint was trained on the old rows. Use a new run directory, or restore the data")
 
 
 def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | None, schema: Schema) -> dict[str, Any]:
@@ -165,9 +187,11 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         best = (ckpt["best"]["score"], ckpt["best"]["round"], ckpt["best"]["params"])
         strategy.load_state(ckpt["strategy"])
         torch.set_rng_state(ckpt["rng"])
+        check_site_data(run_dir, grid, nodes, schema, cfg)
         log(INFO, "resuming %s after round %d", run_dir, ckpt["round"])
     else:
-        fitted, found = federated_preprocessing(grid, nodes, schema, cfg)
+        fitted, found, digests = federated_preprocessing(grid, nodes, schema, cfg)
+        _write_json(run_dir / "site_data.json", digests)
         prep_json = json.dumps(fitted.to_dict(), sort_keys=True)
         torch.manual_seed(cfg.seed)
         model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config())
@@ -246,15 +270,17 @@ def should_stop(rnd: int, best_round: int, patience: int) -> bool:
 
 
 def validation_score(eval_metrics, schema: Schema) -> float:
-    """Higher is better; -inf if unavailable. The mean AUROC of the classification tasks, weighted by their
-    task weights, each AUROC n-weighted over sites (one noisy task does not pick the round alone; see
-    docs/federation.md, "How many rounds"); a schema with regression tasks only: the first one's -MSE."""
+    """Higher is better; -inf if unavailable. Minus the Brier score of the classification tasks, a mean
+    weighted by their task weights; each task's Brier is n-weighted over the sites, which makes it exactly the
+    Brier score of all validation rows pooled (the mean of a per-row loss, unlike AUROC). A schema with
+    regression tasks only: the first one's -MSE. Why Brier and not the per-site AUROC: docs/federation.md,
+    "How many rounds"."""
     metrics = dict(eval_metrics or {})
-    ok = lambda v: v is not None and v == v  # noqa: E731  (NaN: a site without both classes)
-    cls = [(t.weight, metrics.get(f"{t.name}/auroc")) for t in schema.tasks.values() if t.kind != "regression"]
+    ok = lambda v: v is not None and v == v  # noqa: E731  (NaN: no labelled validation row for that task)
+    cls = [(t.weight, metrics.get(f"{t.name}/brier")) for t in schema.tasks.values() if t.kind != "regression"]
     cls = [(w, float(v)) for w, v in cls if ok(v) and w > 0]
     if cls:
-        return sum(w * v for w, v in cls) / sum(w for w, _ in cls)
+        return -sum(w * v for w, v in cls) / sum(w for w, _ in cls)
     if any(t.kind != "regression" for t in schema.tasks.values()):
         return -float("inf")
     v = metrics.get(f"{next(iter(schema.tasks.values())).name}/mse")

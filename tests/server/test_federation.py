@@ -120,13 +120,28 @@ def test_checkpoint_from_other_settings_is_refused(heart_sites, tmp_path):
         run_federation(small, schema, rounds=2, run_dir=tmp_path / "run", lr=0.1, **FAST)
 
 
+def test_resuming_after_a_site_changed_its_rows_is_refused_and_names_the_site(heart_sites, tmp_path):
+    from server.app import FederationError
+
+    sites, schema = heart_sites
+    small = {n: df.iloc[:40] for n, df in list(sites.items())[:2]}
+    run_federation(small, schema, rounds=1, run_dir=tmp_path / "run", **FAST)
+    again = run_federation(small, schema, rounds=2, run_dir=tmp_path / "run", **FAST)  # same rows: resumes
+    assert [h["round"] for h in again.history] == [1, 2]
+    name = list(small)[1]
+    changed = {**small, name: small[name].iloc[:30]}
+    with pytest.raises(FederationError, match=rf"site\(s\) \['{name}'\] changed"):
+        run_federation(changed, schema, rounds=3, run_dir=tmp_path / "run", **FAST)
+
+
 def test_keep_best_returns_the_round_with_the_best_federated_validation(heart_sites, tmp_path):
     sites, schema = heart_sites
     small = {n: df.iloc[:80] for n, df in sites.items()}
     res = run_federation(small, schema, rounds=3, run_dir=tmp_path / "run", val_fraction=0.25, keep_best=True, **FAST)
     best = res.history[-1]["best_round"]
-    scores = [h["federated_eval"]["disease/auroc"] for h in res.history]
+    scores = [-h["federated_eval"]["disease/brier"] for h in res.history]  # the validation score: minus the Brier
     assert best == 1 + scores.index(max(scores))
+    assert [h["validation_score"] for h in res.history] == scores
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     state = res.trained.model.state_dict()
     assert all(torch.equal(state[k], ck["best"]["params"][k]) for k in state)
@@ -160,8 +175,9 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
 
 
 class ScriptedValidation:
-    """The real ClientApp, whose evaluation replies report a scripted disease AUROC per round (the one
-    quantity the server's model selection reads), so that the best round and the stop are known; it keeps
+    """The real ClientApp, whose evaluation replies report a scripted disease Brier score per round (1 - the
+    scripted score: the one quantity the server's model selection reads, as minus the Brier), so that the best
+    round and the stop are known; it keeps
     the global parameters each evaluate message carried, per round."""
 
     def __init__(self, scores):
@@ -178,8 +194,8 @@ class ScriptedValidation:
             self.sent[rnd] = {k: msg.content[P.ARRAYS][k].numpy().copy() for k in msg.content[P.ARRAYS].keys()}
             recs = R.from_json_record(reply.content[P.RECORDS])
             for rec in recs:
-                if rec["task"] == "disease" and rec["metric"] == "auroc":
-                    rec["value"] = self.scores[rnd - 1]
+                if rec["task"] == "disease" and rec["metric"] == "brier":
+                    rec["value"] = 1.0 - self.scores[rnd - 1]
             reply.content[P.RECORDS] = R.json_record(recs)
         return reply
 
@@ -203,7 +219,7 @@ def test_early_stopping_stops_when_validation_stops_improving_and_keeps_the_best
     assert [h["round"] for h in res.history] == [1, 2, 3, 4, 5]  # rounds 3, 4, 5 did not beat round 2
     assert res.history[-1]["stopped"] == {"after_round": 5, "patience_rounds": 3, "best_round": 2}
     assert res.extra["selection"]["rounds_run"] == 5 and res.extra["selection"]["final_round"] == 2
-    assert res.extra["selection"]["stopped_early"] and res.extra["selection"]["best_validation_score"] == 0.80
+    assert res.extra["selection"]["stopped_early"] and res.extra["selection"]["best_validation_score"] == pytest.approx(-0.20)
     assert res.trained.metadata["provenance"]["final_round"] == 2
     state = res.trained.model.state_dict()
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
@@ -238,14 +254,29 @@ def test_resuming_a_stopped_run_with_more_rounds_does_not_continue_past_the_stop
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_score_is_the_task_weighted_mean_auroc_of_the_classification_tasks():
+def test_validation_score_is_minus_the_task_weighted_pooled_brier_of_the_classification_tasks():
     from mmn_fed import load_builtin
     from server.app import validation_score
 
     schema = load_builtin("support2")[1]  # death_180d (weight 1), death (0.5), sfdm2 (multiclass, 0.5)
-    m = {"death_180d/auroc": 0.8, "death/auroc": 0.7, "sfdm2/auroc": 0.6, "death_180d/accuracy": 0.99}
-    assert validation_score(m, schema) == pytest.approx((0.8 + 0.5 * 0.7 + 0.5 * 0.6) / 2.0)
-    nan = {**m, "death/auroc": float("nan")}  # a task no site could score is left out, not counted as 0
-    assert validation_score(nan, schema) == pytest.approx((0.8 + 0.5 * 0.6) / 1.5)
+    m = {"death_180d/brier": 0.2, "death/brier": 0.1, "sfdm2/brier": 0.3, "death_180d/auroc": 0.99}
+    assert validation_score(m, schema) == pytest.approx(-(0.2 + 0.5 * 0.1 + 0.5 * 0.3) / 2.0)
+    nan = {**m, "death/brier": float("nan")}  # a task no site could score is left out, not counted as 0
+    assert validation_score(nan, schema) == pytest.approx(-(0.2 + 0.5 * 0.3) / 1.5)
     assert validation_score({}, schema) == -float("inf")
-    assert validation_score({"disease/auroc": 0.9}, schema.subset(tasks=["death"])) == -float("inf")
+    assert validation_score({"disease/brier": 0.1}, schema.subset(tasks=["death"])) == -float("inf")
+
+
+def test_the_n_weighted_site_brier_is_the_pooled_brier_and_the_multiclass_brier_reduces_to_the_binary():
+    import numpy as np
+
+    from mmn_fed.metrics import brier, brier_multiclass
+
+    rng = np.random.default_rng(0)
+    sites = [(rng.integers(0, 2, n), rng.random(n)) for n in (7, 30, 120)]
+    weighted = sum(brier(y, p) * len(y) for y, p in sites) / sum(len(y) for y, _ in sites)
+    pooled = brier(np.concatenate([y for y, _ in sites]), np.concatenate([p for _, p in sites]))
+    assert weighted == pytest.approx(pooled)
+    y, p = sites[1]
+    assert brier_multiclass(y, np.stack([1 - p, p], axis=1)) == pytest.approx(brier(y, p))
+    assert brier_multiclass(np.array([0, 2]), np.array([[1.0, 0, 0], [1.0, 0, 0]])) == pytest.approx(0.5)

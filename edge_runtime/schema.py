@@ -38,9 +38,22 @@ class Task:
     expression: str | None = None
     classes: tuple[str, ...] | None = None
     weight: float = 1.0
+    # per-step ("continuous") tasks of a time-series schema (docs/timeseries.md):
+    event_time: str | None = None  # binary: the event happens within ``horizon`` after the step (column = status)
+    horizon: float | None = None
+    ahead: int | None = None  # regression: the value of ``column`` that many steps later
+
+    @property
+    def per_step(self) -> bool:
+        """A target per time step (derived from the step's time), not one label per subject."""
+        return self.event_time is not None or self.ahead is not None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"column": self.column, "kind": self.kind, "weight": self.weight}
+        if self.event_time is not None:
+            d["event_time"], d["horizon"] = self.event_time, self.horizon
+        if self.ahead is not None:
+            d["ahead"] = self.ahead
         if self.threshold is not None:
             d["threshold"] = self.threshold
         if self.positive is not None:
@@ -50,6 +63,62 @@ class Task:
         if self.classes is not None:
             d["classes"] = list(self.classes)
         return d
+
+
+COMBINE = ("last", "mean", "min", "max")
+
+
+@dataclass(frozen=True)
+class TimeSeries:
+    """The ``[timeseries]`` section: the table has one row per (subject ``id``, ``time``) observation, as a
+    visit table (pbcseq) or a long table pivoted to one; ``modalities`` are encoded at every step, the
+    others once per subject (static). ``step``: "visit" (each distinct time is a step) or a fixed width in
+    time units; ``combine``: how several rows in one step combine; ``max_steps``: keep each subject's last
+    that many steps (0 = all). See docs/timeseries.md."""
+
+    id: str
+    time: str
+    modalities: tuple[str, ...]
+    step: str | float = "visit"
+    combine: str = "last"
+    max_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "time": self.time, "modalities": list(self.modalities), "step": self.step,
+                "combine": self.combine, "max_steps": self.max_steps}
+
+    @classmethod
+    def from_dict(cls, raw: Any, modalities: Mapping[str, tuple[str, ...]]) -> "TimeSeries":
+        if not isinstance(raw, Mapping):
+            raise SchemaError("[timeseries] must be a table with id, time and modalities")
+        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps"}
+        if extra:
+            raise SchemaError(f"[timeseries] has unknown key(s) {sorted(extra)}; expected id, time, modalities, step, "
+                              "combine, max_steps")
+        for k in ("id", "time"):
+            if not isinstance(raw.get(k), str) or not raw.get(k):
+                raise SchemaError(f"[timeseries] needs {k} = \"<column>\" (the subject id and the observation time)")
+        mods = raw.get("modalities")
+        if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not mods:
+            raise SchemaError("[timeseries] modalities must list the modalities observed at every step, e.g. "
+                              "modalities = [\"labs\"]")
+        for m in mods:
+            if m not in modalities:
+                raise SchemaError(f"[timeseries] modalities names '{m}', which is not in [modalities] ({list(modalities)})")
+        step = raw.get("step", "visit")
+        if step != "visit" and not (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0):
+            raise SchemaError(f"[timeseries] step must be \"visit\" or a positive width in time units, got {step!r}")
+        combine = raw.get("combine", "last")
+        if combine not in COMBINE:
+            raise SchemaError(f"[timeseries] combine must be one of {COMBINE}, got {combine!r}")
+        max_steps = raw.get("max_steps", 0)
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
+            raise SchemaError(f"[timeseries] max_steps must be an integer >= 0 (0 = all steps), got {max_steps!r}")
+        inputs = {c for cols in modalities.values() for c in cols}
+        for k in ("id", "time"):
+            if raw[k] in inputs:
+                raise SchemaError(f"[timeseries] {k} column '{raw[k]}' is also a modality input")
+        return cls(raw["id"], raw["time"], tuple(mods), step if step == "visit" else float(step), combine, max_steps)
 
 
 @dataclass(frozen=True)
@@ -63,6 +132,7 @@ class Schema:
     missing_codes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     site_column: str | None = None
     source: str = field(default="", compare=False)  # the TOML file it was read from, for messages
+    timeseries: TimeSeries | None = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -70,9 +140,10 @@ class Schema:
         """Validate a parsed TOML/JSON schema and build it. Raises SchemaError naming the problem."""
         if not isinstance(raw, Mapping):
             raise SchemaError("schema must be a table with [modalities] and [tasks.<name>]")
-        unknown = set(raw) - {"modalities", "tasks", "columns", "sites"}
+        unknown = set(raw) - {"modalities", "tasks", "columns", "sites", "timeseries"}
         if unknown:
-            raise SchemaError(f"unknown schema section(s) {sorted(unknown)}; expected modalities, tasks, columns, sites")
+            raise SchemaError(f"unknown schema section(s) {sorted(unknown)}; expected modalities, tasks, columns, sites, "
+                              "timeseries")
         mods_raw = _ordered_table(raw.get("modalities"), "columns")
         if not isinstance(mods_raw, Mapping) or not mods_raw:
             raise SchemaError("schema needs a non-empty [modalities] table: name = [columns...]")
@@ -91,6 +162,7 @@ class Schema:
                     raise SchemaError(f"column '{c}' is in modality '{seen[c]}' and in '{name}'; a column belongs to one modality")
                 seen[c] = name
             modalities[name] = tuple(cols)
+        timeseries = None if raw.get("timeseries") is None else TimeSeries.from_dict(raw["timeseries"], modalities)
 
         tasks_raw = _ordered_table(raw.get("tasks"), None)
         if not isinstance(tasks_raw, Mapping) or not tasks_raw:
@@ -100,7 +172,8 @@ class Schema:
             _check_name(name, "task")
             if not isinstance(t, Mapping):
                 raise SchemaError(f"task '{name}' must be a table with column and kind")
-            extra = set(t) - {"column", "kind", "threshold", "positive", "expression", "classes", "weight"}
+            extra = set(t) - {"column", "kind", "threshold", "positive", "expression", "classes", "weight",
+                              "event_time", "horizon", "ahead"}
             if extra:
                 raise SchemaError(f"task '{name}' has unknown key(s) {sorted(extra)}")
             kind = t.get("kind")
@@ -109,7 +182,7 @@ class Schema:
             column = t.get("column")
             if not isinstance(column, str) or not column:
                 raise SchemaError(f"task '{name}' needs column = \"<label column>\"")
-            if column in seen:
+            if column in seen and t.get("ahead") is None:  # a value later of an input is a fine target
                 raise SchemaError(f"task '{name}' uses column '{column}', which is also an input of modality '{seen[column]}'")
             threshold, positive, expression = t.get("threshold"), t.get("positive"), t.get("expression")
             if kind == "binary":
@@ -128,13 +201,14 @@ class Schema:
             weight = float(t.get("weight", 1.0))
             if not weight > 0:
                 raise SchemaError(f"task '{name}': weight must be > 0")
+            event_time, horizon, ahead = _per_step(name, t, kind, timeseries)
             tasks[name] = Task(
                 name=name, column=column, kind=kind,
                 threshold=None if threshold is None else float(threshold),
                 positive=None if positive is None else tuple(canonical_category(p) for p in positive),
                 expression=expression,
                 classes=None if classes is None else tuple(canonical_category(c) for c in classes),
-                weight=weight,
+                weight=weight, event_time=event_time, horizon=horizon, ahead=ahead,
             )
 
         cols_raw = raw.get("columns", {}) or {}
@@ -161,7 +235,11 @@ class Schema:
             missing_codes[c] = tuple(codes)
         sites = raw.get("sites", {}) or {}
         site_column = sites.get("column") if isinstance(sites, Mapping) else None
-        return cls(modalities, tasks, categorical, numeric, missing_codes, site_column)
+        if timeseries is not None:
+            for k in (timeseries.id, timeseries.time):
+                if k in {t.column for t in tasks.values()}:
+                    raise SchemaError(f"[timeseries] column '{k}' is also a task's label column")
+        return cls(modalities, tasks, categorical, numeric, missing_codes, site_column, timeseries=timeseries)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Schema":
@@ -188,6 +266,8 @@ class Schema:
         }
         if self.site_column:
             d["sites"] = {"column": self.site_column}
+        if self.timeseries is not None:
+            d["timeseries"] = self.timeseries.to_dict()
         return d
 
     # ---- queries ------------------------------------------------------------------------
@@ -212,6 +292,9 @@ class Schema:
             if t not in self.tasks:
                 raise SchemaError(f"unknown task '{t}'; schema has {list(self.tasks)}")
         keep = {c for m in mods for c in self.modalities[m]}
+        ts = self.timeseries
+        if ts is not None:
+            ts = replace(ts, modalities=tuple(m for m in ts.modalities if m in mods))
         return Schema(
             {m: self.modalities[m] for m in mods},
             {t: self.tasks[t] for t in tks},
@@ -220,7 +303,36 @@ class Schema:
             {c: v for c, v in self.missing_codes.items() if c in keep},
             self.site_column,
             self.source,
+            ts,
         )
+
+
+def _per_step(name: str, t: Mapping[str, Any], kind: str, ts: TimeSeries | None):
+    """(event_time, horizon, ahead) of a task: a per-step target needs [timeseries]."""
+    event_time, horizon, ahead = t.get("event_time"), t.get("horizon"), t.get("ahead")
+    if event_time is None and horizon is None and ahead is None:
+        return None, None, None
+    if ts is None:
+        raise SchemaError(f"task '{name}': event_time/horizon/ahead are per-step targets and need a [timeseries] section")
+    if ahead is not None:
+        if event_time is not None or horizon is not None:
+            raise SchemaError(f"task '{name}': give ahead (a value later) or event_time + horizon (an event within), "
+                              "not both")
+        if kind != "regression":
+            raise SchemaError(f"task '{name}': ahead applies to regression tasks (kind = \"regression\")")
+        if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 1:
+            raise SchemaError(f"task '{name}': ahead must be a whole number of steps >= 1, got {ahead!r}")
+        return None, None, ahead
+    if kind != "binary":
+        raise SchemaError(f"task '{name}': event_time + horizon define a binary task (kind = \"binary\")")
+    if not isinstance(event_time, str) or not event_time:
+        raise SchemaError(f"task '{name}': event_time must name the column of the event (or censoring) time")
+    if not isinstance(horizon, (int, float)) or isinstance(horizon, bool) or not horizon > 0:
+        raise SchemaError(f"task '{name}': horizon must be a positive time (in the time column's units), got {horizon!r}")
+    if t.get("positive") is None and t.get("threshold") is None:
+        raise SchemaError(f"task '{name}': say which values of '{t.get('column')}' are the event, e.g. positive = [1, 2] "
+                          "(the others are censoring)")
+    return event_time, float(horizon), None
 
 
 def _ordered_table(raw: Any, value_key: str | None) -> Any:

@@ -23,7 +23,7 @@ from edge_runtime.preprocessing import (
 )
 from edge_runtime.schema import Schema, SchemaError, canonical_category
 
-BUILTIN = ("heart", "support2", "pbc")
+BUILTIN = ("heart", "support2", "pbc", "pbcseq")
 # Fewest rows a table (or a federation's pooled rows) needs to train: below it the validation and test splits
 # hold a row or two, and clients/site.py keeps no validation split under 10 rows either.
 MIN_TRAIN_ROWS = 10
@@ -36,6 +36,7 @@ def _last_visit(df: pd.DataFrame) -> pd.DataFrame:
 
 
 _DERIVE = {"pbc": _last_visit}  # built-ins whose table is derived from the shipped file
+_SHARED = {"pbcseq": "pbc"}  # built-ins whose table ships in another built-in's folder
 
 
 # ---- tables -----------------------------------------------------------------------------
@@ -369,7 +370,8 @@ def builtin_path(name: str) -> Path:
 def load_builtin(name: str) -> tuple[pd.DataFrame, Schema]:
     """The shipped table and schema of a built-in dataset (see mmn_fed/builtin/ATTRIBUTION.md)."""
     base = builtin_path(name)
-    csv = next(p for p in sorted(base.iterdir()) if p.name.endswith((".csv", ".csv.gz")))
+    folder = builtin_path(_SHARED.get(name, name))
+    csv = next(p for p in sorted(folder.iterdir()) if p.name.endswith((".csv", ".csv.gz")))
     df = pd.read_csv(csv, low_memory=False)
     return _DERIVE.get(name, lambda d: d)(df), Schema.from_toml(base / "schema.toml")
 

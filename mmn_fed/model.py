@@ -123,6 +123,36 @@ class MultiModN(nn.Module):
         logits = {t: self.decoders[t](flat).reshape(len(states), batch, -1) for t in self.tasks}
         return logits, torch.stack(applied), stacked
 
+    def forward_sequence(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], index: Tensor,
+                         dynamic: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """Time series (mmn_fed.sequences): ``x``/``present`` hold step rows; ``index`` (N, T) the row of each
+        subject's step t (-1 after its last). The static modalities (those not in ``dynamic``) are encoded once,
+        from the subject's first step row; then at every step each dynamic modality observed at that step
+        updates the state (schema order); the state after each step is decoded. Returns (logits {task: (R, k)},
+        rows (R,)): one decoded state per existing step, with the step row it belongs to. One Python step per
+        time step, batched over subjects: the cost grows linearly with the number of steps."""
+        n, steps = index.shape
+        valid = index >= 0
+        rows = index.clamp(min=0)
+        state = self.initial(n)
+        first = rows[:, 0]
+        for m in self.modalities:
+            if m not in dynamic:
+                mask = present[m][first] & valid[:, 0]
+                if bool(mask.any()):
+                    state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][first]), state)
+        states = []
+        for t in range(steps):
+            r = rows[:, t]
+            for m in self.modalities:
+                if m in dynamic:
+                    mask = present[m][r] & valid[:, t]
+                    if bool(mask.any()):
+                        state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][r]), state)
+            states.append(state)
+        stacked = torch.stack(states, dim=1)[valid]  # (R, D), subject-major
+        return {t: self.decoders[t](stacked) for t in self.tasks}, index[valid]
+
     def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
                 return_states: bool = False):
         logits, applied, states = self.forward_stacked(x, present, order)

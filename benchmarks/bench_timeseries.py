@@ -1,0 +1,120 @@
+"""Time series (issue 11): MultiModN over visits vs a landmark logistic regression, on pbcseq.
+
+Task: death or liver transplant within 2 years of each visit (undefined when follow-up ends earlier without the
+event), predicted at every visit. 5 patient splits (2/3 train, 1/3 test, by patient; split k uses seed k). Per
+split: MultiModN (defaults of mmn_fed.sequences; 20% of the training patients held out for early stopping) and the
+landmark logistic regression (each visit's values, static columns, missing indicators, standardized; C by 5-fold
+inner CV on the training visits), both scored by AUROC over the test visits, with a 95% bootstrap CI over test
+PATIENTS (all visits of a resampled patient together); over splits: the mean paired difference MultiModN - LR
+with a percentile-bootstrap CI. Target: mean paired difference >= 0.
+
+    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from splits import Split, logistic_regression  # noqa: E402
+
+from mmn_fed import ModelConfig, TrainConfig, load_builtin  # noqa: E402
+from mmn_fed.data import fit_preprocessor  # noqa: E402
+from mmn_fed.metrics import auroc, mean_ci  # noqa: E402
+from mmn_fed.model_io import build_from_preprocessor  # noqa: E402
+from mmn_fed.sequences import (build_sequences, encode_sequences, fit_sequences, predict_steps,  # noqa: E402
+                               row_schema)
+
+TRAIN_FRACTION = 2 / 3
+
+
+def cluster_bootstrap(groups: np.ndarray, y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of each score's AUROC and of their difference (first - second), resampling
+    patients (with all their visits)."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    names = list(scores)
+    reps = {k: [] for k in names + ["difference"]}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if len(np.unique(y[idx])) < 2:
+            continue
+        vals = {k: auroc(y[idx], s[idx]) for k, s in scores.items()}
+        for k, v in vals.items():
+            reps[k].append(v)
+        reps["difference"].append(vals[names[0]] - vals[names[1]])
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in reps.items()}
+
+
+def run_split(k: int, schema, seqs, args) -> dict:
+    ts = schema.timeseries
+    rs = row_schema(schema)
+    task = next(iter(schema.tasks))
+    rng = np.random.default_rng(k)
+    perm = rng.permutation(len(seqs.ids))
+    n_train = int(round(TRAIN_FRACTION * len(perm)))
+    train_all, test = perm[:n_train], perm[n_train:]
+    n_val = int(round(0.2 * len(train_all)))
+    fit_part, val_part = train_all[n_val:], train_all[:n_val]
+    a, v, b = seqs.subjects(fit_part), seqs.subjects(val_part), seqs.subjects(test)
+    whole = seqs.subjects(train_all)
+    prep = fit_preprocessor(rs, a.steps)
+    torch.manual_seed(k)
+    model = build_from_preprocessor(prep, ModelConfig())
+    t0 = time.perf_counter()
+    info = fit_sequences(model, rs, prep.targets, encode_sequences(prep, a, ts.modalities),
+                         encode_sequences(prep, v, ts.modalities), TrainConfig(epochs=args.epochs, seed=k))
+    sec = time.perf_counter() - t0
+    test_data = encode_sequences(prep, b, ts.modalities)
+    p_mmn = predict_steps(model, test_data, prep.targets, rs)[task]
+    ok = test_data.rows.y_present[task].numpy()
+    y = test_data.rows.y[task].numpy()[ok].astype(int)
+    split = Split("pbcseq", rs, whole.steps, b.steps, {}, "")
+    p_lr = logistic_regression(split)(b.steps)
+    scores = {"mmn": p_mmn[ok], "lr": np.asarray(p_lr)[ok]}
+    groups = b.steps[ts.id].to_numpy()[ok]
+    ci = cluster_bootstrap(groups, y, scores, seed=k)
+    res = {"split": k, "mmn": auroc(y, scores["mmn"]), "lr": auroc(y, scores["lr"]), "ci": ci,
+           "test_visits": int(ok.sum()), "test_patients": len(test), "epochs": len(info["history"]),
+           "best_epoch": info["best_epoch"], "seconds": sec}
+    res["difference"] = res["mmn"] - res["lr"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    df, schema = load_builtin("pbcseq")
+    seqs = build_sequences(schema, df)
+    task = next(iter(schema.tasks))
+    print(f"pbcseq: {len(seqs.ids)} patients, {len(seqs.steps)} visits; task {task} (labelled visits "
+          f"{int(seqs.steps[task + '__target'].notna().sum())})")
+    out = []
+    for k in range(args.splits):
+        r = run_split(k, schema, seqs, args)
+        out.append(r)
+        ci = r["ci"]
+        print(f"  split {k}: MultiModN {r['mmn']:.3f} [{ci['mmn'][0]:.3f}, {ci['mmn'][1]:.3f}]  landmark LR "
+              f"{r['lr']:.3f} [{ci['lr'][0]:.3f}, {ci['lr'][1]:.3f}]  difference {r['difference']:+.3f} "
+              f"[{ci['difference'][0]:+.3f}, {ci['difference'][1]:+.3f}]  ({r['test_visits']} test visits of "
+              f"{r['test_patients']} patients; {r['epochs']} epochs, best {r['best_epoch']}, {r['seconds']:.0f} s)",
+              flush=True)
+    m, lo, hi = mean_ci([r["difference"] for r in out])
+    print(f"MultiModN {np.mean([r['mmn'] for r in out]):.3f}, landmark LR {np.mean([r['lr'] for r in out]):.3f} "
+          f"(means over {len(out)} splits)")
+    print(f"mean paired difference MultiModN - LR: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (bootstrap over splits) -> "
+          f"{'met' if m >= 0 else 'NOT met'} (>= 0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Time series: a subject's observations over time, encoded step by step (the paper's section 3, "Extension to
+time series"; docs/timeseries.md).
+
+A time-series schema (``[timeseries]``) reads a table with one row per (subject, time) observation. It becomes a
+**step table**: one row per (subject, step), the rows of one step combined (``combine``), sorted by subject and
+time, with each per-step target derived into a column of its own. The step table is an ordinary table for the
+rest of the library (``row_schema`` is a plain schema over it), so preprocessing summaries stay mergeable and the
+encoding is the one of static data; an ``index`` (subjects x steps -> step-table row) says which rows form each
+subject's sequence. The model (``MultiModN.forward_sequence``) encodes the static modalities once from a subject's
+first step, then at every step the time-series modalities observed at that step, and decodes after every step.
+"""
+from __future__ import annotations
+
+import copy
+import time as _time
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from edge_runtime.preprocessing import DataError, Preprocessor, RowIssue
+from edge_runtime.schema import Schema, SchemaError, Task
+
+from .data import ROW_INDEX, TensorData, encode, file_rows
+from .metrics import task_metrics
+from .training import TrainConfig, per_sample_loss
+
+STEP_TIME = "step_time"  # the step table's time column (the step's start for a fixed width, the visit's time)
+STEP_ROW = "source_row"  # the step table's column holding the table row each step was read from (the last one)
+
+
+def label_column(task: Task) -> str:
+    """The step table's column holding a per-step task's derived target."""
+    return f"{task.name}__target"
+
+
+def row_schema(schema: Schema) -> Schema:
+    """The plain schema of the step table: per-step tasks read their derived column (binary: 0/1 > 0.5)."""
+    tasks = {}
+    for name, t in schema.tasks.items():
+        if t.event_time is not None:
+            t = Task(name, label_column(t), "binary", threshold=0.5, weight=t.weight)
+        elif t.ahead is not None:
+            t = Task(name, label_column(t), "regression", weight=t.weight)
+        tasks[name] = t
+    return replace(schema, tasks=tasks, timeseries=None)
+
+
+def _numbers(df: pd.DataFrame, column: str, what: str) -> np.ndarray:
+    """A column as floats; a value that is not a number (or is blank) is a DataError naming its rows."""
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        issues = [RowIssue(int(i), column, df[column].iloc[i], f"{what} must be a number", True) for i in bad]
+        raise DataError(f"{len(bad)} row(s) without a usable {what}: {{issues}}", issues)
+    return values
+
+
+@dataclass
+class Sequences:
+    """A step table and its subjects. ``index[i, t]`` is the step-table row of subject ``ids[i]``'s step t (-1
+    after its last step); ``steps[STEP_ROW]`` the input table's row each step came from."""
+
+    steps: pd.DataFrame
+    index: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.index >= 0).sum(axis=1)
+
+    def subjects(self, which: np.ndarray) -> "Sequences":
+        """The sequences of some subjects (positions in ``ids``), with their step rows renumbered."""
+        idx = self.index[which]
+        rows = idx[idx >= 0]
+        new = np.full(len(self.steps), -1)
+        new[rows] = np.arange(len(rows))
+        index = np.where(idx >= 0, new[np.maximum(idx, 0)], -1)
+        index = index[:, : max(1, int((index >= 0).sum(axis=1).max(initial=1)))]
+        return Sequences(self.steps.iloc[rows].reset_index(drop=True), index, self.ids[which])
+
+
+def build_sequences(schema: Schema, df: pd.DataFrame) -> Sequences:
+    """The step table of a time-series table (``df`` as ``mmn_fed.data.read_table`` gives it, so errors name the
+    file's rows). Raises SchemaError for missing columns, DataError for a blank id or a time that is not a number."""
+    ts = schema.timeseries
+    if ts is None:
+        raise SchemaError("this schema has no [timeseries] section: its table is one row per subject")
+    need = [ts.id, ts.time] + [t.event_time for t in schema.tasks.values() if t.event_time]
+    missing = [c for c in dict.fromkeys(need) if c not in df.columns]
+    if missing:
+        raise SchemaError(f"column(s) {missing} named by [timeseries] / the tasks are not in the data; data has "
+                          f"{list(df.columns)[:30]}")
+    with file_rows(df):
+        ids = df[ts.id]
+        blank = np.flatnonzero(ids.isna().to_numpy())
+        if len(blank):
+            raise DataError(f"{len(blank)} row(s) without a subject id: {{issues}}",
+                            [RowIssue(int(i), ts.id, None, "the subject id is blank", True) for i in blank])
+        times = _numbers(df, ts.time, "time")
+        for t in schema.tasks.values():
+            if t.event_time:
+                _numbers(df, t.event_time, f"event time (task {t.name})")
+    work = df.copy()
+    work.index = pd.RangeIndex(len(work))
+    work[STEP_ROW] = (df.index.to_numpy() if df.index.name == ROW_INDEX else np.arange(len(df))) + 1
+    work[STEP_TIME] = times if ts.step == "visit" else np.floor(times / float(ts.step)) * float(ts.step)
+    work["__order"] = np.arange(len(work))
+    work = work.sort_values([ts.id, STEP_TIME, "__order"], kind="stable")
+    steps = _combine(work, schema)
+    if ts.max_steps:
+        steps = steps.groupby(ts.id, sort=False).tail(ts.max_steps)
+    steps = steps.reset_index(drop=True)
+    for t in schema.tasks.values():
+        if t.per_step:
+            steps[label_column(t)] = _per_step_target(steps, t, ts.id)
+    codes, uniques = pd.factorize(steps[ts.id], sort=False)
+    lengths = np.bincount(codes, minlength=len(uniques))
+    position = steps.groupby(codes).cumcount().to_numpy()
+    index = np.full((len(uniques), int(lengths.max(initial=1))), -1, dtype=np.int64)
+    index[codes, position] = np.arange(len(steps))
+    return Sequences(steps.drop(columns="__order"), index, np.asarray(uniques))
+
+
+def _combine(work: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """One row per (id, step). ``last``: each column's last value observed in the step (a blank does not hide an
+    earlier value of the same step); ``mean``/``min``/``max`` for numeric inputs, the last value otherwise."""
+    ts = schema.timeseries
+    keys = [ts.id, STEP_TIME]
+    if not work.duplicated(keys).any():
+        return work
+    grouped = work.groupby(keys, sort=False)
+    out = grouped.last()  # pandas' last() skips blanks per column
+    if ts.combine != "last":
+        numeric = [c for m in ts.modalities for c in schema.modalities[m] if c not in schema.categorical]
+        numeric = [c for c in numeric if pd.api.types.is_numeric_dtype(work[c])]
+        if numeric:
+            out[numeric] = getattr(grouped[numeric], ts.combine)()
+    return out.reset_index()
+
+
+def _per_step_target(steps: pd.DataFrame, task: Task, id_column: str) -> np.ndarray:
+    """Event within the horizon after each step (1/0; NaN when follow-up ends earlier without the event, or
+    the step is after the event), or the value ``ahead`` steps later (NaN when that step does not exist)."""
+    if task.ahead is not None:
+        value = pd.to_numeric(steps[task.column], errors="coerce")
+        return value.groupby(steps[id_column], sort=False).shift(-task.ahead).to_numpy(dtype=float)
+    status = steps[task.column]
+    if task.positive is not None:
+        from edge_runtime.schema import canonical_category
+        event = status.map(lambda v: v == v and v is not None and canonical_category(v) in task.positive).to_numpy()
+    else:
+        event = (pd.to_numeric(status, errors="coerce") > task.threshold).to_numpy()
+    left = pd.to_numeric(steps[task.event_time], errors="coerce").to_numpy(dtype=float) - steps[STEP_TIME].to_numpy(float)
+    y = np.full(len(steps), np.nan)
+    y[left > task.horizon] = 0.0  # followed beyond the horizon: no event within it
+    y[event & (left >= 0) & (left <= task.horizon)] = 1.0
+    return y
+
+
+# ---- encoding and training ----------------------------------------------------------------
+
+@dataclass
+class SequenceData:
+    """Encoded step rows (``rows``: TensorData over the step table) and the subjects' index (N, T)."""
+
+    rows: TensorData
+    index: Tensor
+    dynamic: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def batch(self, subjects: Tensor) -> tuple[Tensor, Tensor]:
+        """(index of these subjects, trimmed to their longest sequence; the step rows it uses)."""
+        idx = self.index[subjects]
+        return idx[:, : int((idx >= 0).sum(1).max())], idx[idx >= 0]
+
+
+def encode_sequences(prep: Preprocessor, seqs: Sequences, dynamic: tuple[str, ...]) -> SequenceData:
+    return SequenceData(encode(prep, seqs.steps), torch.from_numpy(seqs.index), dynamic)
+
+
+def sequence_loss(model, schema: Schema, data: SequenceData, subjects: Tensor) -> tuple[Tensor, int]:
+    """Mean loss over the (subject, step, task) cells that exist (a step with a label for the task); task
+    weights scale their cells."""
+    idx, _ = data.batch(subjects)
+    logits, rows = model.forward_sequence(data.rows.x, data.rows.present, idx, data.dynamic)
+    total, weight, cells = torch.zeros(()), torch.zeros(()), 0
+    for t, lg in logits.items():
+        task = schema.tasks[t]
+        mask = data.rows.y_present[t][rows]
+        n = int(mask.sum())
+        if not n:
+            continue
+        loss = per_sample_loss(task.kind, lg[mask], data.rows.y[t][rows][mask])
+        total = total + task.weight * loss.sum()
+        weight = weight + task.weight * n
+        cells += n
+    return total / weight.clamp(min=1.0), cells
+
+
+@torch.no_grad()
+def predict_steps(model, data: SequenceData, targets: Mapping[str, Any], schema: Schema) -> dict[str, np.ndarray]:
+    """Per step row (the step table's order): binary p(1), multiclass probabilities, regression values."""
+    model.eval()
+    logits, rows = model.forward_sequence(data.rows.x, data.rows.present, data.index, data.dynamic)
+    order = torch.argsort(rows)
+    out = {}
+    for t, lg in logits.items():
+        lg = lg[order]
+        kind = schema.tasks[t].kind
+        if kind == "binary":
+            out[t] = torch.sigmoid(lg.squeeze(-1)).numpy()
+        elif kind == "multiclass":
+            out[t] = torch.softmax(lg, -1).numpy()
+        else:
+            st = targets[t]
+            out[t] = lg.squeeze(-1).numpy() * st["std"] + st["mean"]
+    return out
+
+
+def step_metrics(model, schema: Schema, data: SequenceData, targets: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Each task's metrics over the step rows that have its target."""
+    preds = predict_steps(model, data, targets, schema)
+    out = {}
+    for t, p in preds.items():
+        ok = data.rows.y_present[t].numpy()
+        y = data.rows.y[t].numpy()[ok]
+        if schema.tasks[t].kind == "regression":
+            y = y * targets[t]["std"] + targets[t]["mean"]
+        out[t] = task_metrics(schema.tasks[t].kind, y, p[ok])
+    return out
+
+
+def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: SequenceData, val: SequenceData | None,
+                  config: TrainConfig, batch_subjects: int = 32) -> dict[str, Any]:
+    """Adam over batches of subjects; early stopping on the validation subjects' first-task metric (AUROC, or
+    -MSE for regression) over their steps; restores the best weights. Seeded."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    first = next(iter(schema.tasks.values()))
+    best, best_state, best_epoch, history = -float("inf"), None, 0, []
+    t0 = _time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        losses = []
+        for subjects in torch.randperm(len(train), generator=gen).split(batch_subjects):
+            loss, cells = sequence_loss(model, schema, train, subjects)
+            if not cells:
+                continue
+            opt.zero_grad()
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        if val is not None and len(val):
+            m = step_metrics(model, schema, val, targets)[first.name]
+            score = -m.get("mse", float("nan")) if first.kind == "regression" else m.get("auroc", float("nan"))
+            rec["val_score"] = score
+            if score == score and score > best + 1e-6:
+                best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+            if epoch - best_epoch >= config.patience:
+                history.append(rec)
+                break
+        history.append(rec)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"history": history, "best_epoch": best_epoch, "best_val": best, "seconds": _time.perf_counter() - t0}

@@ -1,0 +1,178 @@
+"""Time series (mmn_fed.sequences): the [timeseries] schema, the step table and its per-step targets, and the
+step-by-step MultiModN forward."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from edge_runtime.preprocessing import DataError
+from edge_runtime.schema import Schema, SchemaError
+from mmn_fed import ModelConfig, TrainConfig
+from mmn_fed.data import fit_preprocessor, read_table
+from mmn_fed.model_io import build_from_preprocessor
+from mmn_fed.sequences import (build_sequences, encode_sequences, fit_sequences, label_column, predict_steps,
+                               row_schema, step_metrics)
+
+RAW = {
+    "modalities": {"demo": ["age"], "labs": ["bili", "alb"], "signs": ["edema"]},
+    "tasks": {"event_1y": {"column": "status", "kind": "binary", "positive": [2], "event_time": "futime",
+                           "horizon": 365},
+              "bili_next": {"column": "bili", "kind": "regression", "ahead": 1}},
+    "columns": {"categorical": ["edema"]},
+    "timeseries": {"id": "id", "time": "day", "modalities": ["labs", "signs"]},
+}
+
+
+def visits() -> pd.DataFrame:
+    # patient 1 dies at day 500 (status 2); patient 2 is censored at day 300 (status 0)
+    return pd.DataFrame({
+        "id": [1, 1, 1, 2, 2, 1],
+        "day": [0, 200, 200, 0, 100, 400],
+        "age": [50, 50, 50, 60, 60, 50],
+        "bili": [1.0, 2.0, np.nan, 0.5, 0.6, 3.0],
+        "alb": [3.5, np.nan, 3.1, 4.0, np.nan, 2.9],
+        "edema": ["0", "0", "1", "0", "0", "1"],
+        "status": [2, 2, 2, 0, 0, 2],
+        "futime": [500, 500, 500, 300, 300, 500],
+    })
+
+
+def test_timeseries_schema_round_trips_and_refuses_what_it_cannot_mean():
+    s = Schema.from_dict(RAW)
+    assert s.timeseries.modalities == ("labs", "signs") and s.tasks["event_1y"].per_step
+    assert Schema.from_dict(s.to_dict()) == s
+    assert s.subset(modalities=["demo", "labs"]).timeseries.modalities == ("labs",)
+    no_ts = {k: v for k, v in RAW.items() if k != "timeseries"}
+    with pytest.raises(SchemaError, match="event_1y.*need a \\[timeseries\\]"):
+        Schema.from_dict(no_ts)
+    with pytest.raises(SchemaError, match="'vitals', which is not in \\[modalities\\]"):
+        Schema.from_dict({**RAW, "timeseries": {**RAW["timeseries"], "modalities": ["vitals"]}})
+    bad_ahead = {**RAW, "tasks": {"t": {"column": "bili", "kind": "binary", "threshold": 1, "ahead": 1}}}
+    with pytest.raises(SchemaError, match="ahead applies to regression"):
+        Schema.from_dict(bad_ahead)
+    no_event = {**RAW, "tasks": {"t": {"column": "status", "kind": "binary", "event_time": "futime", "horizon": 1}}}
+    with pytest.raises(SchemaError, match="which values of 'status' are the event"):
+        Schema.from_dict(no_event)
+    with pytest.raises(SchemaError, match="step must be"):
+        Schema.from_dict({**RAW, "timeseries": {**RAW["timeseries"], "step": -3}})
+
+
+def test_step_table_combines_a_step_and_derives_each_step_target():
+    seqs = build_sequences(Schema.from_dict(RAW), visits())
+    st = seqs.steps
+    assert list(seqs.ids) == [1, 2] and seqs.index.tolist() == [[0, 1, 2], [3, 4, -1]]
+    assert st["day"].tolist() == [0, 200, 400, 0, 100]
+    # two rows on day 200: "last" keeps each column's last value seen in the step (a blank hides nothing)
+    assert st.loc[1, "bili"] == 2.0 and st.loc[1, "alb"] == 3.1 and st.loc[1, "edema"] == "1"
+    assert st["source_row"].tolist() == [1, 3, 6, 4, 5]  # the input row each step was read from (the last one)
+    y = st[label_column(Schema.from_dict(RAW).tasks["event_1y"])].tolist()
+    # patient 1 dies at 500: day 0 -> 500 days left (> 365: 0); 200 and 400 -> within a year (1)
+    # patient 2 censored at 300 without the event: day 0 -> 300 days left < 365, undefined; day 100 too
+    assert y[:3] == [0.0, 1.0, 1.0] and np.isnan(y[3]) and np.isnan(y[4])
+    nxt = st["bili_next__target"].tolist()
+    assert nxt[:2] == [2.0, 3.0] and np.isnan(nxt[2]) and nxt[3] == 0.6 and np.isnan(nxt[4])
+
+
+def test_fixed_width_steps_and_mean_combine():
+    raw = {**RAW, "timeseries": {**RAW["timeseries"], "step": 250, "combine": "mean"}}
+    st = build_sequences(Schema.from_dict(raw), visits()).steps
+    # patient 1: days 0 and 200 fall in step [0, 250); day 400 in [250, 500)
+    assert st["step_time"].tolist() == [0.0, 250.0, 0.0]
+    assert st.loc[0, "bili"] == pytest.approx(1.5) and st.loc[0, "alb"] == pytest.approx(3.3)
+
+
+def test_a_bad_time_or_blank_id_names_the_files_row_and_column(tmp_path):
+    df = visits()
+    df["day"] = df["day"].astype(object)
+    df.loc[4, "day"] = "soon"
+    path = tmp_path / "visits.csv"
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"line 6 of .*visits.csv \(data row 5\), column 'day': time must be a number"):
+        build_sequences(Schema.from_dict(RAW), read_table(path))
+    df = visits()
+    df.loc[2, "id"] = np.nan
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"data row 3\), column 'id': the subject id is blank"):
+        build_sequences(Schema.from_dict(RAW), read_table(path))
+    with pytest.raises(SchemaError, match=r"\['futime'\].*not in the data"):
+        build_sequences(Schema.from_dict(RAW), visits().drop(columns="futime"))
+
+
+def _model_and_data(n_subjects=6, steps=7, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_subjects):
+        for t in range(int(rng.integers(1, steps + 1))):
+            rows.append({"id": i, "day": 30 * t, "age": 40 + i, "bili": rng.normal() if rng.random() > 0.3 else np.nan,
+                         "alb": rng.normal() if rng.random() > 0.3 else np.nan,
+                         "edema": str(int(rng.random() > 0.5)) if rng.random() > 0.2 else None,
+                         "status": 2 if i % 2 else 0, "futime": 30 * steps + 100})
+    schema = Schema.from_dict(RAW)
+    seqs = build_sequences(schema, pd.DataFrame(rows))
+    rs = row_schema(schema)
+    prep = fit_preprocessor(rs, seqs.steps)
+    torch.manual_seed(seed)
+    model = build_from_preprocessor(prep, ModelConfig()).eval()
+    return model, prep, rs, seqs, schema
+
+
+def _manual(model, data, subject: int) -> list[torch.Tensor]:
+    """The state after each step of one subject, by hand: static encoders once, then each step's modalities."""
+    rows = [int(r) for r in data.index[subject] if r >= 0]
+    x, p = data.rows.x, data.rows.present
+    state = model.init_state.unsqueeze(0)
+    if p["demo"][rows[0]]:
+        state = model.encoders["demo"](state, x["demo"][rows[0]:rows[0] + 1])
+    out = []
+    for r in rows:
+        for m in ("labs", "signs"):
+            if p[m][r]:
+                state = model.encoders[m](state, x[m][r:r + 1])
+        out.append(torch.sigmoid(model.decoders["event_1y"](state)).squeeze())
+    return out
+
+
+@torch.no_grad()
+def test_forward_sequence_equals_the_step_by_step_computation_and_never_looks_ahead():
+    model, prep, rs, seqs, schema = _model_and_data()
+    data = encode_sequences(prep, seqs, schema.timeseries.modalities)
+    p = predict_steps(model, data, prep.targets, rs)["event_1y"]
+    for i in range(len(seqs.ids)):
+        rows = [int(r) for r in data.index[i] if r >= 0]
+        manual = torch.stack(_manual(model, data, i)).numpy()
+        np.testing.assert_allclose(p[rows], manual, atol=1e-6)
+    # causality: a subject's first k steps alone give the same predictions at those steps
+    longest = int(np.argmax(seqs.lengths))
+    rows = [int(r) for r in data.index[longest] if r >= 0]
+    for k in range(1, len(rows)):
+        cut = seqs.subjects(np.array([longest]))
+        cut.index = cut.index[:, :k]
+        cut_data = encode_sequences(prep, cut, schema.timeseries.modalities)
+        got = predict_steps(model, cut_data, prep.targets, rs)["event_1y"]
+        np.testing.assert_allclose(got[:k], p[rows[:k]], atol=1e-6)
+
+
+def test_fit_sequences_learns_a_per_step_signal_and_is_seeded():
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(120):
+        risk = rng.normal()
+        for t in range(5):
+            rows.append({"id": i, "day": 100 * t, "age": 50.0, "bili": risk + 0.3 * rng.normal(), "alb": rng.normal(),
+                         "edema": "0", "status": 2 if risk > 0 else 0, "futime": 450 if risk > 0 else 2000})
+    schema = Schema.from_dict({**RAW, "tasks": {"event_1y": RAW["tasks"]["event_1y"]}})
+    seqs = build_sequences(schema, pd.DataFrame(rows))
+    rs = row_schema(schema)
+    tr, te = seqs.subjects(np.arange(80)), seqs.subjects(np.arange(80, 120))
+    prep = fit_preprocessor(rs, tr.steps)
+    dyn = schema.timeseries.modalities
+
+    def train():
+        torch.manual_seed(0)
+        model = build_from_preprocessor(prep, ModelConfig())
+        fit_sequences(model, rs, prep.targets, encode_sequences(prep, tr, dyn), None, TrainConfig(epochs=15, seed=0))
+        return model
+
+    a, b = train(), train()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert step_metrics(a, rs, encode_sequences(prep, te, dyn), prep.targets)["event_1y"]["auroc"] > 0.9

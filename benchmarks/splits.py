@@ -74,7 +74,7 @@ def load_split(name: str) -> Split:
                  "(no site column)")
 
 
-def logistic_regression(split: Split, inner_cv: bool = True):
+def logistic_regression(split: Split, inner_cv: bool = True, indicators: bool = True):
     """Logistic regression with missing indicators, fitted on the pooled training rows; returns
     ``predict(df) -> p(positive)``. Numeric: mean imputation + a missing indicator per column with missing
     values + standardization; categorical: one-hot with "missing" as its own category. The schema's missing
@@ -99,7 +99,7 @@ def logistic_regression(split: Split, inner_cv: bool = True):
         return x
 
     pre = ColumnTransformer([
-        ("num", make_pipeline(SimpleImputer(strategy="mean", add_indicator=True), StandardScaler()), num),
+        ("num", make_pipeline(SimpleImputer(strategy="mean", add_indicator=indicators), StandardScaler()), num),
         ("cat", OneHotEncoder(handle_unknown="ignore"), cat)])
     clf = (LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=5, scoring="roc_auc", max_iter=5000) if inner_cv
            else LogisticRegression(C=1.0, max_iter=5000))

@@ -82,19 +82,27 @@ class TimeSeries:
     step: str | float = "visit"
     combine: str = "last"
     max_steps: int = 0
+    variable: str | None = None  # a long table (id, time, variable, value): the columns naming the variable
+    value: str | None = None  # and holding its value; None = a visit table (one column per variable)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time, "modalities": list(self.modalities), "step": self.step,
-                "combine": self.combine, "max_steps": self.max_steps}
+        d = {"id": self.id, "time": self.time, "modalities": list(self.modalities), "step": self.step,
+             "combine": self.combine, "max_steps": self.max_steps}
+        if self.variable is not None:
+            d["variable"], d["value"] = self.variable, self.value
+        return d
 
     @classmethod
     def from_dict(cls, raw: Any, modalities: Mapping[str, tuple[str, ...]]) -> "TimeSeries":
         if not isinstance(raw, Mapping):
             raise SchemaError("[timeseries] must be a table with id, time and modalities")
-        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps"}
+        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps", "variable", "value"}
         if extra:
             raise SchemaError(f"[timeseries] has unknown key(s) {sorted(extra)}; expected id, time, modalities, step, "
-                              "combine, max_steps")
+                              "combine, max_steps, variable, value")
+        if (raw.get("variable") is None) != (raw.get("value") is None):
+            raise SchemaError("[timeseries] a long table needs both variable = \"<column naming the variable>\" and "
+                              "value = \"<column holding its value>\"")
         for k in ("id", "time"):
             if not isinstance(raw.get(k), str) or not raw.get(k):
                 raise SchemaError(f"[timeseries] needs {k} = \"<column>\" (the subject id and the observation time)")
@@ -118,7 +126,8 @@ class TimeSeries:
         for k in ("id", "time"):
             if raw[k] in inputs:
                 raise SchemaError(f"[timeseries] {k} column '{raw[k]}' is also a modality input")
-        return cls(raw["id"], raw["time"], tuple(mods), step if step == "visit" else float(step), combine, max_steps)
+        return cls(raw["id"], raw["time"], tuple(mods), step if step == "visit" else float(step), combine, max_steps,
+                   raw.get("variable"), raw.get("value"))
 
 
 @dataclass(frozen=True)

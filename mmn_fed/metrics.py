@@ -48,8 +48,13 @@ def auroc_ovr(y: np.ndarray, proba: np.ndarray) -> float:
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y``."""
-    return float(skm.balanced_accuracy_score(y, pred)) if len(y) else NAN
+    """Mean recall over the classes present in ``y`` (a predicted class absent from ``y`` is expected at a small
+    site, not worth sklearn's warning on every round)."""
+    if not len(y):
+        return NAN
+    with _warnings.catch_warnings():
+        _warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(skm.balanced_accuracy_score(y, pred))
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float:

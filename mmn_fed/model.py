@@ -124,13 +124,15 @@ class MultiModN(nn.Module):
         return logits, torch.stack(applied), stacked
 
     def forward_sequence(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], index: Tensor,
-                         dynamic: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+                         dynamic: Sequence[str], every_encoder: bool = False) -> tuple[dict[str, Tensor], Tensor]:
         """Time series (mmn_fed.sequences): ``x``/``present`` hold step rows; ``index`` (N, T) the row of each
         subject's step t (-1 after its last). The static modalities (those not in ``dynamic``) are encoded once,
         from the subject's first step row; then at every step each dynamic modality observed at that step
         updates the state (schema order); the state after each step is decoded. Returns (logits {task: (R, k)},
         rows (R,)): one decoded state per existing step, with the step row it belongs to. One Python step per
-        time step, batched over subjects: the cost grows linearly with the number of steps."""
+        time step, batched over subjects: the cost grows linearly with the number of steps.
+        ``every_encoder`` (training): also decode the state after each encoder applied within a step (with that
+        step's row), as the static model decodes after every encoder; these come after the per-step states."""
         n, steps = index.shape
         valid = index >= 0
         rows = index.clamp(min=0)
@@ -141,7 +143,7 @@ class MultiModN(nn.Module):
                 mask = present[m][first] & valid[:, 0]
                 if bool(mask.any()):
                     state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][first]), state)
-        states = []
+        states, inner, inner_rows = [], [], []
         for t in range(steps):
             r = rows[:, t]
             for m in self.modalities:
@@ -149,9 +151,16 @@ class MultiModN(nn.Module):
                     mask = present[m][r] & valid[:, t]
                     if bool(mask.any()):
                         state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][r]), state)
+                        if every_encoder:
+                            inner.append(state[mask])
+                            inner_rows.append(r[mask])
             states.append(state)
         stacked = torch.stack(states, dim=1)[valid]  # (R, D), subject-major
-        return {t: self.decoders[t](stacked) for t in self.tasks}, index[valid]
+        out_rows = index[valid]
+        if inner:
+            stacked = torch.cat([stacked] + inner)
+            out_rows = torch.cat([out_rows] + inner_rows)
+        return {t: self.decoders[t](stacked) for t in self.tasks}, out_rows
 
     def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,
                 return_states: bool = False):

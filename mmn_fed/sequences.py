@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time as _time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -62,11 +62,14 @@ def _numbers(df: pd.DataFrame, column: str, what: str) -> np.ndarray:
 @dataclass
 class Sequences:
     """A step table and its subjects. ``index[i, t]`` is the step-table row of subject ``ids[i]``'s step t (-1
-    after its last step); ``steps[STEP_ROW]`` the input table's row each step came from."""
+    after its last step); ``steps[STEP_ROW]`` the input table's row each step came from. ``skipped``: input rows
+    that are in no step, each with its reason (a long table's variable the schema does not use, a subject
+    without observations)."""
 
     steps: pd.DataFrame
     index: np.ndarray
     ids: np.ndarray
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -83,30 +86,109 @@ class Sequences:
         return Sequences(self.steps.iloc[rows].reset_index(drop=True), index, self.ids[which])
 
 
-def build_sequences(schema: Schema, df: pd.DataFrame) -> Sequences:
+def _ids_and_times(df: pd.DataFrame, ts) -> np.ndarray:
+    """The time column as floats; a blank id or a time that is not a number is a DataError naming its rows."""
+    blank = np.flatnonzero(df[ts.id].isna().to_numpy())
+    if len(blank):
+        raise DataError(f"{len(blank)} row(s) without a subject id: {{issues}}",
+                        [RowIssue(int(i), ts.id, None, "the subject id is blank", True) for i in blank])
+    return _numbers(df, ts.time, "time")
+
+
+def long_to_visits(schema: Schema, long: pd.DataFrame, subjects: pd.DataFrame | None) -> tuple[pd.DataFrame, list]:
+    """A long table (id, time, variable, value) as visit rows: each observation becomes a row holding its one
+    variable (the step's rows are combined later), joined with the subject table's columns (static inputs,
+    labels) by id. Returns (rows, skipped). Raises naming the file's row for an id the subject table does not
+    have, or a numeric variable's value that is not a number."""
+    ts = schema.timeseries
+    missing = [c for c in (ts.id, ts.time, ts.variable, ts.value) if c not in long.columns]
+    if missing:
+        raise SchemaError(f"long table: column(s) {missing} named by [timeseries] are not in it; it has "
+                          f"{list(long.columns)[:30]}")
+    dynamic = [c for m in ts.modalities for c in schema.modalities[m]]
+    needed = [c for c in schema.input_columns if c not in dynamic]
+    needed += [c for t in schema.tasks.values() for c in (t.column, t.event_time) if c and c not in dynamic]
+    needed = list(dict.fromkeys(needed))
+    if needed and subjects is None:
+        raise SchemaError(f"a long table holds only time-series variables; columns {needed} (static inputs, labels) "
+                          "come from a subject table with one row per id: pass it as subjects")
+    skipped = []
+    with file_rows(long):
+        _ids_and_times(long, ts)  # checked here, where the rows are the file's
+        variable = long[ts.variable].astype(str).to_numpy()
+        used = np.isin(variable, dynamic)
+        for v, n in zip(*np.unique(variable[~used], return_counts=True)):
+            skipped.append({"rows": int(n), "reason": f"variable '{v}' is in no time-series modality of the schema"})
+        work = long[used]
+        rows = (long.index.to_numpy() if long.index.name == ROW_INDEX else np.arange(len(long)))[used]
+        if subjects is not None:
+            if ts.id not in subjects.columns:
+                raise SchemaError(f"the subject table has no id column '{ts.id}'")
+            known = set(subjects[ts.id].tolist())
+            unknown = np.flatnonzero(~work[ts.id].isin(known).to_numpy())
+            if len(unknown):
+                raise DataError(f"{len(unknown)} observation(s) of a subject the subject table does not have: {{issues}}",
+                                [RowIssue(int(np.flatnonzero(used)[i]), ts.id, work[ts.id].iloc[i],
+                                          "unknown subject id", True) for i in unknown])
+        wide = pd.DataFrame({ts.id: work[ts.id].to_numpy(), ts.time: work[ts.time].to_numpy()})
+        var = work[ts.variable].astype(str).to_numpy()
+        val = work[ts.value]
+        for c in dynamic:
+            sel = var == c
+            col = pd.Series(np.nan, index=range(len(work)), dtype=object if c in schema.categorical else float)
+            if c in schema.categorical:
+                col[sel] = val.to_numpy()[sel]
+            else:
+                num = pd.to_numeric(val.where(sel), errors="coerce").to_numpy(dtype=float)
+                bad = np.flatnonzero(sel & np.isnan(num) & val.notna().to_numpy())
+                if len(bad):
+                    raise DataError(f"{len(bad)} value(s) of a numeric variable that are not numbers: {{issues}}",
+                                    [RowIssue(int(np.flatnonzero(used)[i]), ts.value, val.iloc[i],
+                                              f"variable '{c}' is numeric", True) for i in bad])
+                col = pd.Series(num)
+            wide[c] = col.to_numpy()
+    wide.index = pd.RangeIndex(len(wide))
+    wide["__file_row"] = rows
+    if subjects is not None:
+        static = subjects[[ts.id] + [c for c in needed if c in subjects.columns]].drop_duplicates(ts.id, keep="last")
+        absent = [c for c in needed if c not in subjects.columns]
+        if absent:
+            raise SchemaError(f"the subject table lacks column(s) {absent}")
+        seen = set(wide[ts.id].tolist())
+        lonely = [i for i in static[ts.id].tolist() if i not in seen]
+        if lonely:
+            skipped.append({"rows": len(lonely), "reason": "subject(s) without any observation in the long table",
+                            "ids": lonely[:20]})
+        wide = wide.merge(static, on=ts.id, how="left")
+    return wide, skipped
+
+
+def build_sequences(schema: Schema, df: pd.DataFrame, subjects: pd.DataFrame | None = None) -> Sequences:
     """The step table of a time-series table (``df`` as ``mmn_fed.data.read_table`` gives it, so errors name the
-    file's rows). Raises SchemaError for missing columns, DataError for a blank id or a time that is not a number."""
+    file's rows): a visit table, or a long table (``[timeseries] variable/value``) with its ``subjects`` table.
+    Raises SchemaError for missing columns, DataError for a blank id or a time that is not a number."""
     ts = schema.timeseries
     if ts is None:
         raise SchemaError("this schema has no [timeseries] section: its table is one row per subject")
+    skipped: list = []
+    if ts.variable is not None:
+        df, skipped = long_to_visits(schema, df, subjects)
     need = [ts.id, ts.time] + [t.event_time for t in schema.tasks.values() if t.event_time]
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]
     if missing:
         raise SchemaError(f"column(s) {missing} named by [timeseries] / the tasks are not in the data; data has "
                           f"{list(df.columns)[:30]}")
     with file_rows(df):
-        ids = df[ts.id]
-        blank = np.flatnonzero(ids.isna().to_numpy())
-        if len(blank):
-            raise DataError(f"{len(blank)} row(s) without a subject id: {{issues}}",
-                            [RowIssue(int(i), ts.id, None, "the subject id is blank", True) for i in blank])
-        times = _numbers(df, ts.time, "time")
+        times = _ids_and_times(df, ts)
         for t in schema.tasks.values():
             if t.event_time:
                 _numbers(df, t.event_time, f"event time (task {t.name})")
     work = df.copy()
     work.index = pd.RangeIndex(len(work))
-    work[STEP_ROW] = (df.index.to_numpy() if df.index.name == ROW_INDEX else np.arange(len(df))) + 1
+    if "__file_row" in work:  # a long table's rows
+        work[STEP_ROW] = work.pop("__file_row").to_numpy() + 1
+    else:
+        work[STEP_ROW] = (df.index.to_numpy() if df.index.name == ROW_INDEX else np.arange(len(df))) + 1
     work[STEP_TIME] = times if ts.step == "visit" else np.floor(times / float(ts.step)) * float(ts.step)
     work["__order"] = np.arange(len(work))
     work = work.sort_values([ts.id, STEP_TIME, "__order"], kind="stable")
@@ -122,7 +204,7 @@ def build_sequences(schema: Schema, df: pd.DataFrame) -> Sequences:
     position = steps.groupby(codes).cumcount().to_numpy()
     index = np.full((len(uniques), int(lengths.max(initial=1))), -1, dtype=np.int64)
     index[codes, position] = np.arange(len(steps))
-    return Sequences(steps.drop(columns="__order"), index, np.asarray(uniques))
+    return Sequences(steps.drop(columns="__order"), index, np.asarray(uniques), skipped)
 
 
 def _combine(work: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -184,11 +266,12 @@ def encode_sequences(prep: Preprocessor, seqs: Sequences, dynamic: tuple[str, ..
     return SequenceData(encode(prep, seqs.steps), torch.from_numpy(seqs.index), dynamic)
 
 
-def sequence_loss(model, schema: Schema, data: SequenceData, subjects: Tensor) -> tuple[Tensor, int]:
+def sequence_loss(model, schema: Schema, data: SequenceData, subjects: Tensor,
+                  every_encoder: bool = False) -> tuple[Tensor, int]:
     """Mean loss over the (subject, step, task) cells that exist (a step with a label for the task); task
-    weights scale their cells."""
+    weights scale their cells. ``every_encoder``: the states after each encoder within a step count too."""
     idx, _ = data.batch(subjects)
-    logits, rows = model.forward_sequence(data.rows.x, data.rows.present, idx, data.dynamic)
+    logits, rows = model.forward_sequence(data.rows.x, data.rows.present, idx, data.dynamic, every_encoder)
     total, weight, cells = torch.zeros(()), torch.zeros(()), 0
     for t, lg in logits.items():
         task = schema.tasks[t]
@@ -237,7 +320,7 @@ def step_metrics(model, schema: Schema, data: SequenceData, targets: Mapping[str
 
 
 def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: SequenceData, val: SequenceData | None,
-                  config: TrainConfig, batch_subjects: int = 32) -> dict[str, Any]:
+                  config: TrainConfig, batch_subjects: int = 32, every_encoder: bool = False) -> dict[str, Any]:
     """Adam over batches of subjects; early stopping on the validation subjects' first-task metric (AUROC, or
     -MSE for regression) over their steps; restores the best weights. Seeded."""
     torch.manual_seed(config.seed)
@@ -250,7 +333,7 @@ def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: Sequ
         model.train()
         losses = []
         for subjects in torch.randperm(len(train), generator=gen).split(batch_subjects):
-            loss, cells = sequence_loss(model, schema, train, subjects)
+            loss, cells = sequence_loss(model, schema, train, subjects, every_encoder)
             if not cells:
                 continue
             opt.zero_grad()

@@ -176,3 +176,43 @@ def test_fit_sequences_learns_a_per_step_signal_and_is_seeded():
     a, b = train(), train()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert step_metrics(a, rs, encode_sequences(prep, te, dyn), prep.targets)["event_1y"]["auroc"] > 0.9
+
+
+LONG = {**RAW, "timeseries": {**RAW["timeseries"], "variable": "variable", "value": "value"}}
+
+
+def long_table(visit_rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The visits as (id, day, variable, value) observations plus a subject table."""
+    obs = [(r.id, r.day, v, getattr(r, v)) for r in visit_rows.itertuples() for v in ("bili", "alb", "edema")
+           if getattr(r, v) == getattr(r, v) and getattr(r, v) is not None]
+    long = pd.DataFrame(obs, columns=["id", "day", "variable", "value"])
+    subjects = visit_rows.drop_duplicates("id")[["id", "age", "status", "futime"]]
+    return long, subjects
+
+
+def test_a_long_table_gives_the_same_steps_as_the_visit_table_and_accounts_for_every_row(tmp_path):
+    v = visits()
+    long, subjects = long_table(v)
+    long = pd.concat([long, pd.DataFrame([{"id": 1, "day": 0, "variable": "heart_rate", "value": 80}])],
+                     ignore_index=True)
+    subjects = pd.concat([subjects, pd.DataFrame([{"id": 3, "age": 70, "status": 0, "futime": 10}])])
+    got = build_sequences(Schema.from_dict(LONG), long, subjects)
+    want = build_sequences(Schema.from_dict(RAW), v)
+    cols = ["id", "day", "age", "bili", "alb", "edema", "event_1y__target", "bili_next__target"]
+    pd.testing.assert_frame_equal(got.steps[cols].astype(str), want.steps[cols].astype(str))
+    assert got.index.tolist() == want.index.tolist()
+    reasons = {s["reason"]: s["rows"] for s in got.skipped}
+    assert reasons == {"variable 'heart_rate' is in no time-series modality of the schema": 1,
+                       "subject(s) without any observation in the long table": 1}
+    long.loc[3, "value"] = "high"  # 'bili' of row 4 is not a number
+    path = tmp_path / "long.csv"
+    long.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"line 5 of .*long.csv \(data row 4\), column 'value': variable 'bili' is numeric"):
+        build_sequences(Schema.from_dict(LONG), read_table(path), subjects)
+    long.loc[3, "value"] = 1.0
+    long.loc[5, "id"] = 9
+    long.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"data row 6\), column 'id': unknown subject id"):
+        build_sequences(Schema.from_dict(LONG), read_table(path), subjects)
+    with pytest.raises(SchemaError, match="come from a subject table"):
+        build_sequences(Schema.from_dict(LONG), long)

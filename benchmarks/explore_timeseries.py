@@ -36,6 +36,10 @@ VARIANTS = {  # name -> (ModelConfig overrides, TrainConfig overrides, schema ch
     "wd1e-4": ({}, {"weight_decay": 1e-4}, None),
     "every-encoder": ({}, {}, "every"),  # the loss also at the state after each encoder within a step
     "gru+every": ({"encoder": "gru"}, {}, "every"),
+    "gru+every+wd1e-2": ({"encoder": "gru"}, {"weight_decay": 1e-2}, "every"),
+    "gru+every+drop0.3": ({"encoder": "gru", "dropout": 0.3}, {}, "every"),
+    "gru+every+small": ({"encoder": "gru", "state_size": 16, "hidden": 16}, {}, "every"),
+    "gru+every+lr1e-2": ({"encoder": "gru"}, {"lr": 1e-2}, "every"),
 }
 
 

@@ -101,4 +101,5 @@ def evaluate_frame(trained: TrainedModel, df: pd.DataFrame, context: Mapping[str
 
 def save_trained(path: str | Path, trained: TrainedModel) -> Path:
     return save_model(path, trained.model, trained.preprocessor, trained.config,
-                      trained.metadata.get("train_config"), trained.metadata.get("provenance"))
+                      trained.metadata.get("train_config"), trained.metadata.get("provenance"),
+                      extra=trained.metadata)  # e.g. a time-series model's timeseries_schema

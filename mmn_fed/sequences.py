@@ -24,7 +24,7 @@ from torch import Tensor
 from edge_runtime.preprocessing import DataError, Preprocessor, RowIssue
 from edge_runtime.schema import Schema, SchemaError, Task
 
-from .data import ROW_INDEX, TensorData, encode, file_rows
+from .data import ROW_INDEX, TensorData, encode, file_rows, fit_preprocessor
 from .metrics import task_metrics
 from .training import TrainConfig, per_sample_loss
 
@@ -357,3 +357,57 @@ def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: Sequ
         model.load_state_dict(best_state)
     model.eval()
     return {"history": history, "best_epoch": best_epoch, "best_val": best, "seconds": _time.perf_counter() - t0}
+
+
+# ---- the user path: train on a time-series table ------------------------------------------
+
+def split_subjects(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) subject positions: a seeded random ``fraction`` of the subjects held out (by subject:
+    all of a subject's steps are on one side)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(fraction * n)) if fraction > 0 else 0
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_config: TrainConfig | None = None,
+                    provenance: Mapping[str, Any] | None = None, every_encoder: bool = False):
+    """Fit preprocessing on the step rows, hold out ``val_fraction`` of the subjects for early stopping, train
+    MultiModN step by step. Returns ``mmn_fed.api.TrainResult``; the model's metadata keeps the time-series
+    schema (``extra["timeseries_schema"]``) next to the step-table preprocessing."""
+    from .api import TrainResult
+    from .model import ModelConfig
+    from .model_io import TrainedModel, build_from_preprocessor
+
+    model_config = model_config or ModelConfig()
+    train_config = train_config or TrainConfig()
+    if model_config.kind != "multimodn":
+        raise SchemaError(f"time series train MultiModN only for now (model = '{model_config.kind}'); the P-Fusion "
+                          "window baseline is not built yet (docs/timeseries.md)")
+    rs = row_schema(schema)
+    keep, val = split_subjects(len(seqs.ids), train_config.val_fraction, train_config.seed)
+    fit_part = seqs.subjects(keep)
+    prep = fit_preprocessor(rs, fit_part.steps)
+    dyn = schema.timeseries.modalities
+    torch.manual_seed(train_config.seed)
+    model = build_from_preprocessor(prep, model_config)
+    val_data = encode_sequences(prep, seqs.subjects(val), dyn) if len(val) else None
+    info = fit_sequences(model, rs, prep.targets, encode_sequences(prep, fit_part, dyn), val_data, train_config,
+                         every_encoder=every_encoder)
+    info["subjects"] = {"train": int(len(keep)), "validation": int(len(val))}
+    meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "provenance": dict(provenance or {}), "timeseries_schema": schema.to_dict()}
+    return TrainResult(TrainedModel(model, prep, model_config, meta), info)
+
+
+def sequence_records(trained, schema: Schema, seqs: Sequences, context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Tidy metric records (README format) of a trained sequence model on some subjects' steps: per task, over
+    the steps that have its target (``n`` = steps)."""
+    rs = row_schema(schema)
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    out = []
+    for t, metrics in step_metrics(trained.model, rs, data, trained.preprocessor.targets).items():
+        n = int(data.rows.y_present[t].sum())
+        for metric, value in metrics.items():
+            out.append({**context, "site": "all", "task": t, "metric": metric, "value": float(value), "n": n,
+                        "state": "final", "combination": "all", "unit": "step"})
+    return out

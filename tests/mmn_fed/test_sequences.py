@@ -216,3 +216,28 @@ def test_a_long_table_gives_the_same_steps_as_the_visit_table_and_accounts_for_e
         build_sequences(Schema.from_dict(LONG), read_table(path), subjects)
     with pytest.raises(SchemaError, match="come from a subject table"):
         build_sequences(Schema.from_dict(LONG), long)
+
+
+def test_mmn_fed_train_on_a_time_series_table_splits_by_patient_and_keeps_the_schema(tmp_path, capsys):
+    import json
+
+    from mmn_fed import load_builtin
+    from mmn_fed.cli import main
+    from mmn_fed.model_io import load_model
+
+    df, schema = load_builtin("pbcseq")
+    path = tmp_path / "visits.csv"
+    df[df["id"] <= 60].to_csv(path, index=False)
+    schema_path = tmp_path / "schema.toml"
+    from mmn_fed.data import builtin_path
+    schema_path.write_text((builtin_path("pbcseq") / "schema.toml").read_text())
+    assert main(["train", "--dataset", str(path), "--schema", str(schema_path), "--epochs", "3", "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["subjects"] == {"train": 38, "validation": 10, "test": 12}  # 60 patients, split by patient
+    assert printed["steps"] == len(df[df["id"] <= 60])
+    recs = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    auc = next(r for r in recs if r["metric"] == "auroc")
+    assert auc["task"] == "death_or_transplant_2y" and auc["unit"] == "step" and 0 < auc["n"] < printed["steps"]
+    trained = load_model(tmp_path / "out" / "model.pt")
+    assert Schema.from_dict(trained.metadata["timeseries_schema"]) == schema

@@ -63,7 +63,8 @@ SMALL = {"state_size": 16, "hidden": 16}  # a sign flip's damage, and what media
 @pytest.fixture(scope="module")
 def federate(tmp_path_factory):
     """run(rule, kind, k, **extra) -> FederationResult: heart's 4 hospitals, 30% of each held out, 3 rounds on the
-    in-process engine with the default settings but ``val_fraction=0.2`` and ``extra``, ``ATTACKER`` running
+    in-process engine with the default settings but ``val_fraction=0.2``, ``keep_best=False`` (the final model is
+    the last round's, whose test AUROC ``held_out_auroc`` reads) and ``extra``, ``ATTACKER`` running
     ``attacking_client_app(ATTACKER, kind, k)`` (kind "none": honest). Runs are cached: tests share the clean ones."""
     df, schema = load_builtin("heart")
     schema = schema.subset(tasks=["disease"])
@@ -76,7 +77,8 @@ def federate(tmp_path_factory):
             return cache[key]
         app = client_app or (None if kind == "none" else attacking_client_app(ATTACKER, kind, k))
         res = run_federation(train, schema, rounds=rounds, seed=0, run_dir=root / f"{len(cache)}-{rule}-{kind}{k}",
-                             test_sites=test, val_fraction=0.2, aggregation=rule, client_app=app, **extra)
+                             test_sites=test, val_fraction=0.2, aggregation=rule, client_app=app,
+                             **{"keep_best": False, **extra})  # the model after the last round: what aggregation made
         cache[key if client_app is None else (*key, len(cache))] = res
         return res
     return run

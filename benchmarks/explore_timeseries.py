@@ -40,6 +40,11 @@ VARIANTS = {  # name -> (ModelConfig overrides, TrainConfig overrides, schema ch
     "gru+every+drop0.3": ({"encoder": "gru", "dropout": 0.3}, {}, "every"),
     "gru+every+small": ({"encoder": "gru", "state_size": 16, "hidden": 16}, {}, "every"),
     "gru+every+lr1e-2": ({"encoder": "gru"}, {"lr": 1e-2}, "every"),
+    "gru+lr1e-2": ({"encoder": "gru"}, {"lr": 1e-2}, None),
+    "mlp+every+lr1e-2": ({}, {"lr": 1e-2}, "every"),
+    "gru+every+lr3e-2": ({"encoder": "gru"}, {"lr": 3e-2}, "every"),
+    "gru+every+lr1e-2+p40": ({"encoder": "gru"}, {"lr": 1e-2, "patience": 40}, "every"),
+    "gru+every+lr1e-2+b16": ({"encoder": "gru"}, {"lr": 1e-2, "batch_subjects": 16}, "every"),
 }
 
 
@@ -79,8 +84,11 @@ def main() -> None:
             torch.manual_seed(k)
             model = build_from_preprocessor(prep, ModelConfig(**mc))
             dyn = schema.timeseries.modalities
+            tc = dict(tc)
+            batch = tc.pop("batch_subjects", 32)
             fit_sequences(model, rs, prep.targets, encode_sequences(prep, a, dyn), encode_sequences(prep, val, dyn),
-                          TrainConfig(**{"epochs": 150, "seed": k, **tc}), every_encoder=change == "every")
+                          TrainConfig(**{"epochs": 150, "seed": k, **tc}), batch_subjects=batch,
+                          every_encoder=change == "every")
             dd = encode_sequences(prep, d, dyn)
             ok = dd.rows.y_present[task].numpy()
             y = dd.rows.y[task].numpy()[ok].astype(int)

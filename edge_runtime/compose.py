@@ -206,6 +206,7 @@ class ModuleIO:
 
 
 BATCH_INPUT = "init_state.batch"
+STATE_INPUT, STATE_OUTPUT = "mmn.state.in", "mmn.state.out"  # a streaming step's graph (``init=None``)
 
 
 def mask_input(modality: str) -> str:
@@ -216,8 +217,9 @@ def output_name(task: str) -> str:
     return f"out.{task}"
 
 
-def compose(init: ModuleIO, encoders: Sequence[tuple[str, ModuleIO, int]], decoders: Sequence[tuple[str, ModuleIO, str, int]],
-            masked: bool, trajectory: bool) -> bytes:
+def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]],
+            decoders: Sequence[tuple[str, ModuleIO, str, int]], masked: bool, trajectory: bool,
+            state_size: int = 0) -> bytes:
     """One ONNX model: initial state, then ``encoders`` in order [(modality, module, feature dim)], then
     ``decoders`` [(task, module, kind, output size)] on the final state (or on all states stacked when ``trajectory``).
 
@@ -225,14 +227,19 @@ def compose(init: ModuleIO, encoders: Sequence[tuple[str, ModuleIO, int]], decod
     ``mask.<modality>`` per encoder: a masked-out sample keeps its state (``where(mask, new, state)``).
     Outputs ``out.<task>``: p(1) for binary (sigmoid), class probabilities (softmax), raw value for regression;
     shape (B, k), or (S*B, k) with states stacked first-major when ``trajectory``.
+    ``init=None`` (streaming, edge_runtime/streaming.py): the state is the input ``mmn.state.in`` (B,
+    ``state_size``) instead of the initial state, and the new state is one more output, ``mmn.state.out``.
     """
-    modules = [init] + [e for _, e, _ in encoders] + [d for _, d, _, _ in decoders]
+    modules = ([init] if init is not None else []) + [e for _, e, _ in encoders] + [d for _, d, _, _ in decoders]
     opsets = {m.graph.opsets for m in modules}
     if len(opsets) > 1:
         raise WireError(f"modules were exported with different opsets {sorted(opsets)}; re-export the bundle")
-    nodes: list[bytes] = list(init.graph.nodes)  # kept in topological order, as ONNX requires
-    inputs = [value_info(BATCH_INPUT, INT64, [1])]
-    state = init.outputs[0]
+    if init is not None:
+        nodes: list[bytes] = list(init.graph.nodes)  # kept in topological order, as ONNX requires
+        inputs = [value_info(BATCH_INPUT, INT64, [1])]
+        state = init.outputs[0]
+    else:
+        nodes, inputs, state = [], [value_info(STATE_INPUT, FLOAT, ["batch", state_size])], STATE_INPUT
     states = [state]
     for k, (m, enc, dim) in enumerate(encoders):
         s_in, x_in = enc.inputs
@@ -251,6 +258,9 @@ def compose(init: ModuleIO, encoders: Sequence[tuple[str, ModuleIO, int]], decod
         nodes.append(node("Concat", states, ["mmn.states"], "mmn.stack", axis=0))
         state = "mmn.states"
     outputs = []
+    if init is None:
+        nodes.append(node("Identity", [state], [STATE_OUTPUT], "mmn.state.out"))
+        outputs.append(value_info(STATE_OUTPUT, FLOAT, ["batch", state_size]))
     for t, dec, kind, k in decoders:
         nodes.append(node("Identity", [state], [dec.inputs[0]], f"mmn.wire.{t}"))
         nodes.extend(dec.graph.nodes)
@@ -259,7 +269,7 @@ def compose(init: ModuleIO, encoders: Sequence[tuple[str, ModuleIO, int]], decod
         nodes.append(node(op, [dec.outputs[0]], [output_name(t)], f"mmn.post.{t}", **attrs))
         outputs.append(value_info(output_name(t), FLOAT, ["stacked" if trajectory else "batch", k]))
     return model_bytes(
-        max(m.graph.ir_version for m in modules), init.graph.opsets, "mmn_composed", nodes,
+        max(m.graph.ir_version for m in modules), modules[0].graph.opsets, "mmn_composed", nodes,
         [i for m in modules for i in m.graph.initializers], inputs, outputs,
         [v for m in modules for v in m.graph.value_infos], [f for m in modules for f in m.graph.functions],
     )

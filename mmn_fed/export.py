@@ -224,7 +224,9 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
                 entry[k] = spec[k]
         manifest_modules[name] = entry
     tasks = {t: dict(prep.targets[t]) for t in model.tasks}
-    identity = {"files": {f: e["sha256"] for f, e in files.items()}, "preprocessing": prep.to_dict(), "tasks": tasks}
+    timeseries = trained.metadata.get("timeseries_schema")  # a time-series model (mmn_fed.sequences)
+    identity = {"files": {f: e["sha256"] for f, e in files.items()}, "preprocessing": prep.to_dict(), "tasks": tasks,
+                **({"timeseries": timeseries} if timeseries else {})}
     import onnx
 
     manifest = {
@@ -242,6 +244,7 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         "opset": opset,
         "modules": manifest_modules,
         "files": files,
+        **({"timeseries": timeseries} if timeseries else {}),
     }
     (out / MANIFEST).write_bytes(canonical_json(manifest))
     sig = out / SIGNATURE

@@ -1,0 +1,99 @@
+"""Streaming a patient's state at the edge (edge_runtime/streaming.py) against the PyTorch whole-history forward."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from edge_runtime.bundle import BundleError, load_bundle
+from edge_runtime.schema import Schema
+from edge_runtime.streaming import PatientState, StateError, Stream
+
+RAW = {
+    "modalities": {"demo": ["age", "sex"], "labs": ["bili", "alb"], "signs": ["edema"]},
+    "tasks": {"event_1y": {"column": "status", "kind": "binary", "positive": [2], "event_time": "futime",
+                           "horizon": 365},
+              "bili_next": {"column": "bili", "kind": "regression", "ahead": 1}},
+    "columns": {"categorical": ["sex", "edema"]},
+    "timeseries": {"id": "id", "time": "day", "modalities": ["labs", "signs"]},
+}
+
+
+def histories(lengths, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, n in enumerate(lengths):
+        day = 0.0
+        for _ in range(n):
+            day += float(rng.integers(1, 30))
+            rows.append({"id": i, "day": day, "age": float(rng.integers(30, 80)), "sex": "f" if i % 2 else "m",
+                         "bili": rng.lognormal() if rng.random() > 0.3 else np.nan,
+                         "alb": rng.normal(3.5, 0.5) if rng.random() > 0.4 else np.nan,
+                         "edema": str(int(rng.random() > 0.7)) if rng.random() > 0.5 else None,
+                         "status": 2 if i % 3 == 0 else 0, "futime": day + 400})
+        for r in rows[-n:]:
+            r["futime"] = day + 200
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module", params=["mlp", "gru"])
+def stream_and_truth(request, tmp_path_factory):
+    from mmn_fed import ModelConfig, TrainConfig
+    from mmn_fed.export import export_bundle
+    from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps, row_schema, train_sequences
+
+    schema = Schema.from_dict(RAW)
+    train = build_sequences(schema, histories([5, 8, 12, 3, 9, 20, 7, 6], seed=1))
+    res = train_sequences(train, schema, ModelConfig(encoder=request.param), TrainConfig(epochs=2, val_fraction=0.0))
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_bundle(res.trained, out)
+    seqs = build_sequences(schema, histories([1, 37, 500, 120], seed=2))  # random histories, up to 500 steps
+    data = encode_sequences(res.trained.preprocessor, seqs, schema.timeseries.modalities)
+    truth = predict_steps(res.trained.model, data, res.trained.preprocessor.targets, row_schema(schema))
+    return Stream(load_bundle(out, allow_unsigned=True)), seqs, truth
+
+
+def test_streaming_step_by_step_equals_the_whole_history_forward(stream_and_truth):
+    stream, seqs, truth = stream_and_truth
+    for i in range(len(seqs.ids)):
+        rows = [int(r) for r in seqs.index[i] if r >= 0]
+        recs = seqs.steps.iloc[rows].to_dict("records")
+        state = stream.start(recs[0])
+        for k, (r, rec) in enumerate(zip(rows, recs)):
+            state = PatientState.from_json(state.to_json())  # stored and read back between visits
+            state = stream.update(state, rec)
+            got = stream.predict(state)
+            assert abs(got["event_1y"] - truth["event_1y"][r]) < 1e-5, (i, k)
+            assert abs(got["bili_next"] - truth["bili_next"][r]) < 1e-4 * max(1.0, abs(truth["bili_next"][r]))
+        assert state.steps == len(rows) and state.last_time == recs[-1]["day"]
+        replayed, trajectory = stream.replay(recs[0], recs)
+        assert np.array_equal(replayed.state, state.state) and len(trajectory) == len(rows)
+        np.testing.assert_allclose([t["event_1y"] for t in trajectory], truth["event_1y"][rows], atol=1e-5)
+
+
+def test_a_state_of_another_model_or_format_is_refused_and_time_cannot_go_back(stream_and_truth):
+    stream, seqs, _ = stream_and_truth
+    state = stream.update(stream.start({"age": 50, "sex": "f"}), {"bili": 1.0}, time=10)
+    other = PatientState("0123456789abcdef", state.state, state.steps, state.last_time)
+    with pytest.raises(StateError, match="belongs to model 0123456789abcdef.*Stream.replay"):
+        stream.update(other, {"bili": 1.0})
+    with pytest.raises(StateError, match="before this patient's last step"):
+        stream.update(state, {"bili": 1.0}, time=5)
+    d = json.loads(state.to_json())
+    with pytest.raises(StateError, match="version 2"):
+        PatientState.from_json(json.dumps({**d, "version": 2}))
+    with pytest.raises(StateError, match="not an mmn-fed patient state"):
+        PatientState.from_json(json.dumps({"format": "x"}))
+    assert len(state.to_json()) < 400  # a small value: a few dozen float32 numbers plus the model id
+
+
+def test_a_static_bundle_is_not_a_stream(tmp_path):
+    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
+    from mmn_fed.export import export_bundle
+
+    df, schema = load_builtin("heart")
+    res = train_centralized(df.iloc[:200], schema.subset(tasks=["disease"]), ModelConfig(state_size=8, hidden=8),
+                            TrainConfig(epochs=1, val_fraction=0.0))
+    export_bundle(res.trained, tmp_path / "b")
+    with pytest.raises(BundleError, match="not a time-series model"):
+        Stream(load_bundle(tmp_path / "b", allow_unsigned=True))

@@ -2,7 +2,8 @@
 
 Task: death or liver transplant within 2 years of each visit (undefined when follow-up ends earlier without the
 event), predicted at every visit. 5 patient splits (2/3 train, 1/3 test, by patient; split k uses seed k). Per
-split: MultiModN (defaults of mmn_fed.sequences; 20% of the training patients held out for early stopping) and the
+split: MultiModN (``mmn_fed.sequences.train_sequences`` defaults: GRU encoders, loss after every encoder; 20% of
+the training patients held out for early stopping) and the
 landmark logistic regression (each visit's values, static columns, missing indicators, standardized; C by 5-fold
 inner CV on the training visits), both scored by AUROC over the test visits, with a 95% bootstrap CI over test
 PATIENTS (all visits of a resampled patient together); over splits: the mean paired difference MultiModN - LR
@@ -24,11 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from splits import Split, logistic_regression  # noqa: E402
 
 from mmn_fed import ModelConfig, TrainConfig, load_builtin  # noqa: E402
-from mmn_fed.data import fit_preprocessor  # noqa: E402
 from mmn_fed.metrics import auroc, mean_ci  # noqa: E402
-from mmn_fed.model_io import build_from_preprocessor  # noqa: E402
-from mmn_fed.sequences import (build_sequences, encode_sequences, fit_sequences, predict_steps,  # noqa: E402
-                               row_schema)
+from mmn_fed.sequences import (build_sequences, encode_sequences, predict_steps, row_schema,  # noqa: E402
+                               train_sequences)
 
 TRAIN_FRACTION = 2 / 3
 
@@ -61,17 +60,11 @@ def run_split(k: int, schema, seqs, args) -> dict:
     perm = rng.permutation(len(seqs.ids))
     n_train = int(round(TRAIN_FRACTION * len(perm)))
     train_all, test = perm[:n_train], perm[n_train:]
-    n_val = int(round(0.2 * len(train_all)))
-    fit_part, val_part = train_all[n_val:], train_all[:n_val]
-    a, v, b = seqs.subjects(fit_part), seqs.subjects(val_part), seqs.subjects(test)
-    whole = seqs.subjects(train_all)
-    prep = fit_preprocessor(rs, a.steps)
-    torch.manual_seed(k)
-    model = build_from_preprocessor(prep, ModelConfig())
+    whole, b = seqs.subjects(train_all), seqs.subjects(test)
     t0 = time.perf_counter()
-    info = fit_sequences(model, rs, prep.targets, encode_sequences(prep, a, ts.modalities),
-                         encode_sequences(prep, v, ts.modalities), TrainConfig(epochs=args.epochs, seed=k))
+    res_mmn = train_sequences(whole, schema, ModelConfig(), TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
     sec = time.perf_counter() - t0
+    model, prep, info = res_mmn.trained.model, res_mmn.trained.preprocessor, res_mmn.fit_info
     test_data = encode_sequences(prep, b, ts.modalities)
     p_mmn = predict_steps(model, test_data, prep.targets, rs)[task]
     ok = test_data.rows.y_present[task].numpy()
@@ -92,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
+    ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     df, schema = load_builtin("pbcseq")

@@ -369,16 +369,26 @@ def split_subjects(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
+TS_ENCODER = "gru"  # time series: a GRU cell keeps the state bounded over long histories (docs/timeseries.md)
+
+
 def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_config: TrainConfig | None = None,
-                    provenance: Mapping[str, Any] | None = None, every_encoder: bool = False):
+                    provenance: Mapping[str, Any] | None = None, encoder: str | None = TS_ENCODER,
+                    every_encoder: bool = True):
     """Fit preprocessing on the step rows, hold out ``val_fraction`` of the subjects for early stopping, train
     MultiModN step by step. Returns ``mmn_fed.api.TrainResult``; the model's metadata keeps the time-series
-    schema (``extra["timeseries_schema"]``) next to the step-table preprocessing."""
+    schema (``extra["timeseries_schema"]``) next to the step-table preprocessing.
+    Time-series defaults (docs/timeseries.md, measured with benchmarks/explore_timeseries.py and
+    bench_streaming.py): ``encoder`` replaces the model config's (None: keep it) because the residual MLP
+    state diverges over hundreds of steps; ``every_encoder``: the loss also at the state after each encoder
+    within a step, as the static model decodes after every encoder."""
     from .api import TrainResult
     from .model import ModelConfig
     from .model_io import TrainedModel, build_from_preprocessor
 
     model_config = model_config or ModelConfig()
+    if encoder is not None:
+        model_config = replace(model_config, encoder=encoder)
     train_config = train_config or TrainConfig()
     if model_config.kind != "multimodn":
         raise SchemaError(f"time series train MultiModN only for now (model = '{model_config.kind}'); the P-Fusion "

@@ -9,7 +9,7 @@ inner CV on the training visits), both scored by AUROC over the test visits, wit
 PATIENTS (all visits of a resampled patient together); over splits: the mean paired difference MultiModN - LR
 with a percentile-bootstrap CI. Target: mean paired difference >= 0.
 
-    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150]
+    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150] [--federated 3]
 """
 from __future__ import annotations
 
@@ -78,7 +78,32 @@ def run_split(k: int, schema, seqs, args) -> dict:
            "test_visits": int(ok.sum()), "test_patients": len(test), "epochs": len(info["history"]),
            "best_epoch": info["best_epoch"], "seconds": sec}
     res["difference"] = res["mmn"] - res["lr"]
+    if args.federated:  # the same training patients in IID sites (by patient), default federation settings
+        import tempfile
+
+        from server.engines import run_federation
+        from simulations.sites import iid
+
+        site_of = dict(zip(whole.ids, iid(len(whole.ids), args.federated, k)))
+        rows = df_of(seqs, train_all)
+        sites = {str(s): g.drop(columns="__site").reset_index(drop=True)
+                 for s, g in rows.assign(__site=rows[ts.id].map(site_of)).groupby("__site")}
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            fed = run_federation(sites, schema, seed=k, run_dir=Path(tmp) / "run", lr=args.lr)
+        fed_model = fed.trained
+        p_fed = predict_steps(fed_model.model, encode_sequences(fed_model.preprocessor, b, ts.modalities),
+                              fed_model.preprocessor.targets, rs)[task]
+        res["federated"] = auroc(y, p_fed[ok])
+        res["fed_rounds"] = fed.extra["selection"]["rounds_run"]
+        res["fed_seconds"] = time.perf_counter() - t0
     return res
+
+
+def df_of(seqs, subjects) -> "pd.DataFrame":
+    """The input rows (visits) of some subjects: their step rows with the step-table columns dropped."""
+    steps = seqs.subjects(subjects).steps
+    return steps.drop(columns=[c for c in steps.columns if c.endswith("__target") or c in ("step_time", "source_row")])
 
 
 def main() -> None:
@@ -86,6 +111,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
     ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
+    ap.add_argument("--federated", type=int, default=0, metavar="SITES",
+                    help="also federate the training patients over this many IID sites (default settings)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     df, schema = load_builtin("pbcseq")
@@ -103,6 +130,13 @@ def main() -> None:
               f"[{ci['difference'][0]:+.3f}, {ci['difference'][1]:+.3f}]  ({r['test_visits']} test visits of "
               f"{r['test_patients']} patients; {r['epochs']} epochs, best {r['best_epoch']}, {r['seconds']:.0f} s)",
               flush=True)
+        if "federated" in r:
+            print(f"           federated over {args.federated} IID sites: {r['federated']:.3f} ({r['fed_rounds']} rounds, "
+                  f"{r['fed_seconds']:.0f} s); federated - centralized {r['federated'] - r['mmn']:+.3f}", flush=True)
+    if out and "federated" in out[0]:
+        m, lo, hi = mean_ci([r["federated"] - r["mmn"] for r in out])
+        print(f"federated - centralized MultiModN: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]; federated - LR: "
+              f"{np.mean([r['federated'] - r['lr'] for r in out]):+.3f}")
     m, lo, hi = mean_ci([r["difference"] for r in out])
     print(f"MultiModN {np.mean([r['mmn'] for r in out]):.3f}, landmark LR {np.mean([r['lr'] for r in out]):.3f} "
           f"(means over {len(out)} splits)")

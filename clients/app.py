@@ -66,6 +66,11 @@ def _correction(config: ConfigRecord) -> dict[str, str]:
     return json.loads(str(config[P.CORRECTION])) if P.CORRECTION in config else {}
 
 
+def _timeseries(config: ConfigRecord) -> Schema | None:
+    """The time-series schema the server sends with a time-series model (None: a static table)."""
+    return Schema.from_dict(json.loads(str(config[P.TIMESERIES]))) if P.TIMESERIES in config else None
+
+
 def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name, "rows": len(site.rows)})
 
@@ -85,7 +90,8 @@ def profile(msg: Message, context: Context) -> Message:
     config, settings = _unpack(msg)
     site = _site(context)
     prep, key = _prep(config)
-    counts = site.module_counts(prep, key, settings, ModelConfig.from_dict(json.loads(str(config["model-config"]))))
+    counts = site.module_counts(prep, key, settings, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
+                                ts=_timeseries(config))
     return Message(RecordDict({P.SITE: _site_record(site), P.COUNTS: MetricRecord(counts)}), reply_to=msg)
 
 
@@ -96,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     prep, key = _prep(config)
     params = R.from_arrayrecord(msg.content[P.ARRAYS])
     new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
-                                      settings, params, int(config["server-round"]), _correction(config))
+                                      settings, params, int(config["server-round"]), _correction(config),
+                                      ts=_timeseries(config))
     content = RecordDict({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
                           P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
@@ -110,7 +117,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
     records = site.evaluate(prep, key, mc, settings, R.from_arrayrecord(msg.content[P.ARRAYS]),
                             {"model": mc.kind, "training": "federated", "seed": settings.seed,
-                             "round": int(config["server-round"])}, _correction(config))
+                             "round": int(config["server-round"])}, _correction(config), ts=_timeseries(config))
     flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
     flat.update({f"{r['task']}/n": r["n"] for r in records})
     content = RecordDict({P.METRICS: R.metric_record(flat), P.RECORDS: R.json_record(records), P.SITE: _site_record(site)})

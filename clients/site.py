@@ -26,6 +26,7 @@ from mmn_fed.evaluation import evaluate
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
+from mmn_fed import sequences as seq
 from mmn_fed.settings import SETTING, SiteSettings
 from mmn_fed.training import TrainConfig, module_counts, split_indices, train_epochs
 
@@ -115,18 +116,48 @@ class Site:
         self.rows = rows
         self._encoded: dict[tuple, tuple[TensorData, TensorData]] = {}
         self._keep: dict[tuple, tuple[dict, TensorData | None]] = {}
+        self._seqs: dict[tuple, tuple] = {}
+        self._seq_data: dict[tuple, tuple] = {}
+
+    # ---- time series (docs/timeseries.md): the site's subjects, split by subject -----------------------
+    def sequences(self, ts: Schema, settings: SiteSettings) -> tuple[seq.Sequences, seq.Sequences | None]:
+        """(training, validation) sequences of this site's subjects (a validation share of the subjects, none
+        below 10 subjects); the step table is built once per schema and split."""
+        key = (json.dumps(ts.to_dict(), sort_keys=True), settings.val_fraction, settings.seed)
+        if key not in self._seqs:
+            all_seqs = seq.build_sequences(ts, self.rows)
+            fraction = settings.val_fraction if len(all_seqs.ids) >= 10 else 0.0
+            keep, val = seq.split_subjects(len(all_seqs.ids), fraction, settings.seed)
+            self._seqs = {key: (all_seqs.subjects(keep), all_seqs.subjects(val) if len(val) else None)}
+        return self._seqs[key]
+
+    def sequence_data(self, prep: Preprocessor, prep_key: str, ts: Schema, settings: SiteSettings):
+        key = (prep_key, settings.val_fraction, settings.seed)
+        if key not in self._seq_data:
+            train, val = self.sequences(ts, settings)
+            dyn = ts.timeseries.modalities
+            self._seq_data = {key: (seq.encode_sequences(prep, train, dyn),
+                                    seq.encode_sequences(prep, val, dyn) if val is not None else None)}
+        return self._seq_data[key]
 
     def splits(self, schema: Schema, settings: SiteSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         return split_site(schema, self.rows, settings.val_fraction, settings.seed)
 
     def summary(self, schema: Schema, settings: SiteSettings) -> dict:
         """Mergeable preprocessing summary of the local training rows (never rows)."""
+        if schema.timeseries is not None:  # the step rows of the training subjects
+            train_seqs, _ = self.sequences(schema, settings)
+            return site_summary(seq.row_schema(schema), train_seqs.steps)
         site_summary(schema, self.rows)  # every row parses, checked before the split: a bad value names the file's line
         train, _ = self.splits(schema, settings)
         return site_summary(schema, train)
 
     def audit_counts(self, schema: Schema, settings: SiteSettings) -> dict:
-        """Missingness audit counts of the local training rows; cells below ``audit-min-cell`` suppressed."""
+        """Missingness audit counts of the local training rows (time series: steps); cells below
+        ``audit-min-cell`` suppressed."""
+        if schema.timeseries is not None:
+            train_seqs, _ = self.sequences(schema, settings)
+            return presence_counts(seq.row_schema(schema), train_seqs.steps, min_cell=settings.audit_min_cell)
         train, _ = self.splits(schema, settings)
         return presence_counts(schema, train, min_cell=settings.audit_min_cell)
 
@@ -151,16 +182,23 @@ class Site:
             self._encoded = {key: (encode(prep, train), encode(prep, val) if len(val) else None)}
         return self._encoded[key]
 
-    def module_counts(self, prep: Preprocessor, prep_key: str, settings: SiteSettings, model_config: ModelConfig) -> dict[str, int]:
-        train, _ = self.encoded(prep, prep_key, settings)
+    def module_counts(self, prep: Preprocessor, prep_key: str, settings: SiteSettings, model_config: ModelConfig,
+                      ts: Schema | None = None) -> dict[str, int]:
         model = build_from_preprocessor(prep, model_config)
+        if ts is not None:
+            return seq.sequence_module_counts(model, self.sequence_data(prep, prep_key, ts, settings)[0])
+        train, _ = self.encoded(prep, prep_key, settings)
         return module_counts(model, train)
 
     def train(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
               params: Mapping[str, np.ndarray], server_round: int,
-              correct: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
+              correct: Mapping[str, str] | None = None, ts: Schema | None = None,
+              ) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
         """Train the received modules only; return (their new values, per-module counts, metrics).
-        ``correct``: the modalities whose presence is balanced against the label (``mmn_fed.correction``)."""
+        ``correct``: the modalities whose presence is balanced against the label (``mmn_fed.correction``).
+        ``ts``: the time-series schema: train on this site's sequences (counts are observed steps)."""
+        if ts is not None:
+            return self._train_sequences(prep, prep_key, model_config, settings, params, server_round, ts)
         train, _ = self.encoded(prep, prep_key, settings)
         keep, _ = self.keep(prep, prep_key, settings, correct or {})
         seed = site_seed(settings.seed, server_round, self.name)
@@ -176,11 +214,33 @@ class Site:
         counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
+    def _train_sequences(self, prep, prep_key, model_config, settings, params, server_round, ts):
+        train, _ = self.sequence_data(prep, prep_key, ts, settings)
+        seed = site_seed(settings.seed, server_round, self.name)
+        torch.manual_seed(seed)
+        model = build_from_preprocessor(prep, model_config)
+        load_partial(model, params)
+        modules = {module_of(k) for k in params}
+        tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
+        stats = seq.train_epochs_sequences(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
+                                           prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules)
+        state = model.state_dict()
+        new = {k: state[k].detach().cpu().numpy().copy() for k in params}
+        counts = {m: c for m, c in seq.sequence_module_counts(model, train).items() if m in modules}
+        return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
+
     def evaluate(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, settings: SiteSettings,
                  params: Mapping[str, np.ndarray], context: Mapping[str, Any],
-                 correct: Mapping[str, str] | None = None) -> list[dict]:
+                 correct: Mapping[str, str] | None = None, ts: Schema | None = None) -> list[dict]:
         """Tidy records of the received modules on the local validation rows (training rows if none); under a
-        correction, on the validation rows with the same balanced subset hidden every round."""
+        correction, on the validation rows with the same balanced subset hidden every round. Time series: on
+        the validation subjects' steps."""
+        if ts is not None:
+            train, val = self.sequence_data(prep, prep_key, ts, settings)
+            data, split = (val, "validation") if val is not None else (train, "train")
+            model = build_from_preprocessor(prep, model_config)
+            load_partial(model, params)
+            return seq.data_records(model, prep, data, {**context, "site": self.name, "split": split})
         train, _ = self.encoded(prep, prep_key, settings)
         _, val = self.keep(prep, prep_key, settings, correct or {})
         data, split = (val, "validation") if val is not None else (train, "train")

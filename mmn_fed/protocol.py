@@ -36,6 +36,7 @@ AUDIT_RECORD = "audit"  # site -> server: missingness audit counts (mmn_fed.audi
 JSON_KEY = "json"  # the key under which a ConfigRecord carries one JSON document
 
 # config keys (server -> site, in every message's config record)
+TIMESERIES = "timeseries"  # JSON schema with [timeseries] (mmn_fed.sequences): sites train on sequences
 CORRECTION = "correction"  # JSON {modality: task}: the modalities to balance (mmn_fed.correction); {} = none
 SETTINGS = "settings"  # the site-scope run settings: a versioned JSON record (mmn_fed.settings.SiteSettings)
 

@@ -319,8 +319,57 @@ def step_metrics(model, schema: Schema, data: SequenceData, targets: Mapping[str
     return out
 
 
+BATCH_SUBJECTS = 32
+
+
+def train_epochs_sequences(model, schema: Schema, data: SequenceData, config: TrainConfig, epochs: int,
+                           generator: torch.Generator, optimizer: torch.optim.Optimizer | None = None,
+                           prox_mu: float = 0.0, trainable=None, every_encoder: bool = True,
+                           batch_subjects: int = BATCH_SUBJECTS) -> dict[str, float]:
+    """``epochs`` passes over the subjects in batches (as ``mmn_fed.training.train_epochs`` for rows):
+    ``trainable(name)`` restricts which parameters move (a site trains the modules it was sent), ``prox_mu`` > 0
+    adds FedProx's (mu/2)||w - w_global||^2."""
+    params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
+    if optimizer is None:
+        optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+    anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
+    model.train()
+    losses, steps = [], 0
+    for _ in range(epochs):
+        for subjects in torch.randperm(len(data), generator=generator).split(batch_subjects):
+            loss, cells = sequence_loss(model, schema, data, subjects, every_encoder)
+            if not cells:
+                continue
+            if anchor is not None:
+                loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in params)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+
+
+def sequence_module_counts(model, data: SequenceData) -> dict[str, int]:
+    """What each module is trained on, in observed steps: the initial state and a static encoder per subject
+    (with that modality), a time-series encoder per step that observed its modality, a decoder per labelled
+    step (docs/timeseries.md)."""
+    from .modules import INIT_STATE, decoder_module, encoder_module
+
+    index = data.index
+    first = index[:, 0]
+    counts = {INIT_STATE: int(len(index))}
+    for m, p in data.rows.present.items():
+        counts[encoder_module(m)] = int(p.sum()) if m in data.dynamic else int(p[first].sum())
+    for t, p in data.rows.y_present.items():
+        counts[decoder_module(t)] = int(p.sum())
+    return counts
+
+
 def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: SequenceData, val: SequenceData | None,
-                  config: TrainConfig, batch_subjects: int = 32, every_encoder: bool = False) -> dict[str, Any]:
+                  config: TrainConfig, batch_subjects: int = BATCH_SUBJECTS, every_encoder: bool = False) -> dict[str, Any]:
     """Adam over batches of subjects; early stopping on the validation subjects' first-task metric (AUROC, or
     -MSE for regression) over their steps; restores the best weights. Seeded."""
     torch.manual_seed(config.seed)
@@ -330,19 +379,9 @@ def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: Sequ
     best, best_state, best_epoch, history = -float("inf"), None, 0, []
     t0 = _time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        losses = []
-        for subjects in torch.randperm(len(train), generator=gen).split(batch_subjects):
-            loss, cells = sequence_loss(model, schema, train, subjects, every_encoder)
-            if not cells:
-                continue
-            opt.zero_grad()
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
+        stats = train_epochs_sequences(model, schema, train, config, 1, gen, opt, every_encoder=every_encoder,
+                                       batch_subjects=batch_subjects)
+        rec = {"epoch": epoch, "train_loss": stats["loss"]}
         if val is not None and len(val):
             m = step_metrics(model, schema, val, targets)[first.name]
             score = -m.get("mse", float("nan")) if first.kind == "regression" else m.get("auroc", float("nan"))
@@ -412,10 +451,14 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
 def sequence_records(trained, schema: Schema, seqs: Sequences, context: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Tidy metric records (README format) of a trained sequence model on some subjects' steps: per task, over
     the steps that have its target (``n`` = steps)."""
-    rs = row_schema(schema)
     data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    return data_records(trained.model, trained.preprocessor, data, context)
+
+
+def data_records(model, prep: Preprocessor, data: SequenceData, context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``sequence_records`` on encoded sequences (``prep.schema`` is the step table's schema)."""
     out = []
-    for t, metrics in step_metrics(trained.model, rs, data, trained.preprocessor.targets).items():
+    for t, metrics in step_metrics(model, prep.schema, data, prep.targets).items():
         n = int(data.rows.y_present[t].sum())
         for metric, value in metrics.items():
             out.append({**context, "site": "all", "task": t, "metric": metric, "value": float(value), "n": n,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +33,7 @@ from mmn_fed.data import check_summary, encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor, save_model
+from mmn_fed.sequences import TS_ENCODER, build_sequences, data_records, encode_sequences, row_schema
 from mmn_fed.settings import RunSettings
 
 from .aggregation import ServerOptimizer
@@ -51,7 +52,9 @@ class FederationConfig(RunSettings):
     server builds from them."""
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_settings(self)
+        """The architecture; a time-series run (``timeseries`` set by ``run_server``) uses its encoder."""
+        mc = ModelConfig.from_settings(self)
+        return replace(mc, encoder=TS_ENCODER) if getattr(self, "_timeseries", None) is not None else mc
 
     def strategy(self) -> ModularFedAvg:
         """The per-module strategy these settings ask for (secure or plaintext, with its aggregation rule)."""
@@ -125,8 +128,9 @@ def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
     ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
     summaries = {str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered}
     merged = merge_summaries(list(summaries.values()))
-    check_summary(schema, merged, f" pooled over {len(ordered)} site(s)")  # one-class pooled labels: stop before round 1
-    prep = Preprocessor.from_summary(schema, merged)
+    rows = row_schema(schema) if schema.timeseries is not None else schema  # time series: the step table's schema
+    check_summary(rows, merged, f" pooled over {len(ordered)} site(s)")  # one-class pooled labels: stop before round 1
+    prep = Preprocessor.from_summary(rows, merged)
     found = audit({str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.AUDIT_RECORD]) for r in ordered})
     digests = {name: hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()
                for name, s in summaries.items()}
@@ -155,7 +159,11 @@ def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | 
     path = run_dir / "audit.json"
     if found is None:  # resuming: the decision made before round 1
         return json.loads(path.read_text()) if path.exists() else missingness_record(cfg.missingness, {}, None)
-    plan = missingness_record(cfg.missingness, resolve(cfg.missingness, found, schema), found)
+    if getattr(cfg, "_timeseries", None) is not None:  # no correction for time series yet (docs/timeseries.md)
+        plan = missingness_record(cfg.missingness, {}, found)
+        plan["summary"] = "missingness: time series are not corrected yet (the audit of their steps is kept)"
+    else:
+        plan = missingness_record(cfg.missingness, resolve(cfg.missingness, found, schema), found)
     for line in found.lines(only_flagged=True):
         log(INFO, "missingness audit: %s", line)
     log(INFO, "%s", plan["summary"])
@@ -163,9 +171,14 @@ def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | 
     return plan
 
 
+def _ts_config(cfg: FederationConfig) -> dict[str, str]:
+    ts = getattr(cfg, "_timeseries", None)
+    return {P.TIMESERIES: json.dumps(ts.to_dict())} if ts is not None else {}
+
+
 def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
     replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
-                                             P.SETTINGS: cfg.site_record()}, cfg.timeout)
+                                             P.SETTINGS: cfg.site_record(), **_ts_config(cfg)}, cfg.timeout)
     sites = {n: SiteInfo(n, str(r.content[P.SITE]["name"]), {k: int(v) for k, v in r.content[P.COUNTS].items()})
              for n, r in replies.items()}
     names = [s.name for s in sites.values()]
@@ -179,6 +192,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     schema = load_schema(cfg)
+    if schema.timeseries is not None:  # sites train sequences; the model uses the time-series encoder
+        object.__setattr__(cfg, "_timeseries", schema)
     nodes = wait_for_nodes(grid, cfg)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
     strategy = cfg.strategy()
@@ -204,7 +219,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     strategy.summary()
     tests = test_frames(cfg)
     config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
-                           P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"])})
+                           P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"]),
+                           **_ts_config(cfg)})
     stopped = should_stop(start - 1, best[1], cfg.patience_rounds)  # a resumed run that had stopped stays stopped
     for rnd in range(start, cfg.num_server_rounds + 1):
         if stopped:
@@ -299,6 +315,16 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
     """Global model on held-out rows: pooled (site 'all') and per site, per modality combination."""
     model = global_model(params, prep, cfg)
     ctx = {"model": cfg.model, "training": "federated", "seed": cfg.seed, "condition": "clean"}
+    ts = getattr(cfg, "_timeseries", None)
+    if ts is not None:  # time series: over the test subjects' steps, pooled and per site
+        dyn = ts.timeseries.modalities
+        out = []
+        for name, df in {"all": pd.concat(list(tests.values()), ignore_index=True), **tests}.items():
+            data = encode_sequences(prep, build_sequences(ts, df), dyn)
+            out += data_records(model, prep, data, {**ctx, "site": name})
+            if not per_combination:
+                break
+        return out
     pooled = pd.concat(list(tests.values()), ignore_index=True)
     records = evaluate(model, prep.schema, prep.targets, encode(prep, pooled), {**ctx, "site": "all"},
                        per_combination=per_combination)
@@ -313,10 +339,12 @@ def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, str
            history: list[dict], tests: Mapping[str, pd.DataFrame], selection: Mapping[str, Any],
            plan: Mapping[str, Any]) -> dict[str, Any]:
     model = global_model(params, prep, cfg)
+    ts = getattr(cfg, "_timeseries", None)
     save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
                                             "rounds": selection["rounds_run"], "final_round": selection["final_round"],
-                                            "seed": cfg.seed, "missingness": dict(plan)})
+                                            "seed": cfg.seed, "missingness": dict(plan)},
+               extra={"timeseries_schema": ts.to_dict()} if ts is not None else None)
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:

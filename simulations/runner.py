@@ -103,6 +103,10 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
     from mmn_fed.data import check_columns
     from mmn_fed.training import split_indices
 
+    if sc.schema.timeseries is not None:  # sites, splits and missingness here are per row, not per subject
+        raise ScenarioError("data: time-series schemas ([timeseries], e.g. the built-in pbcseq) are not supported by "
+                            "scenarios yet: use mmn-fed train, or run_federation with sites split by subject "
+                            "(docs/timeseries.md)")
     df = load_frame(sc)
     try:
         check_columns(sc.schema, df)

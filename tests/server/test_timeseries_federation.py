@@ -1,0 +1,52 @@
+"""Federated time series (docs/timeseries.md): sites train on their subjects' sequences, per module."""
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.schema import Schema
+from mmn_fed import load_builtin
+from server.engines import run_federation
+
+
+@pytest.fixture(scope="module")
+def pbcseq_sites():
+    df, schema = load_builtin("pbcseq")
+    ids = sorted(df["id"].unique())
+    a, b = df[df["id"].isin(ids[:60])].reset_index(drop=True), df[df["id"].isin(ids[60:110])].reset_index(drop=True)
+    b = b.copy()
+    b["chol"] = np.nan  # site B never measures cholesterol: it must never train the lipids encoder
+    test = df[df["id"].isin(ids[110:150])].reset_index(drop=True)
+    return {"A": a, "B": b}, {"A": test}, schema
+
+
+def test_sites_train_their_sequences_per_module_and_counts_are_observed_steps(pbcseq_sites, tmp_path):
+    sites, tests, schema = pbcseq_sites
+    res = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "run", test_sites=tests, seed=0,
+                         keep_best=False, patience_rounds=0)
+    comm = json.loads((tmp_path / "run" / "comm.json").read_text())
+    up = {(c["site"], c["round"]): set(c["modules"]) for c in comm if c["direction"] == "up"}
+    assert "encoders.lipids" in up[("A", 1)] and "encoders.lipids" not in up[("B", 1)]
+    assert "encoders.labs" in up[("B", 2)]
+    # per-module counts are observed steps: what site A reports for its labs encoder is its training subjects'
+    # steps holding a lab, not its subjects
+    from clients.site import Site
+    from mmn_fed.model import ModelConfig
+    from mmn_fed.sequences import build_sequences, row_schema, split_subjects
+    from mmn_fed.settings import SiteSettings
+
+    seqs = build_sequences(schema, sites["A"])
+    keep, _ = split_subjects(len(seqs.ids), 0.2, 0)
+    steps = seqs.subjects(keep).steps
+    with_labs = int(steps[list(schema.modalities["labs"])].notna().any(axis=1).sum())
+    prep = res.trained.preprocessor
+    counts = Site("A", sites["A"]).module_counts(prep, "k", SiteSettings(seed=0),
+                                                 ModelConfig(encoder="gru"), ts=schema)
+    assert counts["encoders.labs"] == with_labs > len(keep)
+    assert counts["init_state"] == counts["encoders.demographics"] == len(keep)
+    assert counts["decoders.death_or_transplant_2y"] == int(steps["death_or_transplant_2y__target"].notna().sum())
+    # the global model is a time-series model: test metrics over the test subjects' steps, GRU encoders
+    assert res.history[-1]["test"]["death_or_transplant_2y/auroc"] > 0.5
+    assert res.trained.config.encoder == "gru"
+    assert Schema.from_dict(res.trained.metadata["timeseries_schema"]) == schema
+    assert row_schema(schema).tasks == res.trained.preprocessor.schema.tasks

@@ -46,6 +46,16 @@ def _predict(args) -> int:
 
     bundle = load_bundle(args.bundle, trust_key=args.trust_key, allow_unsigned=args.allow_unsigned)
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
+    if bundle.manifest.get("timeseries"):  # a visit table: one output row per (id, step) (docs/timeseries.md)
+        from .streaming import Stream, predict_table
+
+        s = predict_table(Stream(bundle), args.input, args.output, keep=keep)
+        print(f"wrote {s['steps']} step row(s) for {s['subjects']} subject(s) from {s['rows']} input row(s) to "
+              f"{args.output}: {s['predicted']} predicted" + (f", {s['errors']} error row(s) (see the reason column)"
+                                                           if s["errors"] else ""), file=sys.stderr)
+        for problem in s["problems"]:
+            print(f"  {problem}", file=sys.stderr)
+        return 0
     order = [m.strip() for m in args.order.split(",")] if args.order else None
     s = bundle.predict_csv(args.input, args.output, explain=args.explain, order=order, chunk_size=args.chunk_size,
                            min_modalities=args.min_modalities, keep=keep)

@@ -18,14 +18,19 @@ every decoder composed into one graph, cached per pattern of modalities); it doe
 from __future__ import annotations
 
 import base64
+import csv
 import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle, BundleError, session_options
+from .preprocessing import DataError
+from .schema import SchemaError
 from .compose import FLOAT, INT64, STATE_INPUT, STATE_OUTPUT, WireError, compose, model_bytes, output_name, value_info
 
 STATE_FORMAT, STATE_VERSION = "mmn-fed-state", 1
@@ -176,6 +181,118 @@ class Stream:
             trajectory.append({"step": state.steps, "time": state.last_time, "modalities": list(present),
                                **{t: _plain(v) for t, v in self.predict(state).items()}})
         return state, trajectory
+
+
+# ---- a visit table at the clinic: one output row per (id, step), every input row accounted for ----------
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.strip() == "")
+
+
+def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Score a visit table (one row per subject and time, the training table's columns) with a time-series
+    bundle: per subject, in time order, the state is started from its first step and updated step by step; one
+    output row per (id, step) with each task's prediction as of that step, ``rows`` (the input's data rows in the
+    step), ``status`` (ok / error) and ``reason``. Rows without a usable id or time, and steps holding a bad value
+    (reported with their data rows; the state skips them), are output with status error: no input row is lost.
+    The whole table is read into memory (a clinic export, not a warehouse)."""
+    ts = stream.bundle.manifest["timeseries"]["timeseries"]
+    if ts.get("variable"):
+        raise BundleError("this bundle reads long tables (id, time, variable, value): the edge reads visit tables "
+                          "only for now (docs/timeseries.md)")
+    id_col, time_col = ts["id"], ts["time"]
+    width = None if ts.get("step", "visit") == "visit" else float(ts["step"])
+    with open(input, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    for c in (id_col, time_col):
+        if c not in header:
+            raise SchemaError(f"{input}: no column '{c}' ([timeseries] {'id' if c == id_col else 'time'}); it has "
+                              f"{header[:30]}")
+    missing = [c for c in keep if c not in header]
+    if missing:
+        raise SchemaError(f"--keep column(s) {missing} not in {input}")
+    tasks = list(stream.bundle.tasks)
+    out_rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    subjects: dict[str, list[tuple[float, int]]] = {}
+    for r, row in enumerate(rows, start=1):
+        t = _number(row.get(time_col))
+        if _blank(row.get(id_col)) or t is None:
+            what = f"column '{id_col}' is blank" if _blank(row.get(id_col)) else \
+                f"column '{time_col}' is not a number (value {row.get(time_col)!r})"
+            out_rows.append({"id": row.get(id_col, ""), "time": row.get(time_col, ""), "rows": str(r), "status": "error",
+                             "reason": f"data row {r}: {what}", **{k: row.get(k, "") for k in keep}})
+            problems.append(out_rows[-1]["reason"])
+            continue
+        subjects.setdefault(row[id_col], []).append((t if width is None else math.floor(t / width) * width, r))
+    predicted = 0
+    for sid, obs in subjects.items():
+        obs.sort(key=lambda o: o[0])  # stable: rows of one time keep their file order
+        steps: list[tuple[float, list[int]]] = []
+        for t, r in obs:
+            if steps and steps[-1][0] == t:
+                steps[-1][1].append(r)
+            else:
+                steps.append((t, [r]))
+        state = None
+        for t, members in steps:
+            merged = _combine_rows([rows[r - 1] for r in members], ts.get("combine", "last"))
+            base = {"id": sid, "time": f"{t:g}", "rows": " ".join(map(str, members)),
+                    **{k: rows[members[-1] - 1].get(k, "") for k in keep}}
+            try:
+                if state is None:
+                    state = stream.start(merged)
+                state = stream.update(state, merged, time=t)
+            except (DataError, StateError) as e:
+                out_rows.append({**base, "status": "error", "reason": f"data row(s) {base['rows']}: {e}"})
+                problems.append(out_rows[-1]["reason"])
+                continue
+            preds = stream.predict(state)
+            out_rows.append({**base, **{task: _fmt(preds[task]) for task in tasks}, "status": "ok", "reason": ""})
+            predicted += 1
+    columns = list(keep) + ["id", "time", "rows"] + tasks + ["status", "reason"]
+    tmp = Path(str(output) + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in out_rows:
+            w.writerow({c: row.get(c, "") for c in columns})
+    tmp.replace(output)
+    return {"rows": len(rows), "steps": len(out_rows), "predicted": predicted, "subjects": len(subjects),
+            "problems": problems[:5], "errors": len(problems)}
+
+
+def _combine_rows(members: Sequence[Mapping[str, Any]], how: str) -> dict[str, Any]:
+    """One step from its rows: per column the last non-blank value (``last``), or the mean / min / max of the
+    numeric ones (as mmn_fed.sequences combines a step)."""
+    out: dict[str, Any] = {}
+    for row in members:
+        for c, v in row.items():
+            if not _blank(v):
+                out.setdefault(c, []).append(v)
+    merged = {}
+    for c, vs in out.items():
+        nums = [_number(v) for v in vs]
+        if how != "last" and all(n is not None for n in nums):
+            merged[c] = {"mean": lambda x: sum(x) / len(x), "min": min, "max": max}[how](nums)
+        else:
+            merged[c] = vs[-1]
+    return merged
+
+
+def _fmt(v: Any) -> str:
+    a = np.asarray(v, dtype=float)
+    return f"{float(a):.6g}" if a.ndim == 0 else " ".join(f"{x:.6g}" for x in a)
 
 
 def _plain(v: Any) -> Any:

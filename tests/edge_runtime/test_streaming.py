@@ -50,11 +50,11 @@ def stream_and_truth(request, tmp_path_factory):
     seqs = build_sequences(schema, histories([1, 37, 500, 120], seed=2))  # random histories, up to 500 steps
     data = encode_sequences(res.trained.preprocessor, seqs, schema.timeseries.modalities)
     truth = predict_steps(res.trained.model, data, res.trained.preprocessor.targets, row_schema(schema))
-    return Stream(load_bundle(out, allow_unsigned=True)), seqs, truth
+    return Stream(load_bundle(out, allow_unsigned=True)), seqs, truth, res.trained
 
 
 def test_streaming_step_by_step_equals_the_whole_history_forward(stream_and_truth):
-    stream, seqs, truth = stream_and_truth
+    stream, seqs, truth, _ = stream_and_truth
     for i in range(len(seqs.ids)):
         rows = [int(r) for r in seqs.index[i] if r >= 0]
         recs = seqs.steps.iloc[rows].to_dict("records")
@@ -72,7 +72,7 @@ def test_streaming_step_by_step_equals_the_whole_history_forward(stream_and_trut
 
 
 def test_a_state_of_another_model_or_format_is_refused_and_time_cannot_go_back(stream_and_truth):
-    stream, seqs, _ = stream_and_truth
+    stream, seqs, _, _ = stream_and_truth
     state = stream.update(stream.start({"age": 50, "sex": "f"}), {"bili": 1.0}, time=10)
     other = PatientState("0123456789abcdef", state.state, state.steps, state.last_time)
     with pytest.raises(StateError, match="belongs to model 0123456789abcdef.*Stream.replay"):
@@ -97,3 +97,46 @@ def test_a_static_bundle_is_not_a_stream(tmp_path):
     export_bundle(res.trained, tmp_path / "b")
     with pytest.raises(BundleError, match="not a time-series model"):
         Stream(load_bundle(tmp_path / "b", allow_unsigned=True))
+
+
+def test_mmn_edge_predict_on_a_visit_table_writes_a_row_per_step_and_accounts_for_every_input_row(
+        stream_and_truth, tmp_path, capsys):
+    import csv
+
+    from edge_runtime.cli import main
+    from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps, row_schema
+
+    stream, _, _, trained = stream_and_truth
+    schema = Schema.from_dict(RAW)
+    df = histories([4, 6, 3], seed=5)
+    clean = df.copy()
+    dup = df.iloc[[2]].assign(alb=np.nan, bili=7.5)  # a second row at subject 0's third visit: combined into one step
+    df = pd.concat([df.iloc[:3], dup, df.iloc[3:]], ignore_index=True)
+    df["day"] = df["day"].astype(object)
+    df["bili"] = df["bili"].astype(object)
+    df.loc[len(df)] = {**df.iloc[0].to_dict(), "day": "soon"}  # no usable time
+    df.loc[len(df)] = {**df.iloc[1].to_dict(), "id": None}  # no id
+    bad_step = int(np.flatnonzero(df["id"] == 2)[1])
+    df.loc[bad_step, "bili"] = "high"  # subject 2's second visit holds a bad value
+    path = tmp_path / "visits.csv"
+    df.to_csv(path, index=False)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(stream.bundle.path), "--input", str(path), "--output", str(out),
+                 "--allow-unsigned"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    used = sorted(int(r) for row in rows for r in row["rows"].split())
+    assert used == list(range(1, len(df) + 1))  # every input data row is in exactly one output row
+    errors = {row["rows"]: row["reason"] for row in rows if row["status"] == "error"}
+    assert "column 'day' is not a number" in errors[str(len(df) - 1)]
+    assert "column 'id' is blank" in errors[str(len(df))]
+    assert "bili" in errors[str(bad_step + 1)] and "high" in errors[str(bad_step + 1)]
+    assert sum(row["status"] == "ok" for row in rows) == 4 + 6 + 3 - 1  # one step per visit, minus the bad one
+    # subjects 0 and 1 (no bad value) match the PyTorch forward over the same steps
+    merged = pd.concat([clean.iloc[:2], clean.iloc[[2]].assign(bili=7.5), clean.iloc[3:]], ignore_index=True)
+    seqs = build_sequences(schema, merged)
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    truth = predict_steps(trained.model, data, trained.preprocessor.targets, row_schema(schema))["event_1y"]
+    ok = [row for row in rows if row["status"] == "ok" and row["id"] in ("0", "1", "0.0", "1.0")]
+    assert len(ok) == 10
+    np.testing.assert_allclose([float(r["event_1y"]) for r in ok], truth[:10], atol=1e-5)
+    assert "12 predicted" in capsys.readouterr().err

@@ -29,7 +29,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model centrally; writes model.pt and metrics.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="heart",
-                   help="a built-in (heart, support2, pbc, pbcseq: mmn_fed.data.BUILTIN) or PATH.csv (with --schema)")
+                   help="a built-in (mmn_fed.data.BUILTIN: heart, support2, pbc, pbcseq, nycflights13_weather) or PATH.csv "
+                        "(with --schema)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--test-fraction", type=float, default=0.2, help="stratified held-out test share")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="maximum epochs (early stopping on val-fraction)")

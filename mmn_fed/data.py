@@ -23,7 +23,7 @@ from edge_runtime.preprocessing import (
 )
 from edge_runtime.schema import Schema, SchemaError, canonical_category
 
-BUILTIN = ("heart", "support2", "pbc", "pbcseq")
+BUILTIN = ("heart", "support2", "pbc", "pbcseq", "nycflights13_weather")
 # Fewest rows a table (or a federation's pooled rows) needs to train: below it the validation and test splits
 # hold a row or two, and clients/site.py keeps no validation split under 10 rows either.
 MIN_TRAIN_ROWS = 10
@@ -35,7 +35,38 @@ def _last_visit(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["id", "day"], kind="stable").groupby("id").tail(1).reset_index(drop=True)
 
 
-_DERIVE = {"pbc": _last_visit}  # built-ins whose table is derived from the shipped file
+WINDOW_HOURS, WINDOW_EVERY, AHEAD_HOURS = 72, 24, 24  # nycflights13_weather's subjects and target
+
+
+def weather_windows(df: pd.DataFrame) -> pd.DataFrame:
+    """nycflights13_weather as windows: per airport, hours since 2013-01-01 00:00 UTC; the temperature 24 hours
+    later; sin/cos of the hour of day and the day of year; then one subject per 72-hour window starting every 24
+    hours (``window`` = "<origin>-<start hour>", ``window_hour`` = hours since the window's start, ``start`` = its
+    first hour since the new year)."""
+    t = pd.to_datetime(df["time_hour"], utc=True)
+    df = df.assign(abs_hour=((t - pd.Timestamp("2013-01-01", tz="UTC")).dt.total_seconds() // 3600).astype(int))
+    df = df.drop_duplicates(["origin", "abs_hour"], keep="last").sort_values(["origin", "abs_hour"], kind="stable")
+    later = df[["origin", "abs_hour", "temp"]].assign(abs_hour=df["abs_hour"] - AHEAD_HOURS)
+    df = df.merge(later.rename(columns={"temp": "temp_24h"}), on=["origin", "abs_hour"], how="left")
+    local = pd.to_datetime(df["time_hour"], utc=True).dt.tz_convert("America/New_York")
+    hour, doy = local.dt.hour.to_numpy(), local.dt.day_of_year.to_numpy()
+    df["hour_sin"], df["hour_cos"] = np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24)
+    df["doy_sin"], df["doy_cos"] = np.sin(2 * np.pi * doy / 365.25), np.cos(2 * np.pi * doy / 365.25)
+    h = df["abs_hour"].to_numpy()
+    last_start = (int(h.max()) - WINDOW_HOURS + 1) // WINDOW_EVERY  # the last window that fits in the year
+    first = np.maximum(0, -(-(h - WINDOW_HOURS + 1) // WINDOW_EVERY))  # windows k with 24k <= h < 24k + 72
+    count = np.maximum(0, np.minimum(h // WINDOW_EVERY, last_start) - first + 1)
+    rows = np.repeat(np.arange(len(df)), count)
+    k = np.repeat(first, count) + (np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count))
+    out = df.iloc[rows].reset_index(drop=True)
+    start = k * WINDOW_EVERY
+    out["start"] = start
+    out["window_hour"] = out["abs_hour"].to_numpy() - start
+    out["window"] = out["origin"] + "-" + pd.Series(start).map("{:05d}".format)
+    return out.sort_values(["window", "window_hour"], kind="stable").reset_index(drop=True)
+
+
+_DERIVE = {"pbc": _last_visit, "nycflights13_weather": weather_windows}  # tables derived from the shipped file
 _SHARED = {"pbcseq": "pbc"}  # built-ins whose table ships in another built-in's folder
 
 

@@ -241,3 +241,23 @@ def test_mmn_fed_train_on_a_time_series_table_splits_by_patient_and_keeps_the_sc
     assert auc["task"] == "death_or_transplant_2y" and auc["unit"] == "step" and 0 < auc["n"] < printed["steps"]
     trained = load_model(tmp_path / "out" / "model.pt")
     assert Schema.from_dict(trained.metadata["timeseries_schema"]) == schema
+
+
+def test_the_weather_builtin_is_72_hour_windows_every_24_hours_with_the_temperature_24_hours_later():
+    from mmn_fed import load_builtin
+
+    df, schema = load_builtin("nycflights13_weather")
+    assert schema.timeseries.id == "window" and schema.site_column == "origin"
+    w = df[df["window"] == "JFK-00048"]
+    assert w["abs_hour"].min() == 48 and w["abs_hour"].max() == 119 and w["window_hour"].tolist() == list(range(72))
+    assert df.groupby("window")["window_hour"].max().max() == 71  # no window is longer than 72 hours
+    assert (df["start"] % 24 == 0).all() and set(df["origin"]) == {"EWR", "JFK", "LGA"}
+    hour = df.drop_duplicates(["origin", "abs_hour"]).set_index(["origin", "abs_hour"])["temp"]
+    sample = df.sample(200, random_state=0)
+    for r in sample.itertuples():
+        later = hour.get((r.origin, r.abs_hour + 24))
+        assert (np.isnan(r.temp_24h) and later is None) or r.temp_24h == later
+    # an hour is in up to 3 windows (starting 0, 24 and 48 hours before it)
+    assert df.groupby(["origin", "abs_hour"]).size().max() == 3
+    seqs = build_sequences(schema, df[df["origin"] == "EWR"].head(72 * 3))
+    assert seqs.index.shape[1] == 72  # one step per hour; the state restarts with each window (a subject)

@@ -9,7 +9,7 @@ inner CV on the training visits), both scored by AUROC over the test visits, wit
 PATIENTS (all visits of a resampled patient together); over splits: the mean paired difference MultiModN - LR
 with a percentile-bootstrap CI. Target: mean paired difference >= 0.
 
-    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150] [--federated 3]
+    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150] [--federated 3] [--recurrent]
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from splits import Split, logistic_regression  # noqa: E402
 
 from mmn_fed import ModelConfig, TrainConfig, load_builtin  # noqa: E402
 from mmn_fed.metrics import auroc, mean_ci  # noqa: E402
-from mmn_fed.sequences import (build_sequences, encode_sequences, predict_steps, row_schema,  # noqa: E402
-                               train_sequences)
+from mmn_fed.sequences import (RecurrentBaseline, build_sequences, encode_sequences, fit_sequences,  # noqa: E402
+                               predict_steps, row_schema, split_subjects, train_sequences)
 
 TRAIN_FRACTION = 2 / 3
 
@@ -78,6 +78,14 @@ def run_split(k: int, schema, seqs, args) -> dict:
            "test_visits": int(ok.sum()), "test_patients": len(test), "epochs": len(info["history"]),
            "best_epoch": info["best_epoch"], "seconds": sec}
     res["difference"] = res["mmn"] - res["lr"]
+    if args.recurrent:  # the recurrent baseline, same harness: same preprocessing, validation subjects, training
+        keep, val = split_subjects(len(whole.ids), 0.2, k)
+        torch.manual_seed(k)
+        rnn = RecurrentBaseline(prep.modality_dims, {t: prep.task_out_dim(t) for t in rs.tasks}, ts.modalities)
+        fit_sequences(rnn, rs, prep.targets, encode_sequences(prep, whole.subjects(keep), ts.modalities),
+                      encode_sequences(prep, whole.subjects(val), ts.modalities),
+                      TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
+        res["recurrent"] = auroc(y, predict_steps(rnn, test_data, prep.targets, rs)[task][ok])
     if args.federated:  # the same training patients in IID sites (by patient), default federation settings
         import tempfile
 
@@ -111,6 +119,7 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
     ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
+    ap.add_argument("--recurrent", action="store_true", help="also the recurrent baseline (a GRU over steps with masks)")
     ap.add_argument("--federated", type=int, default=0, metavar="SITES",
                     help="also federate the training patients over this many IID sites (default settings)")
     args = ap.parse_args()
@@ -130,9 +139,16 @@ def main() -> None:
               f"[{ci['difference'][0]:+.3f}, {ci['difference'][1]:+.3f}]  ({r['test_visits']} test visits of "
               f"{r['test_patients']} patients; {r['epochs']} epochs, best {r['best_epoch']}, {r['seconds']:.0f} s)",
               flush=True)
+        if "recurrent" in r:
+            print(f"           recurrent baseline: {r['recurrent']:.3f} (MultiModN - recurrent "
+                  f"{r['mmn'] - r['recurrent']:+.3f})", flush=True)
         if "federated" in r:
             print(f"           federated over {args.federated} IID sites: {r['federated']:.3f} ({r['fed_rounds']} rounds, "
                   f"{r['fed_seconds']:.0f} s); federated - centralized {r['federated'] - r['mmn']:+.3f}", flush=True)
+    if out and "recurrent" in out[0]:
+        m, lo, hi = mean_ci([r["mmn"] - r["recurrent"] for r in out])
+        print(f"recurrent baseline {np.mean([r['recurrent'] for r in out]):.3f}; MultiModN - recurrent: {m:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}]")
     if out and "federated" in out[0]:
         m, lo, hi = mean_ci([r["federated"] - r["mmn"] for r in out])
         print(f"federated - centralized MultiModN: {m:+.3f} [{lo:+.3f}, {hi:+.3f}]; federated - LR: "

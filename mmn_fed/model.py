@@ -143,23 +143,24 @@ class MultiModN(nn.Module):
                 mask = present[m][first] & valid[:, 0]
                 if bool(mask.any()):
                     state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][first]), state)
-        states, inner, inner_rows = [], [], []
+        states, inner, inner_masks, inner_rows = [], [], [], []
+        dyn = [m for m in self.modalities if m in dynamic]
         for t in range(steps):
             r = rows[:, t]
-            for m in self.modalities:
-                if m in dynamic:
-                    mask = present[m][r] & valid[:, t]
-                    if bool(mask.any()):
-                        state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][r]), state)
-                        if every_encoder:
-                            inner.append(state[mask])
-                            inner_rows.append(r[mask])
+            for m in dyn:
+                mask = present[m][r] & valid[:, t]
+                state = torch.where(mask.unsqueeze(-1), self.encoders[m](state, x[m][r]), state)
+                if every_encoder:
+                    inner.append(state)
+                    inner_masks.append(mask)
+                    inner_rows.append(r)
             states.append(state)
         stacked = torch.stack(states, dim=1)[valid]  # (R, D), subject-major
         out_rows = index[valid]
-        if inner:
-            stacked = torch.cat([stacked] + inner)
-            out_rows = torch.cat([out_rows] + inner_rows)
+        if inner:  # selected once at the end: one gather instead of one per encoder and step
+            keep = torch.stack(inner_masks, dim=1)
+            stacked = torch.cat([stacked, torch.stack(inner, dim=1)[keep]])
+            out_rows = torch.cat([out_rows, torch.stack(inner_rows, dim=1)[keep]])
         return {t: self.decoders[t](stacked) for t in self.tasks}, out_rows
 
     def forward(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], order: Sequence[str] | None = None,

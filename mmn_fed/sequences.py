@@ -464,3 +464,70 @@ def data_records(model, prep: Preprocessor, data: SequenceData, context: Mapping
             out.append({**context, "site": "all", "task": t, "metric": metric, "value": float(value), "n": n,
                         "state": "final", "combination": "all", "unit": "step"})
     return out
+
+
+# ---- baselines in the same harness (docs/timeseries.md, "Baselines") ---------------------------------------
+
+class RecurrentBaseline(torch.nn.Module):
+    """A GRU over steps with masks: at each step the features of every time-series modality (zeros when absent)
+    and their presence flags, concatenated, go through one GRU cell; the static modalities set the first hidden
+    state. The same ``forward_sequence`` interface as MultiModN (``every_encoder`` is ignored: one update per
+    step), so ``fit_sequences`` trains it. Not modular: it is a peer for benchmarks, not a federated model."""
+
+    def __init__(self, modality_dims: Mapping[str, int], task_dims: Mapping[str, int], dynamic: tuple[str, ...],
+                 hidden: int = 32, dropout: float = 0.1):
+        super().__init__()
+        self.dynamic = tuple(m for m in modality_dims if m in dynamic)
+        self.static = tuple(m for m in modality_dims if m not in dynamic)
+        self.tasks = list(task_dims)
+        d_dyn = sum(modality_dims[m] + 1 for m in self.dynamic)
+        d_static = sum(modality_dims[m] + 1 for m in self.static)
+        self.h0 = torch.nn.Linear(max(d_static, 1), hidden)
+        self.cell = torch.nn.GRUCell(d_dyn, hidden)
+        self.drop = torch.nn.Dropout(dropout)
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(hidden, k) for t, k in task_dims.items()})
+
+    @staticmethod
+    def _inputs(x, present, rows, mods):
+        parts = []
+        for m in mods:
+            p = present[m][rows].unsqueeze(-1).to(x[m].dtype)
+            parts += [x[m][rows] * p, p]
+        return torch.cat(parts, dim=-1) if parts else torch.zeros(len(rows), 1)
+
+    def forward_sequence(self, x, present, index, dynamic, every_encoder: bool = False):
+        valid = index >= 0
+        rows = index.clamp(min=0)
+        h = torch.tanh(self.h0(self._inputs(x, present, rows[:, 0], self.static)))
+        states = []
+        for t in range(index.shape[1]):
+            new = self.cell(self._inputs(x, present, rows[:, t], self.dynamic), h)
+            h = torch.where(valid[:, t].unsqueeze(-1), new, h)
+            states.append(h)
+        stacked = self.drop(torch.stack(states, dim=1)[valid])
+        return {t: self.heads[t](stacked) for t in self.tasks}, index[valid]
+
+
+def make_synthetic_sequences(n_subjects: int = 200, steps: int = 50, seed: int = 0,
+                             missing_rate: float = 0.3) -> tuple[pd.DataFrame, Schema]:
+    """A visit table of ``n_subjects`` x ``steps`` for scale tests and benchmarks: a static modality (age), two
+    time-series modalities (a drifting latent risk seen through two noisy labs; a vital sign), each observed with
+    probability 1 - ``missing_rate`` per step, and a per-step binary target (the risk above 0 at that step)."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(n_subjects), steps)
+    t = np.tile(np.arange(steps, dtype=float), n_subjects)
+    risk = np.cumsum(rng.normal(0, 0.3, (n_subjects, steps)), axis=1).ravel() + np.repeat(rng.normal(0, 1, n_subjects), steps)
+    n = len(ids)
+
+    def seen(v):
+        return np.where(rng.random(n) < missing_rate, np.nan, v)
+
+    df = pd.DataFrame({"id": ids, "t": t, "age": np.repeat(rng.integers(20, 90, n_subjects), steps).astype(float),
+                       "lab_a": seen(risk + rng.normal(0, 0.5, n)), "lab_b": seen(-risk + rng.normal(0, 0.8, n)),
+                       "vital": seen(rng.normal(0, 1, n) + 0.3 * risk), "high_risk": (risk > 0).astype(int)})
+    schema = Schema.from_dict({
+        "modalities": {"static": ["age"], "labs": ["lab_a", "lab_b"], "vitals": ["vital"]},
+        "tasks": {"high_risk": {"column": "high_risk", "kind": "binary", "threshold": 0.5}},
+        "timeseries": {"id": "id", "time": "t", "modalities": ["labs", "vitals"]},
+    })
+    return df, schema

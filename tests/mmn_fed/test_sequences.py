@@ -261,3 +261,29 @@ def test_the_weather_builtin_is_72_hour_windows_every_24_hours_with_the_temperat
     assert df.groupby(["origin", "abs_hour"]).size().max() == 3
     seqs = build_sequences(schema, df[df["origin"] == "EWR"].head(72 * 3))
     assert seqs.index.shape[1] == 72  # one step per hour; the state restarts with each window (a subject)
+
+
+def test_the_recurrent_baseline_and_multimodn_learn_synthetic_sequences_through_the_same_harness():
+    from mmn_fed.sequences import RecurrentBaseline, make_synthetic_sequences
+
+    df, schema = make_synthetic_sequences(n_subjects=90, steps=12, seed=3)
+    assert len(df) == 90 * 12 and df["lab_a"].isna().mean() == pytest.approx(0.3, abs=0.03)
+    seqs = build_sequences(schema, df)
+    rs = row_schema(schema)
+    tr, te = seqs.subjects(np.arange(60)), seqs.subjects(np.arange(60, 90))
+    prep = fit_preprocessor(rs, tr.steps)
+    dyn = schema.timeseries.modalities
+    torch.manual_seed(0)
+    rnn = RecurrentBaseline(prep.modality_dims, {"high_risk": 1}, dyn)
+    mmn = build_from_preprocessor(prep, ModelConfig(encoder="gru"))
+    for model, every in ((rnn, False), (mmn, True)):
+        fit_sequences(model, rs, prep.targets, encode_sequences(prep, tr, dyn), None, TrainConfig(epochs=12, seed=0),
+                      every_encoder=every)
+        auc = step_metrics(model, rs, encode_sequences(prep, te, dyn), prep.targets)["high_risk"]["auroc"]
+        assert auc > 0.8, (type(model).__name__, auc)
+    # the baseline never looks ahead either
+    one = seqs.subjects(np.array([0]))
+    full = predict_steps(rnn, encode_sequences(prep, one, dyn), prep.targets, rs)["high_risk"]
+    one.index = one.index[:, :5]
+    cut = predict_steps(rnn, encode_sequences(prep, one, dyn), prep.targets, rs)["high_risk"]
+    np.testing.assert_allclose(cut[:5], full[:5], atol=1e-6)

@@ -26,7 +26,7 @@ from edge_runtime.schema import Schema, SchemaError, Task
 
 from .data import ROW_INDEX, TensorData, encode, file_rows, fit_preprocessor
 from .metrics import task_metrics
-from .training import TrainConfig, per_sample_loss
+from .training import TrainConfig, optimizer_step, per_sample_loss
 
 STEP_TIME = "step_time"  # the step table's time column (the step's start for a fixed width, the visit's time)
 STEP_ROW = "source_row"  # the step table's column holding the table row each step was read from (the last one)
@@ -340,14 +340,7 @@ def train_epochs_sequences(model, schema: Schema, data: SequenceData, config: Tr
             loss, cells = sequence_loss(model, schema, data, subjects, every_encoder)
             if not cells:
                 continue
-            if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, params, optimizer, config.grad_clip, anchor, prox_mu))
             steps += 1
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
 

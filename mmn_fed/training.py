@@ -155,16 +155,23 @@ def train_epochs(
             loss, cells = model_loss(model, schema, batch, order, config.state_change_penalty)
             if cells == 0:
                 continue
-            if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, params, optimizer, config.grad_clip, anchor, prox_mu))
             steps += 1
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+
+
+def optimizer_step(loss: Tensor, params, optimizer: torch.optim.Optimizer, grad_clip: float,
+                   anchor: Mapping[str, Tensor] | None = None, prox_mu: float = 0.0) -> float:
+    """One update of the named ``params``: the FedProx term against ``anchor`` (when given), backward, clip the
+    global gradient norm (``grad_clip`` > 0), step. Returns the loss (with the proximal term)."""
+    if anchor is not None:
+        loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in params)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], grad_clip)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def split_indices(n: int, fraction: float, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

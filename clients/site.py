@@ -127,7 +127,7 @@ class Site:
         if key not in self._seqs:
             all_seqs = seq.build_sequences(ts, self.rows)
             fraction = settings.val_fraction if len(all_seqs.ids) >= 10 else 0.0
-            keep, val = seq.split_subjects(len(all_seqs.ids), fraction, settings.seed)
+            keep, val = all_seqs.holdout(ts.timeseries, fraction, settings.seed)
             self._seqs = {key: (all_seqs.subjects(keep), all_seqs.subjects(val) if len(val) else None)}
         return self._seqs[key]
 

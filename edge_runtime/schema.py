@@ -84,22 +84,28 @@ class TimeSeries:
     max_steps: int = 0
     variable: str | None = None  # a long table (id, time, variable, value): the columns naming the variable
     value: str | None = None  # and holding its value; None = a visit table (one column per variable)
+    split: str = "subject"  # validation / test subjects: "subject" (random) or "time" (the latest first steps)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "time": self.time, "modalities": list(self.modalities), "step": self.step,
              "combine": self.combine, "max_steps": self.max_steps}
         if self.variable is not None:
             d["variable"], d["value"] = self.variable, self.value
+        if self.split != "subject":
+            d["split"] = self.split
         return d
 
     @classmethod
     def from_dict(cls, raw: Any, modalities: Mapping[str, tuple[str, ...]]) -> "TimeSeries":
         if not isinstance(raw, Mapping):
             raise SchemaError("[timeseries] must be a table with id, time and modalities")
-        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps", "variable", "value"}
+        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps", "variable", "value", "split"}
         if extra:
             raise SchemaError(f"[timeseries] has unknown key(s) {sorted(extra)}; expected id, time, modalities, step, "
-                              "combine, max_steps, variable, value")
+                              "combine, max_steps, variable, value, split")
+        if raw.get("split", "subject") not in ("subject", "time"):
+            raise SchemaError(f"[timeseries] split must be \"subject\" (random subjects) or \"time\" (the latest "
+                              f"subjects: one stream cut in time), got {raw.get('split')!r}")
         if (raw.get("variable") is None) != (raw.get("value") is None):
             raise SchemaError("[timeseries] a long table needs both variable = \"<column naming the variable>\" and "
                               "value = \"<column holding its value>\"")
@@ -127,7 +133,7 @@ class TimeSeries:
             if raw[k] in inputs:
                 raise SchemaError(f"[timeseries] {k} column '{raw[k]}' is also a modality input")
         return cls(raw["id"], raw["time"], tuple(mods), step if step == "visit" else float(step), combine, max_steps,
-                   raw.get("variable"), raw.get("value"))
+                   raw.get("variable"), raw.get("value"), raw.get("split", "subject"))
 
 
 @dataclass(frozen=True)

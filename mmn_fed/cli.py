@@ -109,14 +109,14 @@ def _train_sequences(args, settings: RunSettings, df, schema) -> int:
     from .api import save_trained
     from .evaluation import write_metrics
     from .model import ModelConfig
-    from .sequences import build_sequences, sequence_records, split_subjects, train_sequences
+    from .sequences import build_sequences, sequence_records, train_sequences
 
     if args.explain:
         raise SystemExit("error: --explain is not available for time-series schemas yet (docs/timeseries.md)")
     seqs = build_sequences(schema, df)
     for s in seqs.skipped:
         print(f"note: {s['rows']} row(s) not used: {s['reason']}", file=sys.stderr)
-    train_idx, test_idx = split_subjects(len(seqs.ids), args.test_fraction, settings.seed)
+    train_idx, test_idx = seqs.holdout(schema.timeseries, args.test_fraction, settings.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mc = ModelConfig.from_settings(settings)

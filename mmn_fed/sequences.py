@@ -75,6 +75,16 @@ class Sequences:
     def lengths(self) -> np.ndarray:
         return (self.index >= 0).sum(axis=1)
 
+    @property
+    def first_times(self) -> np.ndarray:
+        """Each subject's first step time (orders the subjects of one stream cut in time)."""
+        return self.steps[STEP_TIME].to_numpy(dtype=float)[self.index[:, 0]]
+
+    def holdout(self, ts, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, held out) subject positions by the schema's ``split``: random subjects, or by time the subjects
+        whose first step is latest."""
+        return split_subjects(len(self.ids), fraction, seed, self.first_times if ts.split == "time" else None)
+
     def subjects(self, which: np.ndarray) -> "Sequences":
         """The sequences of some subjects (positions in ``ids``), with their step rows renumbered."""
         idx = self.index[which]
@@ -393,11 +403,11 @@ def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: Sequ
 
 # ---- the user path: train on a time-series table ------------------------------------------
 
-def split_subjects(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_subjects(n: int, fraction: float, seed: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held out) subject positions: a seeded random ``fraction`` of the subjects held out (by subject:
-    all of a subject's steps are on one side)."""
-    perm = np.random.default_rng(seed).permutation(n)
+    all of a subject's steps are on one side); with ``order`` (a time per subject), the latest ``fraction``."""
     k = int(round(fraction * n)) if fraction > 0 else 0
+    perm = np.random.default_rng(seed).permutation(n) if order is None else np.argsort(-np.asarray(order), kind="stable")
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
@@ -426,7 +436,7 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
         raise SchemaError(f"time series train MultiModN only for now (model = '{model_config.kind}'); the P-Fusion "
                           "window baseline is not built yet (docs/timeseries.md)")
     rs = row_schema(schema)
-    keep, val = split_subjects(len(seqs.ids), train_config.val_fraction, train_config.seed)
+    keep, val = seqs.holdout(schema.timeseries, train_config.val_fraction, train_config.seed)
     fit_part = seqs.subjects(keep)
     prep = fit_preprocessor(rs, fit_part.steps)
     dyn = schema.timeseries.modalities

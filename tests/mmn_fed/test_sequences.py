@@ -287,3 +287,16 @@ def test_the_recurrent_baseline_and_multimodn_learn_synthetic_sequences_through_
     one.index = one.index[:, :5]
     cut = predict_steps(rnn, encode_sequences(prep, one, dyn), prep.targets, rs)["high_risk"]
     np.testing.assert_allclose(cut[:5], full[:5], atol=1e-6)
+
+
+def test_a_stream_cut_in_time_holds_out_its_latest_subjects():
+    raw = {**RAW, "timeseries": {**RAW["timeseries"], "split": "time"}}
+    schema = Schema.from_dict(raw)
+    assert Schema.from_dict(schema.to_dict()).timeseries.split == "time"
+    rows = [{"id": i, "day": 10 * i + t, "age": 50, "bili": 1.0, "alb": 3.0, "edema": "0", "status": 0,
+             "futime": 9999} for i in [3, 0, 4, 1, 2] for t in range(3)]
+    seqs = build_sequences(schema, pd.DataFrame(rows))
+    keep, held = seqs.holdout(schema.timeseries, 0.4, seed=0)
+    assert sorted(seqs.ids[held].tolist()) == [3, 4] and sorted(seqs.ids[keep].tolist()) == [0, 1, 2]
+    with pytest.raises(SchemaError, match="split must be"):
+        Schema.from_dict({**RAW, "timeseries": {**RAW["timeseries"], "split": "random"}})

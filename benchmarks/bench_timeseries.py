@@ -9,7 +9,7 @@ inner CV on the training visits), both scored by AUROC over the test visits, wit
 PATIENTS (all visits of a resampled patient together); over splits: the mean paired difference MultiModN - LR
 with a percentile-bootstrap CI. Target: mean paired difference >= 0.
 
-    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150] [--federated 3] [--recurrent]
+    python benchmarks/bench_timeseries.py [--splits 5] [--epochs 150] [--federated 3] [--recurrent] [--pfusion-window 3]
 """
 from __future__ import annotations
 
@@ -86,6 +86,23 @@ def run_split(k: int, schema, seqs, args) -> dict:
                       encode_sequences(prep, whole.subjects(val), ts.modalities),
                       TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
         res["recurrent"] = auroc(y, predict_steps(rnn, test_data, prep.targets, rs)[task][ok])
+    if args.pfusion_window:  # P-Fusion on each step's last observed values within a window of W steps
+        from mmn_fed import train_centralized
+        from mmn_fed.data import encode
+        from mmn_fed.evaluation import predict_final
+
+        def windowed(steps):
+            cols = [c for m in ts.modalities for c in schema.modalities[m]]
+            out = steps.copy()
+            out[cols] = steps.groupby(ts.id, sort=False)[cols].ffill(limit=args.pfusion_window - 1)
+            return out
+
+        torch.manual_seed(k)
+        pf = train_centralized(windowed(whole.steps), rs, ModelConfig(kind="pfusion"),
+                               TrainConfig(epochs=args.epochs, seed=k, lr=args.lr, missingness="off"))
+        wt = windowed(b.steps)
+        p_pf = predict_final(pf.trained.model, encode(pf.trained.preprocessor, wt), pf.trained.preprocessor.targets)[task]
+        res["pfusion"] = auroc(y, np.asarray(p_pf)[ok])
     if args.federated:  # the same training patients in IID sites (by patient), default federation settings
         import tempfile
 
@@ -120,6 +137,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
     ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
     ap.add_argument("--recurrent", action="store_true", help="also the recurrent baseline (a GRU over steps with masks)")
+    ap.add_argument("--pfusion-window", type=int, default=0, metavar="W",
+                    help="also P-Fusion on each step's last observed values within W steps (uncorrected)")
     ap.add_argument("--federated", type=int, default=0, metavar="SITES",
                     help="also federate the training patients over this many IID sites (default settings)")
     args = ap.parse_args()
@@ -142,12 +161,19 @@ def main() -> None:
         if "recurrent" in r:
             print(f"           recurrent baseline: {r['recurrent']:.3f} (MultiModN - recurrent "
                   f"{r['mmn'] - r['recurrent']:+.3f})", flush=True)
+        if "pfusion" in r:
+            print(f"           P-Fusion window {args.pfusion_window}: {r['pfusion']:.3f} (MultiModN - P-Fusion "
+                  f"{r['mmn'] - r['pfusion']:+.3f})", flush=True)
         if "federated" in r:
             print(f"           federated over {args.federated} IID sites: {r['federated']:.3f} ({r['fed_rounds']} rounds, "
                   f"{r['fed_seconds']:.0f} s); federated - centralized {r['federated'] - r['mmn']:+.3f}", flush=True)
     if out and "recurrent" in out[0]:
         m, lo, hi = mean_ci([r["mmn"] - r["recurrent"] for r in out])
         print(f"recurrent baseline {np.mean([r['recurrent'] for r in out]):.3f}; MultiModN - recurrent: {m:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}]")
+    if out and "pfusion" in out[0]:
+        m, lo, hi = mean_ci([r["mmn"] - r["pfusion"] for r in out])
+        print(f"P-Fusion window {np.mean([r['pfusion'] for r in out]):.3f}; MultiModN - P-Fusion: {m:+.3f} "
               f"[{lo:+.3f}, {hi:+.3f}]")
     if out and "federated" in out[0]:
         m, lo, hi = mean_ci([r["federated"] - r["mmn"] for r in out])

@@ -10,7 +10,7 @@ target, per airport, then the mean over airports, next to:
   training hours;
 - MultiModN centralized and federated over the 3 airports (default settings; ``mmn_fed.sequences``).
 
-    python benchmarks/bench_weather.py [--seeds 5] [--models centralized federated] [--epochs 150]
+    python benchmarks/bench_weather.py [--seeds 5] [--first-seed 0] [--models centralized federated] [--epochs 150]
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def mmn_predict(trained, schema, seqs) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--models", nargs="+", default=["centralized", "federated"], choices=["centralized", "federated"])
     ap.add_argument("--epochs", type=int, default=150)
     args = ap.parse_args()
@@ -93,7 +94,7 @@ def main() -> None:
     for name, r in peers.items():
         print(f"  {name:<24} RMSE {np.mean(list(r.values())):.3f} F  ({', '.join(f'{a} {v:.2f}' for a, v in r.items())})")
     results: dict[str, list[float]] = {m: [] for m in args.models}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for kind in args.models:
             t0 = time.perf_counter()
             if kind == "centralized":

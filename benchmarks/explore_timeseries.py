@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(1)
     df0, schema0 = load_builtin("pbcseq")
     task = next(iter(schema0.tasks))
-    res: dict[str, list[float]] = {v: [] for v in args.variants + ["landmark LR"]}
+    res: dict[str, list[float]] = {v: [] for v in args.variants + ["LR no indicators", "landmark LR"]}
     for k in range(args.splits):
         perm = np.random.default_rng(k).permutation(len(build_sequences(schema0, df0).ids))
         train_all = perm[: int(round(TRAIN_FRACTION * len(perm)))]  # bench_timeseries.py's training patients
@@ -95,8 +95,11 @@ def main() -> None:
             res[v].append(auroc(y, predict_steps(model, dd, prep.targets, rs)[task][ok]))
             if v == args.variants[0]:
                 both = seqs.subjects(fit_all)
-                p = logistic_regression(Split("pbcseq", rs, both.steps, d.steps, {}, ""))(d.steps)
+                split = Split("pbcseq", rs, both.steps, d.steps, {}, "")
+                p = logistic_regression(split)(d.steps)
                 res["landmark LR"].append(auroc(y, np.asarray(p)[ok]))
+                p = logistic_regression(split, indicators=False)(d.steps)  # what the indicators are worth
+                res["LR no indicators"].append(auroc(y, np.asarray(p)[ok]))
             print(f"  split {k} {v:<12} dev AUROC {res[v][-1]:.3f}", flush=True)
         print(f"  split {k} landmark LR   dev AUROC {res['landmark LR'][-1]:.3f}", flush=True)
     lr = res["landmark LR"]

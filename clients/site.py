@@ -18,6 +18,7 @@ import torch
 
 from edge_runtime.preprocessing import Preprocessor
 from edge_runtime.schema import Schema
+from mmn_fed import sequences as seq
 from mmn_fed.api import stratify_key
 from mmn_fed.audit import presence_counts
 from mmn_fed.correction import keep_probabilities, thin
@@ -26,7 +27,6 @@ from mmn_fed.evaluation import evaluate
 from mmn_fed.model import ModelConfig
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
-from mmn_fed import sequences as seq
 from mmn_fed.settings import SETTING, SiteSettings
 from mmn_fed.training import TrainConfig, module_counts, split_indices, train_epochs
 

@@ -51,10 +51,10 @@ class FederationConfig(RunSettings):
     """The run settings (declared, parsed and checked in ``mmn_fed.settings``; docs/settings.md) and what the
     server builds from them."""
 
-    def model_config(self) -> ModelConfig:
-        """The architecture; a time-series run (``timeseries`` set by ``run_server``) uses its encoder."""
+    def model_config(self, ts: Schema | None = None) -> ModelConfig:
+        """The architecture; a time-series run (``ts``: its schema) uses the time-series encoder."""
         mc = ModelConfig.from_settings(self)
-        return replace(mc, encoder=TS_ENCODER) if getattr(self, "_timeseries", None) is not None else mc
+        return replace(mc, encoder=TS_ENCODER) if ts is not None else mc
 
     def strategy(self) -> ModularFedAvg:
         """The per-module strategy these settings ask for (secure or plaintext, with its aggregation rule)."""
@@ -153,13 +153,14 @@ def check_site_data(run_dir: Path, grid: Grid, nodes: list[int], schema: Schema,
             f"from {path.name}); its checkpoint was trained on the old rows. Use a new run directory, or restore the data")
 
 
-def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | None, schema: Schema) -> dict[str, Any]:
+def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | None, schema: Schema,
+                     ts: Schema | None = None) -> dict[str, Any]:
     """Decide (``missingness`` setting + the audit) which modalities the sites balance; log it and write
     ``run_dir/audit.json`` (read back when the run resumes, so a resumed run corrects the same modalities)."""
     path = run_dir / "audit.json"
     if found is None:  # resuming: the decision made before round 1
         return json.loads(path.read_text()) if path.exists() else missingness_record(cfg.missingness, {}, None)
-    if getattr(cfg, "_timeseries", None) is not None:  # no correction for time series yet (docs/timeseries.md)
+    if ts is not None:  # no correction for time series yet (docs/timeseries.md)
         plan = missingness_record(cfg.missingness, {}, found)
         plan["summary"] = "missingness: time series are not corrected yet (the audit of their steps is kept)"
     else:
@@ -171,14 +172,15 @@ def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | 
     return plan
 
 
-def _ts_config(cfg: FederationConfig) -> dict[str, str]:
-    ts = getattr(cfg, "_timeseries", None)
+def _ts_config(ts: Schema | None) -> dict[str, str]:
+    """The message config entry that makes sites train on sequences (none for a static table)."""
     return {P.TIMESERIES: json.dumps(ts.to_dict())} if ts is not None else {}
 
 
-def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig) -> dict[int, SiteInfo]:
-    replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
-                                             P.SETTINGS: cfg.site_record(), **_ts_config(cfg)}, cfg.timeout)
+def profile_sites(grid: Grid, nodes: list[int], prep_json: str, cfg: FederationConfig,
+                  ts: Schema | None = None) -> dict[int, SiteInfo]:
+    replies = query(grid, nodes, P.PROFILE, {"prep": prep_json, "model-config": json.dumps(cfg.model_config(ts).to_dict()),
+                                             P.SETTINGS: cfg.site_record(), **_ts_config(ts)}, cfg.timeout)
     sites = {n: SiteInfo(n, str(r.content[P.SITE]["name"]), {k: int(v) for k, v in r.content[P.COUNTS].items()})
              for n, r in replies.items()}
     names = [s.name for s in sites.values()]
@@ -192,8 +194,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     schema = load_schema(cfg)
-    if schema.timeseries is not None:  # sites train sequences; the model uses the time-series encoder
-        object.__setattr__(cfg, "_timeseries", schema)
+    ts = schema if schema.timeseries is not None else None  # sites train sequences; a time-series encoder
     nodes = wait_for_nodes(grid, cfg)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
     strategy = cfg.strategy()
@@ -209,18 +210,18 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         _write_json(run_dir / "site_data.json", digests)
         prep_json = json.dumps(fitted.to_dict(), sort_keys=True)
         torch.manual_seed(cfg.seed)
-        model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config())
+        model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config(ts))
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         start, history = 1, []
         best = (-float("inf"), 0, params)
     prep = Preprocessor.from_dict(json.loads(prep_json))
-    plan = missingness_plan(run_dir, cfg, None if ckpt else found, prep.schema)
-    strategy.sites = profile_sites(grid, nodes, prep_json, cfg)
+    plan = missingness_plan(run_dir, cfg, None if ckpt else found, prep.schema, ts)
+    strategy.sites = profile_sites(grid, nodes, prep_json, cfg, ts)
     strategy.summary()
     tests = test_frames(cfg)
-    config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config().to_dict()),
+    config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config(ts).to_dict()),
                            P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"]),
-                           **_ts_config(cfg)})
+                           **_ts_config(ts)})
     stopped = should_stop(start - 1, best[1], cfg.patience_rounds)  # a resumed run that had stopped stays stopped
     for rnd in range(start, cfg.num_server_rounds + 1):
         if stopped:
@@ -228,7 +229,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
         if tests:
             entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
-                             held_out_records(params, prep, cfg, tests, per_combination=False)
+                             held_out_records(params, prep, cfg, tests, per_combination=False, ts=ts)
                              if r["site"] == "all" and r["state"] == "final"}
         score = validation_score(entry["federated_eval"], prep.schema)
         if score > best[0]:
@@ -254,7 +255,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
         params = best[2]
         selection["final_round"] = best[1]
-    return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan)
+    return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan, ts)
 
 
 def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
@@ -303,19 +304,20 @@ def validation_score(eval_metrics, schema: Schema) -> float:
     return -float(v) if ok(v) else -float("inf")
 
 
-def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: FederationConfig) -> torch.nn.Module:
-    model = build_from_preprocessor(prep, cfg.model_config())
+def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: FederationConfig,
+                 ts: Schema | None = None) -> torch.nn.Module:
+    model = build_from_preprocessor(prep, cfg.model_config(ts))
     model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in params.items()})
     model.eval()
     return model
 
 
 def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: Mapping[str, pd.DataFrame],
-                 per_combination: bool = True) -> list[dict[str, Any]]:
-    """Global model on held-out rows: pooled (site 'all') and per site, per modality combination."""
-    model = global_model(params, prep, cfg)
+                 per_combination: bool = True, ts: Schema | None = None) -> list[dict[str, Any]]:
+    """Global model on held-out rows: pooled (site 'all') and per site, per modality combination (``ts``, a
+    time-series run: over the test subjects' steps)."""
+    model = global_model(params, prep, cfg, ts)
     ctx = {"model": cfg.model, "training": "federated", "seed": cfg.seed, "condition": "clean"}
-    ts = getattr(cfg, "_timeseries", None)
     if ts is not None:  # time series: over the test subjects' steps, pooled and per site
         dyn = ts.timeseries.modalities
         out = []
@@ -337,10 +339,9 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
 
 def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
            history: list[dict], tests: Mapping[str, pd.DataFrame], selection: Mapping[str, Any],
-           plan: Mapping[str, Any]) -> dict[str, Any]:
-    model = global_model(params, prep, cfg)
-    ts = getattr(cfg, "_timeseries", None)
-    save_model(run_dir / "model.pt", model, prep, cfg.model_config(),
+           plan: Mapping[str, Any], ts: Schema | None = None) -> dict[str, Any]:
+    model = global_model(params, prep, cfg, ts)
+    save_model(run_dir / "model.pt", model, prep, cfg.model_config(ts),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
                                             "rounds": selection["rounds_run"], "final_round": selection["final_round"],
                                             "seed": cfg.seed, "missingness": dict(plan)},
@@ -348,7 +349,7 @@ def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, str
     last = max((e["round"] for e in strategy.evaluations), default=0)
     records = [r for r in strategy.evaluations if r["round"] == last]
     if tests:
-        records = held_out_records(params, prep, cfg, tests) + records
+        records = held_out_records(params, prep, cfg, tests, ts=ts) + records
     corrected = ",".join(plan["corrected"])
     records = [{**r, "missingness": cfg.missingness, "corrected": corrected} for r in records]
     write_metrics(run_dir / "metrics.json", records)

@@ -13,6 +13,12 @@ zero-fills its embedding).
 | ``self_masking``| a column of the modality itself is high/low/in values (not at random)        |
 | ``absent``     | every row, with fraction 1: the site never acquired the modality (structural) |
 
+Time series (a ``[timeseries]`` schema) add mechanisms that remove whole visits (rows) rather than a modality,
+decided per subject (``simulations.timeseries``): ``fewer_visits`` (each visit but the first is dropped with
+probability ``fraction``), ``dropout`` (with probability ``fraction`` the subject's visits after a random cut are
+missing: the last visits), both for the subjects whose outcome (``task`` = ``label``) holds, or every subject
+without a task; and ``sampling`` (keep one visit per ``every`` time units: a site that measures less often).
+
 "high" / "low" compare with the median of the affected rows; rows whose driving value is missing never
 satisfy the condition. ``flip=True`` applies an ``mnar`` rule to the *other* labels (the paper's
 label-flipped test set).
@@ -30,7 +36,10 @@ from edge_runtime.preprocessing import Preprocessor, parse_categorical
 from edge_runtime.schema import Schema, canonical_category
 from mmn_fed.data import derive_labels, frame_to_columns
 
-MECHANISMS = ("mcar", "mar", "mnar", "self_masking", "absent")
+MODALITY_MECHANISMS = ("mcar", "mar", "mnar", "self_masking", "absent")
+TIME_MECHANISMS = ("fewer_visits", "dropout", "sampling")  # whole visits of a time series (simulations.timeseries)
+MECHANISMS = MODALITY_MECHANISMS + TIME_MECHANISMS
+OUTCOME_MECHANISMS = ("mnar", "fewer_visits", "dropout")  # may depend on a label: the label-flipped test flips them
 PHASES = ("both", "train", "test")
 
 
@@ -38,7 +47,7 @@ PHASES = ("both", "train", "test")
 class MissingnessRule:
     """One ``[[missingness]]`` entry of a scenario (validated by ``simulations.scenario``)."""
 
-    modality: str
+    modality: str | None  # None for the time mechanisms (they remove whole visits)
     mechanism: str
     fraction: float = 1.0
     task: str | None = None  # mnar: the label that drives missingness
@@ -48,6 +57,12 @@ class MissingnessRule:
     values: tuple = ()  # mar / self_masking on a categorical column: these categories drive it
     sites: tuple[str, ...] | None = None  # None = every site
     phase: str = "both"  # train rows, test rows, or both
+    every: float | None = None  # sampling: one visit kept per this many time units (since the subject's first)
+
+    @property
+    def outcome_dependent(self) -> bool:
+        """Does it depend on a label (and so flip in the label-flipped test)?"""
+        return self.mechanism in OUTCOME_MECHANISMS and self.task is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,7 +70,14 @@ class MissingnessRule:
 
     def describe(self) -> str:
         where = "all sites" if self.sites is None else ", ".join(self.sites)
-        if self.mechanism == "absent":
+        who = f"subjects with {self.task} = {self.label}" if self.task is not None else "every subject"
+        if self.mechanism == "fewer_visits":
+            what = f"{self.fraction:.0%} of the visits after the first dropped, for {who}"
+        elif self.mechanism == "dropout":
+            what = f"{self.fraction:.0%} of {who} drop out (their last visits missing)"
+        elif self.mechanism == "sampling":
+            what = f"one visit kept per {self.every:g} time units"
+        elif self.mechanism == "absent":
             what = "absent (never acquired)"
         elif self.mechanism == "mcar":
             what = f"MCAR {self.fraction:.0%}"
@@ -65,7 +87,7 @@ class MissingnessRule:
             cond = f"in {list(self.values)}" if self.values else f"{self.direction} half"
             what = f"{'MAR' if self.mechanism == 'mar' else 'self-masking'} {self.fraction:.0%} of rows with {self.column} {cond}"
         phase = "" if self.phase == "both" else f" ({self.phase} rows only)"
-        return f"{self.modality}: {what} at {where}{phase}"
+        return f"{self.modality or 'visits'}: {what} at {where}{phase}"
 
 
 @dataclass
@@ -128,6 +150,8 @@ def apply_rules(
     labels = derive_labels(schema, df) if any(r.mechanism == "mnar" for r in rules) else None
     sites = np.asarray(sites).astype(str)
     for i, rule in enumerate(rules):
+        if rule.mechanism in TIME_MECHANISMS:  # whole visits: simulations.timeseries.drop_visits
+            continue
         eligible = np.ones(len(df), dtype=bool) if rule.sites is None else np.isin(sites, list(rule.sites))
         if rule.phase not in ("both", phase):
             eligible[:] = False

@@ -20,6 +20,7 @@ from mmn_fed.figures import img_html, pyplot, save_figure
 from mmn_fed.metrics import mean_ci
 
 from .scenario import Scenario
+from .timeseries import COUNT_COLUMNS
 
 AVAILABILITY = "availability.json"  # written by the runner before any training, read here
 
@@ -46,6 +47,8 @@ def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = 
     if df.empty:
         return pd.DataFrame()
     df = df[(df["state"] == "final") & (df["combination"] == "all")]
+    if "time_from" in df.columns:  # time series: the per-time-bin records are summarized by summarize_time
+        df = df[df["time_from"].isna()]
     if site is not None:
         df = df[df["site"] == site]
     if task is not None:
@@ -58,6 +61,32 @@ def summarize(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = 
         m, lo, hi = mean_ci(part["value"].astype(float).tolist())
         rows.append({**dict(zip(keys, group)), "mean": m, "ci_low": lo, "ci_high": hi, "seeds": int(part["seed"].nunique())})
     return pd.DataFrame(rows)
+
+
+def summarize_time(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[str] = (), task: str | None = None,
+                   metric: str | None = None) -> pd.DataFrame:
+    """As ``summarize``, for a time series' records per bin of time since the first observation (one row per
+    sweep values, model, training, condition, bin; ``site = all``). Empty for static data."""
+    df = pd.DataFrame(list(records))
+    if df.empty or "time_from" not in df.columns:
+        return pd.DataFrame()
+    df = df[df["time_from"].notna() & (df["site"] == "all")]
+    if task is not None:
+        df = df[df["task"] == task]
+    if metric is not None:
+        df = df[df["metric"] == metric]
+    keys = [k for k in sweep_keys if k in df.columns] + ["model", "training", "condition", "task", "metric",
+                                                          "time_from", "time_to"]
+    rows = []
+    for group, part in df.groupby(keys, sort=False, dropna=False):
+        m, lo, hi = mean_ci(part["value"].astype(float).tolist())
+        rows.append({**dict(zip(keys, group)), "mean": m, "ci_low": lo, "ci_high": hi,
+                     "steps": int(part["n"].median()), "seeds": int(part["seed"].nunique())})
+    return pd.DataFrame(rows).sort_values(keys[:-4] + ["time_from"], kind="stable").reset_index(drop=True)
+
+
+def time_bin_label(lo: float, hi: float) -> str:
+    return f"≥ {lo:g}" if hi == float("inf") else f"{lo:g}–{hi:g}"
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -83,6 +112,33 @@ def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
     axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def plot_time(table: pd.DataFrame, task: str, metric: str, path: Path, title: str, unit: str) -> Path:
+    """The paper's continuous-task figures: the metric against time since the subject's first observation (bins
+    on the x axis), one panel per training mode; colour = model, line style = test condition, shaded 95% CI."""
+    plt = pyplot()
+    trainings = list(dict.fromkeys(table["training"]))
+    bins = sorted({(lo, hi) for lo, hi in zip(table["time_from"], table["time_to"])})
+    where = {b: i for i, b in enumerate(bins)}
+    fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
+    for ax, training in zip(axes[0], trainings):
+        part = table[table["training"] == training]
+        for (model, cond), g in part.groupby(["model", "condition"], sort=False):
+            x = np.array([where[(lo, hi)] for lo, hi in zip(g["time_from"], g["time_to"])])
+            ax.plot(x, g["mean"], STYLES.get(cond, "-."), color=COLORS.get(model, None), marker="o", ms=4,
+                    label=f"{NAMES.get(model, model)}, test {cond}")
+            ax.fill_between(x, g["ci_low"], g["ci_high"], color=COLORS.get(model, None), alpha=0.15, lw=0)
+        if metric == "auroc":
+            ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
+        ax.set_xticks(range(len(bins)), [time_bin_label(lo, hi) for lo, hi in bins], rotation=20, fontsize=8)
+        ax.set_title(f"{training}", fontsize=10)
+        ax.set_xlabel(f"time since the first observation ({unit})")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{task} {metric.upper()} (mean, 95% CI)")
+    axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
@@ -249,15 +305,37 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
                           f"{sc.name}: {task} {metric.upper()}")
             figures.append(_img(p, f"{task} {metric.upper()} per model and training mode (95% CI over seeds)"))
 
+    timed = summarize_time(records, keys, task=task, metric=metric)
+    time_html = ""
+    if not timed.empty:
+        ts = sc.schema.timeseries
+        points = list(dict.fromkeys(zip(*[timed[k] for k in keys]))) if keys else [()]
+        for j, point in enumerate(points):
+            part = timed
+            for k, v in zip(keys, point):
+                part = part[part[k] == v]
+            at = ", ".join(f"{k} = {v}" for k, v in zip(keys, point))
+            p = plot_time(part, task, metric, figs / f"over_time_{j}.png",
+                          f"{sc.name}: {task} {metric.upper()} over time{' (' + at + ')' if at else ''}", ts.time)
+            figures.append(_img(p, f"{task} {metric.upper()} against the time since the subject's first observation "
+                                   f"({ts.time}){', ' + at if at else ''}: colour = model, line style = test condition, "
+                                   "shaded = 95% CI over seeds"))
+        shown = timed.assign(time=[time_bin_label(a, b) for a, b in zip(timed["time_from"], timed["time_to"])])
+        shown = shown.drop(columns=["time_from", "time_to", "task", "metric"])
+        time_html = (f"<h2>{html.escape(task)} {metric.upper()} over time since the first observation "
+                     f"({html.escape(ts.time)}; test steps per bin; mean [95% CI] over seeds)</h2>" + _table(shown))
     avail_html = []
     for i, (label, tab) in enumerate(read_availability(out)):
+        counts = [c for c in tab.columns if c in COUNT_COLUMNS]
         if label.startswith("training"):
-            p = plot_availability(tab.drop(columns=["rows"]), figs / f"availability_{i}.png",
+            p = plot_availability(tab.drop(columns=counts), figs / f"availability_{i}.png",
                                   f"Modality availability, {label}")
-            avail_html.append(_img(p, f"Share of rows holding each modality per site, {label}"))
+            avail_html.append(_img(p, f"Share of {'steps' if len(counts) > 1 else 'rows'} holding each modality per "
+                                      f"site, {label}"))
         shown = tab.copy()
-        for c in shown.columns[1:]:
-            shown[c] = [f"{v:.0%}" for v in shown[c]]
+        for c in shown.columns:
+            if c not in counts:
+                shown[c] = [f"{v:.0%}" for v in shown[c]]
         avail_html.append(f"<h4>{html.escape(label)}</h4>" + _table(shown.reset_index(names="site"), ci=False))
 
     explain = _explain_run(infos, out)
@@ -297,10 +375,12 @@ def write_report(sc: Scenario, out: Path, records: list[dict], infos: Mapping[st
     parts.append(_missingness_html(records, read_audits(out), keys))
     parts.append(f"<h2>Missingness rules</h2><ul>{rules}</ul>")
     parts.append("<p>Test conditions: <b>clean</b> = no added missingness; <b>scenario</b> = the rules above on test "
-                 "rows; <b>mnar_flipped</b> = as scenario, but every MNAR rule hits the other label.</p>")
+                 "rows; <b>mnar_flipped</b> = as scenario, but every label-dependent rule (mnar; fewer_visits and dropout "
+                 "with a task) hits the other label.</p>")
     if sweep:
         parts.append(f"<h2>Sweep</h2><ul>{sweep}</ul>")
     parts.append(f"<h2>{html.escape(task)} {metric.upper()} (all test rows, mean [95% CI] over seeds)</h2>" + _table(main))
+    parts.append(time_html)
     parts.append("<h2>Figures</h2>" + "".join(figures))
     parts.append("<h2>Sites and modality availability</h2>" + "".join(avail_html))
     if not per_site.empty:

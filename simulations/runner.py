@@ -78,6 +78,12 @@ class Prepared:
     test_sites: np.ndarray
     site_order: list[str]
     holdout: list[str]
+    time_edges: list[float] | None = None  # time series: bins of time since the first observation (metrics)
+    condition_sites: dict[str, np.ndarray] | None = None  # time series: a condition may drop visits (rows)
+
+    def sites_for(self, condition: str) -> np.ndarray:
+        """The site of each test row of ``condition``."""
+        return self.condition_sites[condition] if self.condition_sites else self.test_sites
 
     def site_frames(self) -> dict[str, pd.DataFrame]:
         """Training rows per training site (what each hospital holds)."""
@@ -103,17 +109,16 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
     from mmn_fed.data import check_columns
     from mmn_fed.training import split_indices
 
-    if sc.schema.timeseries is not None:  # sites, splits and missingness here are per row, not per subject
-        raise ScenarioError("data: time-series schemas ([timeseries], e.g. the built-in pbcseq) are not supported by "
-                            "scenarios yet: use mmn-fed train, or run_federation with sites split by subject "
-                            "(docs/timeseries.md)")
+    from . import timeseries as ts
+
     df = load_frame(sc)
     try:
         check_columns(sc.schema, df)
     except Exception as e:
         raise ScenarioError(f"data: {e}") from None
-    try:
-        sites = assign_sites(df, sc.schema, sc.sites)
+    try:  # a time series' subject keeps all its visits at one site
+        sites = (assign_sites(df, sc.schema, sc.sites) if sc.schema.timeseries is None
+                 else ts.subject_sites(df, sc.schema, sc.sites))
     except ValueError as e:
         raise ScenarioError(str(e)) from None
     order = list(dict.fromkeys(sorted(sites)))
@@ -127,6 +132,8 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
     holdout = list(sc.test.holdout_sites)
     if len(holdout) == len(order):
         raise ScenarioError("test.holdout_sites: every site is held out; nothing is left to train on")
+    if sc.schema.timeseries is not None:
+        return _prepare_timeseries(sc, seed, df, sites, order, holdout)
     strata = np.asarray(stratify_key(sc.schema, df)).astype(str) + "|" + sites.astype(str)
     keep, test = split_indices(len(df), sc.test.fraction, seed, strata)
     in_holdout = np.isin(sites, holdout)
@@ -146,6 +153,29 @@ def prepare(sc: Scenario, seed: int) -> Prepared:
     return Prepared(train, train_sites, tests, test_sites, order, holdout)
 
 
+def _prepare_timeseries(sc: Scenario, seed: int, df: pd.DataFrame, sites: np.ndarray, order: list[str],
+                        holdout: list[str]) -> Prepared:
+    """As ``prepare``, by subject: a seeded share of each site's subjects are test subjects (a deployment site's
+    are all test subjects); modality rules on every visit row, then the visits the time mechanisms remove."""
+    from . import timeseries as ts
+
+    train_idx, test_idx = ts.split_subjects_by_site(df, sc.schema, sites, sc.test.fraction, seed)
+    in_holdout = np.isin(sites, holdout)
+    train_idx = train_idx[~in_holdout[train_idx]]
+    test_idx = np.sort(np.concatenate([test_idx, np.flatnonzero(in_holdout & ~np.isin(np.arange(len(df)), test_idx))]))
+    train_raw, test_raw = df.iloc[train_idx].reset_index(drop=True), df.iloc[test_idx].reset_index(drop=True)
+    train, train_sites = ts.apply_time_rules(train_raw, sc.schema, sc.rules, sites[train_idx], seed, "train")
+    tests, test_sites = {}, {}
+    for cond in sc.test.conditions:
+        if cond == "clean":
+            tests[cond], test_sites[cond] = test_raw, sites[test_idx]
+        else:
+            tests[cond], test_sites[cond] = ts.apply_time_rules(test_raw, sc.schema, sc.rules, sites[test_idx], seed,
+                                                                "test", flip=cond == "mnar_flipped")
+    return Prepared(train, train_sites, tests, sites[test_idx], order, holdout,
+                    ts.time_edges(sc.schema, df, sc.test.time_bins), test_sites)
+
+
 def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
     """Modality availability per site (with row counts) of the training rows and of each test condition, at
     the first and last sweep point (first seed): what the report shows, as JSON-ready tables."""
@@ -159,10 +189,13 @@ def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
     out = []
     for values, psc in chosen:
         data = prepare(psc, psc.run.seeds[0])
+        if psc.schema.timeseries is not None:
+            out += _availability_timeseries(psc, data, values)
+            continue
         prep = fit_preprocessor(psc.schema, pd.concat([data.train] + list(data.tests.values()), ignore_index=True))
         label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
         frames = [(f"training rows ({label})", data.train, data.train_sites)]
-        frames += [(f"test rows, condition {cond} ({label})", frame, data.test_sites) for cond, frame in data.tests.items()]
+        frames += [(f"test rows, condition {cond} ({label})", frame, data.sites_for(cond)) for cond, frame in data.tests.items()]
         for i, (title, frame, sites) in enumerate(frames):
             tab = availability(prep, frame, sites)
             tab.insert(0, "rows", pd.Series(sites).value_counts().reindex(tab.index).to_numpy())
@@ -171,6 +204,29 @@ def availability_tables(sc: Scenario) -> list[dict[str, Any]]:
                 entry["audit"] = audit_frame(psc.schema, frame, sites=sites,
                                              min_cell=psc.run.settings.audit_min_cell).to_dict()
             out.append(entry)
+    return out
+
+
+def _availability_timeseries(sc: Scenario, data: Prepared, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per site: steps, subjects, steps per subject and each time-series modality's share of steps; the audit
+    of the training steps (presence per step against each per-step label, as the federation's sites run it)."""
+    from mmn_fed.audit import audit_frame
+    from mmn_fed.sequences import STEP_ROW, build_sequences, row_schema
+
+    from . import timeseries as ts
+
+    label = ", ".join(f"{k} = {v}" for k, v in values.items()) or "scenario"
+    frames = [(f"training steps ({label})", data.train, data.train_sites)]
+    frames += [(f"test steps, condition {c} ({label})", f, data.sites_for(c)) for c, f in data.tests.items()]
+    out = []
+    for i, (title, frame, sites) in enumerate(frames):
+        entry = {"title": title, "table": ts.availability(sc.schema, frame, sites).to_dict(orient="split")}
+        if i == 0:
+            steps = build_sequences(sc.schema, frame).steps
+            step_sites = np.asarray(sites)[steps[STEP_ROW].to_numpy() - 1]
+            entry["audit"] = audit_frame(row_schema(sc.schema), steps, sites=step_sites,
+                                         min_cell=sc.run.settings.audit_min_cell).to_dict()
+        out.append(entry)
     return out
 
 
@@ -202,6 +258,9 @@ def train_centralized(sc: Scenario, data: Prepared, model: str, seed: int, run_d
     mc, tc = _configs(sc, model, seed)
     frames = data.site_frames()
     pooled = pd.concat(list(frames.values()), ignore_index=True)
+    if sc.schema.timeseries is not None:
+        res = _fit_sequences(sc, pooled, mc, tc, {"training": "centralized", "seed": seed})
+        return [Trained(res.trained, info={"best_epoch": res.fit_info["best_epoch"], "seconds": res.fit_info["seconds"]})]
     sites = np.concatenate([np.full(len(f), s, dtype=object) for s, f in frames.items()])  # audited per site
     res = fit_pooled(pooled, sc.schema, mc, tc, provenance={"scenario": sc.name, "training": "centralized", "seed": seed},
                      sites=sites)
@@ -215,10 +274,19 @@ def train_local(sc: Scenario, data: Prepared, model: str, seed: int, run_dir: Pa
     mc, tc = _configs(sc, model, seed)
     out = []
     for site, frame in data.site_frames().items():
-        res = fit_pooled(frame, sc.schema, mc, tc,
-                         provenance={"scenario": sc.name, "training": "local", "site": site, "seed": seed})
+        provenance = {"scenario": sc.name, "training": "local", "site": site, "seed": seed}
+        res = (fit_pooled(frame, sc.schema, mc, tc, provenance=provenance) if sc.schema.timeseries is None
+               else _fit_sequences(sc, frame, mc, tc, provenance))
         out.append(Trained(res.trained, site, [site], {"best_epoch": res.fit_info["best_epoch"]}))
     return out
+
+
+def _fit_sequences(sc: Scenario, frame: pd.DataFrame, mc, tc, provenance: dict[str, Any]):
+    """A time-series model on some sites' visit rows (``mmn_fed.sequences.train_sequences``)."""
+    from mmn_fed.sequences import build_sequences, train_sequences
+
+    return train_sequences(build_sequences(sc.schema, frame), sc.schema, mc, tc,
+                           provenance={"scenario": sc.name, **provenance})
 
 
 # run_federation's own arguments: the schema object (not a TOML path), and where it writes
@@ -256,15 +324,24 @@ def evaluate_job(sc: Scenario, job: Job, data: Prepared, models: list[Trained]) 
     for t in models:
         prep = t.trained.preprocessor
         for cond, frame in data.tests.items():
-            rows = np.ones(len(frame), dtype=bool) if t.eval_sites is None else np.isin(data.test_sites, t.eval_sites)
+            test_sites = data.sites_for(cond)
+            rows = np.ones(len(frame), dtype=bool) if t.eval_sites is None else np.isin(test_sites, t.eval_sites)
             if not rows.any():
+                continue
+            if sc.schema.timeseries is not None:  # over the test subjects' steps, and per time since their first
+                from .timeseries import evaluate_sequences
+
+                ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
+                       "site": t.label or "all", **extra}
+                records += evaluate_sequences(t.trained, sc.schema, frame[rows].reset_index(drop=True), ctx,
+                                              data.time_edges)
                 continue
             tensors = encode(prep, frame[rows].reset_index(drop=True))
             plan = t.trained.metadata.get("provenance", {}).get("missingness") or {}
             ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
                    "site": t.label or "all", "missingness": plan.get("mode", ""),
                    "corrected": ",".join(plan.get("corrected", {})), **extra}
-            sites = data.test_sites[rows].astype(str) if t.eval_sites is None else None
+            sites = test_sites[rows].astype(str) if t.eval_sites is None else None
             records += evaluate(t.trained.model, sc.schema, prep.targets, tensors, ctx, sites=sites)
     return records
 
@@ -290,7 +367,8 @@ def run_job(sc: Scenario, job: Job, out: Path) -> dict[str, Any]:
         write_metrics(run_dir / "records.json", records)
         for t in models:
             save_trained(run_dir / (f"model-{t.label}.pt" if t.label else "model.pt"), t.trained)
-        if sc.run.explain and job.model == "multimodn" and models[0].eval_sites is None:
+        if (sc.run.explain and job.model == "multimodn" and models[0].eval_sites is None
+                and sc.schema.timeseries is None):  # IMC / CP of static rows; a time series' trajectory is per step
             _explain(models[0].trained, data, run_dir)
         info.update(status="done", models=[t.info for t in models])
     except ScenarioError:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from edge_runtime.schema import Schema, SchemaError
 from mmn_fed.settings import SETTINGS, RunSettings, SettingsError
 
-from .missingness import MECHANISMS, PHASES, MissingnessRule
+from .missingness import MECHANISMS, PHASES, TIME_MECHANISMS, MissingnessRule
 from .sites import SitePlan
 
 MODELS = ("multimodn", "pfusion")
@@ -27,8 +27,9 @@ ENGINES = ("inprocess", "ray")
 _TOP = {"scenario", "data", "sites", "missingness", "test", "run", "sweep"}
 _DATA = {"builtin", "csv", "schema", "tasks", "modalities"}
 _SITES = {"by", "iid", "dirichlet", "seed"}
-_RULE = {"modality", "mechanism", "fraction", "task", "label", "column", "direction", "values", "sites", "phase"}
-_TEST = {"conditions", "fraction", "holdout_sites"}
+_RULE = {"modality", "mechanism", "fraction", "task", "label", "column", "direction", "values", "sites", "phase",
+         "every"}
+_TEST = {"conditions", "fraction", "holdout_sites", "time_bins"}
 # [run] keys of the scenario itself; every other [run] key is a run setting by its snake_case name
 # (mmn_fed.settings, docs/settings.md), except those the scenario sets elsewhere (_SET_ELSEWHERE).
 _RUN_ONLY = {"models", "training", "seeds", "rounds", "epochs", "patience", "engine", "workers", "explain"}
@@ -59,6 +60,9 @@ class TestSpec:
     conditions: tuple[str, ...] = ("clean",)
     fraction: float = 0.25  # held-out test share of every training site (stratified by the first task)
     holdout_sites: tuple[str, ...] = ()  # deployment sites: all their rows are test rows, none trains
+    # time series: bin edges of the time since a subject's first observation for the per-time metrics (the
+    # schema's time unit); empty = quintiles of the data's steps (simulations.timeseries.time_edges)
+    time_bins: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,11 @@ class Scenario:
         rules = tuple(_rule(r, i, schema) for i, r in enumerate(rules_raw))
         test = _test(_table(raw, "test"))
         run = _run(_table(raw, "run"))
-        if "mnar_flipped" in test.conditions and not any(r.mechanism == "mnar" for r in rules):
-            raise ScenarioError("test.conditions: 'mnar_flipped' needs at least one mnar rule in [[missingness]]")
+        if "mnar_flipped" in test.conditions and not any(r.outcome_dependent for r in rules):
+            raise ScenarioError("test.conditions: 'mnar_flipped' needs at least one label-dependent rule in "
+                                "[[missingness]] (mnar, or fewer_visits / dropout with a task)")
+        if test.time_bins and schema.timeseries is None:
+            raise ScenarioError("test.time_bins: only for time-series data (a schema with [timeseries])")
         sweep = _table(raw, "sweep")
         scenario = cls(str(meta.get("name", "scenario")), str(meta.get("description", "")), data, schema, sites, rules,
                        test, run, {}, raw, base_dir)
@@ -293,14 +300,20 @@ def _rule(r: Any, i: int, schema: Schema) -> MissingnessRule:
     if not isinstance(r, Mapping):
         raise ScenarioError(f"{where}: expected a table")
     _keys(r, _RULE, where)
-    for k in ("modality", "mechanism"):
-        if k not in r:
-            raise ScenarioError(f"{where}.{k}: required")
-    m, mech = r["modality"], r["mechanism"]
-    if m not in schema.modalities:
-        raise ScenarioError(f"{where}.modality: unknown modality {m!r}; schema has {list(schema.modalities)}")
+    if "mechanism" not in r:
+        raise ScenarioError(f"{where}.mechanism: required")
+    mech = r["mechanism"]
     if mech not in MECHANISMS:
         raise ScenarioError(f"{where}.mechanism: unknown mechanism {mech!r}; expected one of {list(MECHANISMS)}")
+    if mech in TIME_MECHANISMS:
+        return _time_rule(r, where, schema)
+    if "modality" not in r:
+        raise ScenarioError(f"{where}.modality: required")
+    m = r["modality"]
+    if m not in schema.modalities:
+        raise ScenarioError(f"{where}.modality: unknown modality {m!r}; schema has {list(schema.modalities)}")
+    if "every" in r:
+        raise ScenarioError(f"{where}.every: does not apply to mechanism {mech!r} (only to sampling)")
     fraction = float(_number(r.get("fraction", 1.0), f"{where}.fraction", 0.0, 1.0))
     if mech == "absent" and fraction != 1.0:
         raise ScenarioError(f"{where}.fraction: an absent modality is missing for every row; drop fraction")
@@ -318,16 +331,7 @@ def _rule(r: Any, i: int, schema: Schema) -> MissingnessRule:
         for k in ("task", "label"):
             if k not in r:
                 raise ScenarioError(f"{where}.{k}: required for mnar (missingness depends on this task's label)")
-        task, label = r["task"], r["label"]
-        if task not in schema.tasks or schema.tasks[task].kind == "regression":
-            raise ScenarioError(f"{where}.task: {task!r} is not a classification task of the schema "
-                                f"({[t for t, v in schema.tasks.items() if v.kind != 'regression']})")
-        kind = schema.tasks[task].kind
-        if kind == "binary" and (isinstance(label, bool) or label not in (0, 1)):
-            raise ScenarioError(f"{where}.label: task {task!r} is binary: expected 0 or 1, got {label!r}")
-        classes = schema.tasks[task].classes
-        if kind == "multiclass" and classes and str(label) not in [str(c) for c in classes]:
-            raise ScenarioError(f"{where}.label: {label!r} is not a class of {task!r} ({list(classes)})")
+        task, label = _task_label(r, where, schema)
     elif mech in ("mar", "self_masking"):
         if "column" not in r:
             raise ScenarioError(f"{where}.column: required for {mech} (the column that drives missingness)")
@@ -348,11 +352,60 @@ def _rule(r: Any, i: int, schema: Schema) -> MissingnessRule:
             if not isinstance(r["values"], list) or not r["values"]:
                 raise ScenarioError(f"{where}.values: expected a non-empty list of categories")
             values = tuple(r["values"])
+    sites, phase = _where(r, where)
+    return MissingnessRule(m, mech, fraction, task, label, column, direction, values, sites, phase)
+
+
+def _where(r: Mapping, where: str) -> tuple[tuple[str, ...] | None, str]:
     sites = _str_list(r["sites"], f"{where}.sites") if "sites" in r else None
     phase = r.get("phase", "both")
     if phase not in PHASES:
         raise ScenarioError(f"{where}.phase: expected one of {list(PHASES)}, got {phase!r}")
-    return MissingnessRule(m, mech, fraction, task, label, column, direction, values, sites, phase)
+    return sites, phase
+
+
+def _task_label(r: Mapping, where: str, schema: Schema) -> tuple[str, Any]:
+    """A rule's (task, label): a classification task of the schema and one of its labels."""
+    task, label = r["task"], r["label"]
+    if task not in schema.tasks or schema.tasks[task].kind == "regression":
+        raise ScenarioError(f"{where}.task: {task!r} is not a classification task of the schema "
+                            f"({[t for t, v in schema.tasks.items() if v.kind != 'regression']})")
+    kind = schema.tasks[task].kind
+    if kind == "binary" and (isinstance(label, bool) or label not in (0, 1)):
+        raise ScenarioError(f"{where}.label: task {task!r} is binary: expected 0 or 1, got {label!r}")
+    classes = schema.tasks[task].classes
+    if kind == "multiclass" and classes and str(label) not in [str(c) for c in classes]:
+        raise ScenarioError(f"{where}.label: {label!r} is not a class of {task!r} ({list(classes)})")
+    return task, label
+
+
+def _time_rule(r: Mapping, where: str, schema: Schema) -> MissingnessRule:
+    """fewer_visits / dropout (optionally outcome-dependent) / sampling: whole visits of a time series."""
+    mech = r["mechanism"]
+    if schema.timeseries is None:
+        raise ScenarioError(f"{where}.mechanism: {mech!r} removes visits of a time series; this schema has no "
+                            "[timeseries] section (use a modality mechanism)")
+    allowed = {"sampling": {"every"}}.get(mech, {"fraction", "task", "label"})
+    for k in ("modality", "column", "direction", "values", "fraction", "task", "label", "every"):
+        if k in r and k not in allowed:
+            raise ScenarioError(f"{where}.{k}: does not apply to mechanism {mech!r}")
+    task = label = every = None
+    fraction = 1.0
+    if mech == "sampling":
+        if "every" not in r:
+            raise ScenarioError(f"{where}.every: required for sampling (one visit kept per this many time units)")
+        every = float(_number(r["every"], f"{where}.every", 1e-9))
+    else:
+        if "fraction" not in r:
+            raise ScenarioError(f"{where}.fraction: required for mechanism {mech!r}")
+        fraction = float(_number(r["fraction"], f"{where}.fraction", 0.0, 1.0))
+        if ("task" in r) != ("label" in r):
+            raise ScenarioError(f"{where}.{'label' if 'task' in r else 'task'}: give task and label together (the "
+                                "subjects whose outcome is this label), or neither (every subject)")
+        if "task" in r:
+            task, label = _task_label(r, where, schema)
+    sites, phase = _where(r, where)
+    return MissingnessRule(None, mech, fraction, task, label, sites=sites, phase=phase, every=every)
 
 
 def _test(t: dict) -> TestSpec:
@@ -360,7 +413,12 @@ def _test(t: dict) -> TestSpec:
     conditions = _str_list(t.get("conditions", ["clean"]), "test.conditions", CONDITIONS)
     fraction = float(_number(t.get("fraction", 0.25), "test.fraction", 0.05, 0.9))
     holdout = _str_list(t.get("holdout_sites", []), "test.holdout_sites", allow_empty=True)
-    return TestSpec(conditions, fraction, holdout)
+    bins = t.get("time_bins", [])
+    if (not isinstance(bins, list) or len(bins) == 1
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bins)
+            or any(b >= c for b, c in zip(bins, bins[1:]))):
+        raise ScenarioError(f"test.time_bins: expected increasing numbers (at least two edges), got {bins!r}")
+    return TestSpec(conditions, fraction, holdout, tuple(float(b) for b in bins))
 
 
 def _run(t: dict) -> RunSpec:

@@ -83,7 +83,7 @@ def subject_sites(df: pd.DataFrame, schema: Schema, plan) -> np.ndarray:
         mixed = np.flatnonzero(raw != sites)
         if len(mixed):
             who = ids[codes[mixed[0]]]
-            raise ValueError(f"sites.by: column '{plan.by}' changes within subject {who!r} (data row "
+            raise ValueError(f"sites.by: column '{plan.by}' changes within subject '{who}' (data row "
                              f"{mixed[0] + 1}): a subject's visits must stay at one site")
     return sites
 

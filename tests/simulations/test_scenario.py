@@ -153,11 +153,3 @@ def test_run_takes_every_run_setting_by_its_snake_case_name():
 def test_run_setting_errors_name_the_run_key(key, value, message):
     with pytest.raises(ScenarioError, match=message):
         Scenario.from_dict(with_(f"run.{key}", value))
-
-
-def test_a_time_series_dataset_is_refused_until_scenarios_split_by_subject():
-    from simulations.runner import prepare
-
-    sc = Scenario.from_dict({"scenario": {"name": "ts"}, "data": {"builtin": "pbcseq"}, "sites": {"iid": 3}})
-    with pytest.raises(ScenarioError, match=r"^data: time-series schemas .*not supported by scenarios yet"):
-        prepare(sc, 0)

@@ -25,8 +25,12 @@ from .data import TensorData
 
 if TYPE_CHECKING:
     from .audit import AuditResult
+    from .sequences import SequenceData
 
 MODES = ("auto", "correct", "off")
+# In a correction map (modality -> task), this key asks a time series' sites to balance the *visit rate* against
+# the task (``visit_keep_probabilities``): the time-series analogue of balancing a modality's presence.
+VISITS = "__visits__"
 SMOOTHING = 5.0  # pseudo-rows pulling each label's presence share toward the site's overall share
 
 
@@ -109,3 +113,74 @@ def describe(mode: str, targets: Mapping[str, str]) -> str:
             " (the audit found no label-dependent presence)" if mode == "auto" else "")
     pairs = ", ".join(f"{m} (against {t})" for m, t in targets.items())
     return f"missingness = {mode}: presence balanced against the label for {pairs}"
+
+
+# ---- time series: presence per step, and the visit rate -------------------------------------------------
+
+def subject_outcomes(data: "SequenceData", task: str) -> np.ndarray:
+    """Each subject's outcome for a binary task: 1 if any of its labelled steps is positive, 0 if it has
+    labelled steps and none is, -1 without any labelled step."""
+    y = data.rows.y[task].numpy()
+    lab = data.rows.y_present[task].numpy().astype(bool)
+    idx = data.index.numpy()
+    valid = idx >= 0
+    rows = np.where(valid, idx, 0)
+    labelled = (lab[rows] & valid).any(axis=1)
+    positive = ((y[rows] > 0.5) & lab[rows] & valid).any(axis=1)
+    return np.where(labelled, positive.astype(int), -1)
+
+
+def visit_keep_probabilities(data: "SequenceData", task: str, smoothing: float = SMOOTHING) -> torch.Tensor:
+    """Per step row, the probability of keeping the step (a visit) so that the visit rate does not depend on
+    the subject's outcome (``subject_outcomes``). A group's rate is its visits after the first per unit of
+    follow-up time (smoothed toward the site's overall rate by ``smoothing`` subjects); the non-first steps of a
+    group are kept with probability (lowest rate) / (its rate). First steps are always kept, so a subject never
+    disappears; steps of subjects without an outcome are kept. Not a binary task, or no times: keep every step."""
+    idx = data.index.numpy()
+    keep = np.ones(len(data.rows), dtype=np.float32)
+    if data.times is None or task not in data.rows.y or data.rows.y[task].dim() != 1:
+        return torch.from_numpy(keep)
+    outcome = subject_outcomes(data, task)
+    valid = idx >= 0
+    t = data.times[np.where(valid, idx, 0)]
+    last = np.where(valid, t, -np.inf).max(axis=1)
+    extra = valid.sum(axis=1) - 1  # visits after the first
+    span = np.maximum(last - t[:, 0], 0.0)  # follow-up time
+    known = outcome >= 0
+    if not known.any() or span[known].sum() <= 0:
+        return torch.from_numpy(keep)
+    mean_extra, mean_span = extra[known].mean(), span[known].mean()
+    rates = {c: (extra[outcome == c].sum() + smoothing * mean_extra) / (span[outcome == c].sum() + smoothing * mean_span)
+             for c in np.unique(outcome[known])}
+    target = min(rates.values())
+    later = valid.copy()
+    later[:, 0] = False
+    for c, r in rates.items():
+        rows = idx[later & (outcome == c)[:, None]]
+        keep[rows] = target / r if r > 0 else 1.0
+    return torch.from_numpy(keep)
+
+
+def sequence_keep(data: "SequenceData", correct: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """A time series' correction: the keep probabilities of the modalities balanced per step (as for rows), and
+    of the steps when the visit rate is balanced (``correct[VISITS]``)."""
+    modalities = {m: t for m, t in correct.items() if m != VISITS}
+    steps = visit_keep_probabilities(data, correct[VISITS]) if VISITS in correct else None
+    return keep_probabilities(data.rows, modalities), steps
+
+
+def thin_sequences(data: "SequenceData", keep: Mapping[str, torch.Tensor], step_keep: torch.Tensor | None,
+                   generator: torch.Generator) -> "SequenceData":
+    """The same sequences with the corrected modalities hidden at some steps (``thin``), and whole steps hidden
+    where a draw exceeds ``step_keep``: a hidden step updates nothing and has no loss cell, as if the visit had
+    not happened."""
+    from .sequences import SequenceData
+
+    if not keep and step_keep is None:
+        return data
+    rows = thin(data.rows, keep, generator)
+    if step_keep is not None:
+        hide = torch.rand(len(step_keep), generator=generator) >= step_keep
+        present = {m: (p & ~hide) if m in data.dynamic else p for m, p in rows.present.items()}
+        rows = TensorData(rows.x, present, rows.y, {t: p & ~hide for t, p in rows.y_present.items()})
+    return SequenceData(rows, data.index, data.dynamic, data.times)

@@ -257,11 +257,13 @@ def _per_step_target(steps: pd.DataFrame, task: Task, id_column: str) -> np.ndar
 
 @dataclass
 class SequenceData:
-    """Encoded step rows (``rows``: TensorData over the step table) and the subjects' index (N, T)."""
+    """Encoded step rows (``rows``: TensorData over the step table), the subjects' index (N, T) and each step
+    row's time (``times``; balancing visit rates needs it, ``mmn_fed.correction.visit_keep_probabilities``)."""
 
     rows: TensorData
     index: Tensor
     dynamic: tuple[str, ...]
+    times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -273,7 +275,8 @@ class SequenceData:
 
 
 def encode_sequences(prep: Preprocessor, seqs: Sequences, dynamic: tuple[str, ...]) -> SequenceData:
-    return SequenceData(encode(prep, seqs.steps), torch.from_numpy(seqs.index), dynamic)
+    return SequenceData(encode(prep, seqs.steps), torch.from_numpy(seqs.index), dynamic,
+                        seqs.steps[STEP_TIME].to_numpy(dtype=float))
 
 
 def sequence_loss(model, schema: Schema, data: SequenceData, subjects: Tensor,

@@ -52,7 +52,8 @@ def carry_forward(x: Tensor, present: Tensor, index: Tensor, widths: Sequence[in
                   window: int) -> tuple[Tensor, Tensor]:
     """One time-series modality over the steps of ``index`` (N, T; -1 after a subject's last step): (values
     (N, T, d), missing (N, T, V)). ``values`` holds, per variable, its last value observed within steps
-    t - window + 1 .. t (zeros when none); ``missing`` is True where none is. One pass per window offset, batched
+    t - window + 1 .. t (zeros when none); ``missing`` is True where none is (and after a subject's last step).
+    One pass per window offset, batched
     over subjects, steps and variables."""
     if window < 1:
         raise ValueError(f"pfusion-window (ModelConfig.pfusion_window) must be at least 1 step, got {window}")
@@ -72,7 +73,8 @@ def carry_forward(x: Tensor, present: Tensor, index: Tensor, widths: Sequence[in
         values_k[:, k:] = values[:, : steps - k]
         out = torch.where(torch.repeat_interleave(take, spread, dim=-1), values_k, out)
         have = have | seen_k
-    return out, ~have
+    have = have & valid.unsqueeze(-1)  # after a subject's last step there is no step to carry a value to
+    return out * valid.unsqueeze(-1), ~have
 
 
 class WindowPFusion(PFusion):

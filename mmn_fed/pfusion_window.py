@@ -116,6 +116,11 @@ class WindowPFusion(PFusion):
                 xs[m], ps[m] = x[m][first][valid], present[m][first][valid]
         return xs, ps
 
+    def forward(self, x, present, order=None, return_states: bool = False):
+        """Refused: its inputs are a window of steps, which one row does not have."""
+        raise TypeError("a P-Fusion window model (time series) scores a subject's steps: use forward_sequence "
+                        "(mmn_fed.sequences.predict_steps), not a row-by-row forward")
+
     def forward_sequence(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor], index: Tensor,
                          dynamic: Sequence[str], every_encoder: bool = False) -> tuple[dict[str, Tensor], Tensor]:
         """As ``MultiModN.forward_sequence``: (logits {task: (R, k)}, step rows (R,)), one decoded fusion per

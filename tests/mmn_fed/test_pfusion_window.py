@@ -66,6 +66,8 @@ def test_the_model_reads_window_inputs_and_the_static_modalities_from_the_first_
     assert ps["labs"].tolist() == [True, True, True, True, True, False, True]  # B step 0: nothing within the window
     assert model.encoders["labs"][0][0].in_features == 4 + 3
     assert {k.split(".")[0] for k in model.state_dict()} == {"encoders", "decoders"}
+    with pytest.raises(TypeError, match="use forward_sequence"):
+        model({"static": static, "labs": X}, {"static": PRESENT, "labs": PRESENT})
 
 
 @pytest.fixture(scope="module")

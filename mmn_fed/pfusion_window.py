@@ -95,8 +95,9 @@ class WindowPFusion(PFusion):
             if m not in modality_dims or sum(w) != modality_dims[m]:
                 raise ValueError(f"time-series modality '{m}': variable widths {list(w)} do not match its "
                                  f"{modality_dims.get(m)} encoded features")
-        self.variables = {m: [int(v) for v in w] for m, w in variables.items()}
-        super().__init__({m: d + len(self.variables.get(m, ())) for m, d in modality_dims.items()}, task_dims, config)
+        widths = {m: [int(v) for v in w] for m, w in variables.items()}
+        super().__init__({m: d + len(widths.get(m, ())) for m, d in modality_dims.items()}, task_dims, config)
+        self.variables = widths
         self.window = config.pfusion_window
 
     def window_inputs(self, x: Mapping[str, Tensor], present: Mapping[str, Tensor],

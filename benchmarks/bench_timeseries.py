@@ -86,23 +86,12 @@ def run_split(k: int, schema, seqs, args) -> dict:
                       encode_sequences(prep, whole.subjects(val), ts.modalities),
                       TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
         res["recurrent"] = auroc(y, predict_steps(rnn, test_data, prep.targets, rs)[task][ok])
-    if args.pfusion_window:  # P-Fusion on each step's last observed values within a window of W steps
-        from mmn_fed import train_centralized
-        from mmn_fed.data import encode
-        from mmn_fed.evaluation import predict_final
-
-        def windowed(steps):
-            cols = [c for m in ts.modalities for c in schema.modalities[m]]
-            out = steps.copy()
-            out[cols] = steps.groupby(ts.id, sort=False)[cols].ffill(limit=args.pfusion_window - 1)
-            return out
-
-        torch.manual_seed(k)
-        pf = train_centralized(windowed(whole.steps), rs, ModelConfig(kind="pfusion"),
-                               TrainConfig(epochs=args.epochs, seed=k, lr=args.lr, missingness="off"))
-        wt = windowed(b.steps)
-        p_pf = predict_final(pf.trained.model, encode(pf.trained.preprocessor, wt), pf.trained.preprocessor.targets)[task]
-        res["pfusion"] = auroc(y, np.asarray(p_pf)[ok])
+    if args.pfusion_window:  # P-Fusion over a window (mmn_fed.pfusion_window), same harness as MultiModN
+        pf = train_sequences(whole, schema, ModelConfig(kind="pfusion", pfusion_window=args.pfusion_window),
+                             TrainConfig(epochs=args.epochs, seed=k, lr=args.lr)).trained
+        p_pf = predict_steps(pf.model, encode_sequences(pf.preprocessor, b, ts.modalities), pf.preprocessor.targets,
+                             rs)[task]
+        res["pfusion"] = auroc(y, p_pf[ok])
     if args.federated:  # the same training patients in IID sites (by patient), default federation settings
         import tempfile
 
@@ -138,7 +127,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
     ap.add_argument("--recurrent", action="store_true", help="also the recurrent baseline (a GRU over steps with masks)")
     ap.add_argument("--pfusion-window", type=int, default=0, metavar="W",
-                    help="also P-Fusion on each step's last observed values within W steps (uncorrected)")
+                    help="also P-Fusion over a window (mmn_fed.pfusion_window): each step's last observed value of "
+                         "every variable within W steps and a missing indicator per variable")
     ap.add_argument("--federated", type=int, default=0, metavar="SITES",
                     help="also federate the training patients over this many IID sites (default settings)")
     args = ap.parse_args()

@@ -184,7 +184,7 @@ class Site:
 
     def module_counts(self, prep: Preprocessor, prep_key: str, settings: SiteSettings, model_config: ModelConfig,
                       ts: Schema | None = None) -> dict[str, int]:
-        model = build_from_preprocessor(prep, model_config)
+        model = build_from_preprocessor(prep, model_config, ts)
         if ts is not None:
             return seq.sequence_module_counts(model, self.sequence_data(prep, prep_key, ts, settings)[0])
         train, _ = self.encoded(prep, prep_key, settings)
@@ -218,7 +218,7 @@ class Site:
         train, _ = self.sequence_data(prep, prep_key, ts, settings)
         seed = site_seed(settings.seed, server_round, self.name)
         torch.manual_seed(seed)
-        model = build_from_preprocessor(prep, model_config)
+        model = build_from_preprocessor(prep, model_config, ts)
         load_partial(model, params)
         modules = {module_of(k) for k in params}
         tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
@@ -238,7 +238,7 @@ class Site:
         if ts is not None:
             train, val = self.sequence_data(prep, prep_key, ts, settings)
             data, split = (val, "validation") if val is not None else (train, "train")
-            model = build_from_preprocessor(prep, model_config)
+            model = build_from_preprocessor(prep, model_config, ts)
             load_partial(model, params)
             return seq.data_records(model, prep, data, {**context, "site": self.name, "split": split})
         train, _ = self.encoded(prep, prep_key, settings)

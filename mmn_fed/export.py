@@ -194,6 +194,11 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         source_sha = sha256(Path(trained).read_bytes()) if Path(trained).is_file() else None
         trained = load_model(trained)
     model = trained.model
+    if trained.config.kind == "pfusion" and trained.metadata.get("timeseries_schema"):
+        raise ExportError(f"a P-Fusion time-series model (window of {trained.config.pfusion_window} steps) is not "
+                          "exported to edge bundles: a clinic device would have to keep each variable's last values "
+                          "over the window instead of a MultiModN state, which the edge runtime does not do. Export a "
+                          "MultiModN time-series model (model = \"multimodn\")")
     if not isinstance(model, MultiModN):
         raise ExportError(f"only MultiModN models are modular and can be exported; this is a {type(model).__name__}")
     recalibrated = [t for t, st in trained.preprocessor.targets.items() if st.get("calibration")]

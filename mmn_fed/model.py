@@ -26,6 +26,8 @@ class ModelConfig:
     hidden: int = DEFAULTS.hidden  # hidden width of encoders and decoders
     dropout: float = 0.1
     encoder: str = "mlp"  # a name in ENCODERS: the architecture is pluggable
+    # P-Fusion on time series (mmn_fed.pfusion_window): steps over which a variable's last value is carried
+    pfusion_window: int = DEFAULTS.pfusion_window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +40,8 @@ class ModelConfig:
     @classmethod
     def from_settings(cls, settings: RunSettings, **overrides) -> "ModelConfig":
         """The architecture that run settings (``mmn_fed.settings``) ask for."""
-        return cls(**{"kind": settings.model, "state_size": settings.state_size, "hidden": settings.hidden, **overrides})
+        return cls(**{"kind": settings.model, "state_size": settings.state_size, "hidden": settings.hidden,
+                      "pfusion_window": settings.pfusion_window, **overrides})
 
 
 def mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:

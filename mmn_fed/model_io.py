@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edge_runtime.preprocessing import Preprocessor
+from edge_runtime.schema import Schema
 
 from .model import ModelConfig, build_model
 
@@ -53,8 +54,14 @@ class TrainedModel:
         return self.preprocessor.schema
 
 
-def build_from_preprocessor(prep: Preprocessor, config: ModelConfig) -> nn.Module:
+def build_from_preprocessor(prep: Preprocessor, config: ModelConfig, ts: Schema | None = None) -> nn.Module:
+    """The model ``config`` asks for, sized by the fitted preprocessing. ``ts``: the time-series schema of a
+    sequence model (its ``[timeseries]`` modalities are the time-series ones): P-Fusion then is the window model
+    (``mmn_fed.pfusion_window``); MultiModN is the same model either way."""
     task_dims = {t: prep.task_out_dim(t) for t in prep.schema.tasks}
+    if config.kind == "pfusion" and ts is not None and ts.timeseries is not None:
+        from .pfusion_window import WindowPFusion, variable_widths
+        return WindowPFusion(prep.modality_dims, task_dims, config, variable_widths(prep, ts.timeseries.modalities))
     return build_model(prep.modality_dims, task_dims, config)
 
 
@@ -100,7 +107,8 @@ def load_model(path: str | Path) -> TrainedModel:
     meta = json.loads(payload["metadata"])
     prep = Preprocessor.from_dict(meta["preprocessing"])
     config = ModelConfig.from_dict(meta["model_config"])
-    model = build_from_preprocessor(prep, config)
+    ts = meta.get("timeseries_schema")  # a sequence model (mmn_fed.sequences)
+    model = build_from_preprocessor(prep, config, Schema.from_dict(ts) if ts else None)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return TrainedModel(model, prep, config, meta)

@@ -359,14 +359,14 @@ def train_epochs_sequences(model, schema: Schema, data: SequenceData, config: Tr
 
 
 def sequence_module_counts(model, data: SequenceData) -> dict[str, int]:
-    """What each module is trained on, in observed steps: the initial state and a static encoder per subject
-    (with that modality), a time-series encoder per step that observed its modality, a decoder per labelled
-    step (docs/timeseries.md)."""
+    """What each module is trained on, in observed steps: the initial state (if the model has one) and a static
+    encoder per subject (with that modality), a time-series encoder per step that observed its modality, a decoder
+    per labelled step (docs/timeseries.md)."""
     from .modules import INIT_STATE, decoder_module, encoder_module
 
     index = data.index
     first = index[:, 0]
-    counts = {INIT_STATE: int(len(index))}
+    counts = {INIT_STATE: int(len(index))} if INIT_STATE in dict(model.named_parameters()) else {}
     for m, p in data.rows.present.items():
         counts[encoder_module(m)] = int(p.sum()) if m in data.dynamic else int(p[first].sum())
     for t, p in data.rows.y_present.items():
@@ -421,30 +421,29 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
                     provenance: Mapping[str, Any] | None = None, encoder: str | None = TS_ENCODER,
                     every_encoder: bool = True):
     """Fit preprocessing on the step rows, hold out ``val_fraction`` of the subjects for early stopping, train
-    MultiModN step by step. Returns ``mmn_fed.api.TrainResult``; the model's metadata keeps the time-series
-    schema (``extra["timeseries_schema"]``) next to the step-table preprocessing.
-    Time-series defaults (docs/timeseries.md, measured with benchmarks/explore_timeseries.py and
+    MultiModN step by step, or (``model_config.kind = "pfusion"``) P-Fusion over a window of steps
+    (``mmn_fed.pfusion_window``, window ``model_config.pfusion_window``). Returns ``mmn_fed.api.TrainResult``; the
+    model's metadata keeps the time-series schema (``extra["timeseries_schema"]``) next to the step-table
+    preprocessing.
+    MultiModN's time-series defaults (docs/timeseries.md, measured with benchmarks/explore_timeseries.py and
     bench_streaming.py): ``encoder`` replaces the model config's (None: keep it) because the residual MLP
     state diverges over hundreds of steps; ``every_encoder``: the loss also at the state after each encoder
-    within a step, as the static model decodes after every encoder."""
+    within a step, as the static model decodes after every encoder. Neither applies to P-Fusion."""
     from .api import TrainResult
     from .model import ModelConfig
     from .model_io import TrainedModel, build_from_preprocessor
 
     model_config = model_config or ModelConfig()
-    if encoder is not None:
+    if encoder is not None and model_config.kind == "multimodn":
         model_config = replace(model_config, encoder=encoder)
     train_config = train_config or TrainConfig()
-    if model_config.kind != "multimodn":
-        raise SchemaError(f"time series train MultiModN only for now (model = '{model_config.kind}'); the P-Fusion "
-                          "window baseline is not built yet (docs/timeseries.md)")
     rs = row_schema(schema)
     keep, val = seqs.holdout(schema.timeseries, train_config.val_fraction, train_config.seed)
     fit_part = seqs.subjects(keep)
     prep = fit_preprocessor(rs, fit_part.steps)
     dyn = schema.timeseries.modalities
     torch.manual_seed(train_config.seed)
-    model = build_from_preprocessor(prep, model_config)
+    model = build_from_preprocessor(prep, model_config, schema)
     val_data = encode_sequences(prep, seqs.subjects(val), dyn) if len(val) else None
     info = fit_sequences(model, rs, prep.targets, encode_sequences(prep, fit_part, dyn), val_data, train_config,
                          every_encoder=every_encoder)

@@ -90,6 +90,9 @@ class RunSettings:
     state_size: int = setting(32, "MultiModN state size (P-Fusion: embedding size)", scope=SERVER, minimum=1,
                               centralized=True)
     hidden: int = setting(32, "hidden units of each encoder and decoder", scope=SERVER, minimum=1, centralized=True)
+    pfusion_window: int = setting(3, "P-Fusion on time series: a variable's last value is carried forward over this "
+                                     "many steps (1 = the step's own values only)", scope=SERVER, minimum=1,
+                                  centralized=True)
     # ---- data
     dataset: str = setting("heart", "built-in dataset (its schema; simulated sites without data-dir: its sites)",
                            scope=SERVER)

@@ -52,9 +52,9 @@ class FederationConfig(RunSettings):
     server builds from them."""
 
     def model_config(self, ts: Schema | None = None) -> ModelConfig:
-        """The architecture; a time-series run (``ts``: its schema) uses the time-series encoder."""
+        """The architecture; a time-series run (``ts``: its schema) of MultiModN uses the time-series encoder."""
         mc = ModelConfig.from_settings(self)
-        return replace(mc, encoder=TS_ENCODER) if ts is not None else mc
+        return replace(mc, encoder=TS_ENCODER) if ts is not None and mc.kind == "multimodn" else mc
 
     def strategy(self) -> ModularFedAvg:
         """The per-module strategy these settings ask for (secure or plaintext, with its aggregation rule)."""
@@ -210,7 +210,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         _write_json(run_dir / "site_data.json", digests)
         prep_json = json.dumps(fitted.to_dict(), sort_keys=True)
         torch.manual_seed(cfg.seed)
-        model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config(ts))
+        model = build_from_preprocessor(Preprocessor.from_dict(json.loads(prep_json)), cfg.model_config(ts), ts)
         params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         start, history = 1, []
         best = (-float("inf"), 0, params)
@@ -306,7 +306,7 @@ def validation_score(eval_metrics, schema: Schema) -> float:
 
 def global_model(params: Mapping[str, np.ndarray], prep: Preprocessor, cfg: FederationConfig,
                  ts: Schema | None = None) -> torch.nn.Module:
-    model = build_from_preprocessor(prep, cfg.model_config(ts))
+    model = build_from_preprocessor(prep, cfg.model_config(ts), ts)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in params.items()})
     model.eval()
     return model

@@ -50,3 +50,27 @@ def test_sites_train_their_sequences_per_module_and_counts_are_observed_steps(pb
     assert res.trained.config.encoder == "gru"
     assert Schema.from_dict(res.trained.metadata["timeseries_schema"]) == schema
     assert row_schema(schema).tasks == res.trained.preprocessor.schema.tasks
+
+
+def test_pfusion_over_a_window_federates_per_module_and_a_site_without_a_modality_never_uploads_its_encoder(
+        pbcseq_sites, tmp_path):
+    from clients.site import Site
+    from mmn_fed.model import ModelConfig
+    from mmn_fed.pfusion_window import WindowPFusion
+    from mmn_fed.settings import SiteSettings
+
+    sites, tests, schema = pbcseq_sites
+    res = run_federation(sites, schema, model="pfusion", pfusion_window=2, rounds=2, run_dir=tmp_path / "run",
+                         test_sites=tests, seed=0, keep_best=False, patience_rounds=0)
+    comm = json.loads((tmp_path / "run" / "comm.json").read_text())
+    up = {(c["site"], c["round"]): set(c["modules"]) for c in comm if c["direction"] == "up"}
+    assert "encoders.lipids" in up[("A", 1)] and "encoders.lipids" not in up[("B", 1)] | up[("B", 2)]
+    assert "encoders.labs" in up[("B", 2)] and "init_state" not in up[("A", 1)]  # P-Fusion has no initial state
+    model = res.trained.model
+    assert isinstance(model, WindowPFusion) and model.window == 2 and res.trained.config.encoder == "mlp"
+    assert res.history[-1]["test"]["death_or_transplant_2y/auroc"] > 0.5
+    # counts follow sequence_module_counts: observed steps for a time-series encoder, subjects for a static one
+    counts = Site("B", sites["B"]).module_counts(res.trained.preprocessor, "k", SiteSettings(seed=0),
+                                                 res.trained.config, ts=schema)
+    assert counts["encoders.lipids"] == 0 and counts["encoders.labs"] > counts["encoders.demographics"] > 0
+    assert "init_state" not in counts

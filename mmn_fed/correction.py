@@ -106,12 +106,24 @@ def resolve(mode: str, result: "AuditResult | None", schema: Schema) -> dict[str
     return {m: best.get(m, (0.0, tasks[0]))[1] for m in schema.modalities}
 
 
+def resolve_sequences(mode: str, result: "AuditResult | None", schema: Schema) -> dict[str, str]:
+    """A time series' correction for ``missingness = mode`` (``schema``: the step table's): the modalities
+    ``resolve`` picks from the audit of the steps, and, unless ``off``, the visit rate balanced against the first
+    binary task (``VISITS``). The visit rate is balanced whatever the audit says: where it does not depend on
+    the outcome the keep probabilities are about 1, and a site's audit of visit rates has little power."""
+    out = resolve(mode, result, schema)
+    binary = [t for t, task in schema.tasks.items() if task.kind == "binary"]
+    if mode != "off" and binary:
+        out[VISITS] = binary[0]
+    return out
+
+
 def describe(mode: str, targets: Mapping[str, str]) -> str:
     """One line for logs and reports: what the missingness setting did."""
     if not targets:
         return f"missingness = {mode}: no modality corrected" + (
             " (the audit found no label-dependent presence)" if mode == "auto" else "")
-    pairs = ", ".join(f"{m} (against {t})" for m, t in targets.items())
+    pairs = ", ".join(f"{'the visit rate' if m == VISITS else m} (against {t})" for m, t in targets.items())
     return f"missingness = {mode}: presence balanced against the label for {pairs}"
 
 

@@ -338,17 +338,23 @@ BATCH_SUBJECTS = 32
 def train_epochs_sequences(model, schema: Schema, data: SequenceData, config: TrainConfig, epochs: int,
                            generator: torch.Generator, optimizer: torch.optim.Optimizer | None = None,
                            prox_mu: float = 0.0, trainable=None, every_encoder: bool = True,
-                           batch_subjects: int = BATCH_SUBJECTS) -> dict[str, float]:
+                           batch_subjects: int = BATCH_SUBJECTS, keep=None) -> dict[str, float]:
     """``epochs`` passes over the subjects in batches (as ``mmn_fed.training.train_epochs`` for rows):
     ``trainable(name)`` restricts which parameters move (a site trains the modules it was sent), ``prox_mu`` > 0
-    adds FedProx's (mu/2)||w - w_global||^2."""
+    adds FedProx's (mu/2)||w - w_global||^2. ``keep`` (``mmn_fed.correction.sequence_keep``): the MNAR
+    correction, a new subset of the corrected modalities and visits hidden at every epoch."""
+    from .correction import thin_sequences
+
     params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer is None:
         optimizer = torch.optim.Adam([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
     model.train()
     losses, steps = [], 0
+    whole = data
     for _ in range(epochs):
+        if keep is not None:
+            data = thin_sequences(whole, keep[0], keep[1], generator)
         for subjects in torch.randperm(len(data), generator=generator).split(batch_subjects):
             loss, cells = sequence_loss(model, schema, data, subjects, every_encoder)
             if not cells:
@@ -375,9 +381,17 @@ def sequence_module_counts(model, data: SequenceData) -> dict[str, int]:
 
 
 def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: SequenceData, val: SequenceData | None,
-                  config: TrainConfig, batch_subjects: int = BATCH_SUBJECTS, every_encoder: bool = False) -> dict[str, Any]:
+                  config: TrainConfig, batch_subjects: int = BATCH_SUBJECTS, every_encoder: bool = False,
+                  correct: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Adam over batches of subjects; early stopping on the validation subjects' first-task metric (AUROC, or
-    -MSE for regression) over their steps; restores the best weights. Seeded."""
+    -MSE for regression) over their steps; restores the best weights. Seeded. ``correct``: the MNAR correction
+    (``mmn_fed.correction``; modality -> task, and ``VISITS``): a new subset hidden at every epoch, one fixed
+    subset of the validation subjects' steps."""
+    from .correction import sequence_keep, thin_sequences
+
+    keep = sequence_keep(train, correct) if correct else None
+    if keep is not None and val is not None and len(val):
+        val = thin_sequences(val, *sequence_keep(val, correct), torch.Generator().manual_seed(config.seed + 1))
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -386,7 +400,7 @@ def fit_sequences(model, schema: Schema, targets: Mapping[str, Any], train: Sequ
     t0 = _time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         stats = train_epochs_sequences(model, schema, train, config, 1, gen, opt, every_encoder=every_encoder,
-                                       batch_subjects=batch_subjects)
+                                       batch_subjects=batch_subjects, keep=keep)
         rec = {"epoch": epoch, "train_loss": stats["loss"]}
         if val is not None and len(val):
             m = step_metrics(model, schema, val, targets)[first.name]
@@ -429,7 +443,9 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
     bench_streaming.py): ``encoder`` replaces the model config's (None: keep it) because the residual MLP
     state diverges over hundreds of steps; ``every_encoder``: the loss also at the state after each encoder
     within a step, as the static model decodes after every encoder. Neither applies to P-Fusion."""
-    from .api import TrainResult
+    from .api import TrainResult, missingness_record
+    from .audit import audit_frame
+    from .correction import resolve_sequences
     from .model import ModelConfig
     from .model_io import TrainedModel, build_from_preprocessor
 
@@ -442,14 +458,18 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
     fit_part = seqs.subjects(keep)
     prep = fit_preprocessor(rs, fit_part.steps)
     dyn = schema.timeseries.modalities
+    found = audit_frame(rs, fit_part.steps, min_cell=train_config.audit_min_cell)  # presence per step vs labels
+    correct = resolve_sequences(train_config.missingness, found, rs)
     torch.manual_seed(train_config.seed)
     model = build_from_preprocessor(prep, model_config, schema)
     val_data = encode_sequences(prep, seqs.subjects(val), dyn) if len(val) else None
     info = fit_sequences(model, rs, prep.targets, encode_sequences(prep, fit_part, dyn), val_data, train_config,
-                         every_encoder=every_encoder)
+                         every_encoder=every_encoder, correct=correct)
     info["subjects"] = {"train": int(len(keep)), "validation": int(len(val))}
+    info["missingness"] = missingness_record(train_config.missingness, correct, found)
     meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-            "provenance": dict(provenance or {}), "timeseries_schema": schema.to_dict()}
+            "provenance": {**dict(provenance or {}), "missingness": info["missingness"]},
+            "timeseries_schema": schema.to_dict()}
     return TrainResult(TrainedModel(model, prep, model_config, meta), info)
 
 

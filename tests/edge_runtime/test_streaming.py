@@ -36,19 +36,25 @@ def histories(lengths, seed=0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.fixture(scope="module", params=["mlp", "gru"])
+def with_elapsed(raw: dict) -> dict:
+    """The schema with ``[timeseries] elapsed = true`` (the time since the previous step as an input)."""
+    return {**raw, "timeseries": {**raw["timeseries"], "elapsed": True}}
+
+
+@pytest.fixture(scope="module", params=["mlp", "gru", "gru+elapsed"])
 def stream_and_truth(request, tmp_path_factory):
     from mmn_fed import ModelConfig, TrainConfig
     from mmn_fed.export import export_bundle
     from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps, row_schema, train_sequences
 
-    schema = Schema.from_dict(RAW)
+    encoder, _, elapsed = request.param.partition("+")
+    schema = Schema.from_dict(with_elapsed(RAW) if elapsed else RAW)
     train = build_sequences(schema, histories([5, 8, 12, 3, 9, 20, 7, 6], seed=1))
-    res = train_sequences(train, schema, ModelConfig(encoder=request.param), TrainConfig(epochs=2, val_fraction=0.0))
+    res = train_sequences(train, schema, ModelConfig(encoder=encoder), TrainConfig(epochs=2, val_fraction=0.0))
     out = tmp_path_factory.mktemp("bundle") / "b"
     export_bundle(res.trained, out)
     seqs = build_sequences(schema, histories([1, 37, 500, 120], seed=2))  # random histories, up to 500 steps
-    data = encode_sequences(res.trained.preprocessor, seqs, schema.timeseries.modalities)
+    data = encode_sequences(res.trained.preprocessor, seqs, schema.timeseries.step_modalities)
     truth = predict_steps(res.trained.model, data, res.trained.preprocessor.targets, row_schema(schema))
     return Stream(load_bundle(out, allow_unsigned=True)), seqs, truth, res.trained
 
@@ -57,7 +63,8 @@ def test_streaming_step_by_step_equals_the_whole_history_forward(stream_and_trut
     stream, seqs, truth, _ = stream_and_truth
     for i in range(len(seqs.ids)):
         rows = [int(r) for r in seqs.index[i] if r >= 0]
-        recs = seqs.steps.iloc[rows].to_dict("records")
+        # the step rows as a device sees them: without the step table's derived elapsed (the stream derives it)
+        recs = seqs.steps.iloc[rows].drop(columns="elapsed", errors="ignore").to_dict("records")
         state = stream.start(recs[0])
         for k, (r, rec) in enumerate(zip(rows, recs)):
             state = PatientState.from_json(state.to_json())  # stored and read back between visits
@@ -107,7 +114,7 @@ def test_mmn_edge_predict_on_a_visit_table_writes_a_row_per_step_and_accounts_fo
     from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps, row_schema
 
     stream, _, _, trained = stream_and_truth
-    schema = Schema.from_dict(RAW)
+    schema = Schema.from_dict(stream.bundle.manifest["timeseries"])
     df = histories([4, 6, 3], seed=5)
     clean = df.copy()
     dup = df.iloc[[2]].assign(alb=np.nan, bili=7.5)  # a second row at subject 0's third visit: combined into one step
@@ -134,7 +141,7 @@ def test_mmn_edge_predict_on_a_visit_table_writes_a_row_per_step_and_accounts_fo
     # subjects 0 and 1 (no bad value) match the PyTorch forward over the same steps
     merged = pd.concat([clean.iloc[:2], clean.iloc[[2]].assign(bili=7.5), clean.iloc[3:]], ignore_index=True)
     seqs = build_sequences(schema, merged)
-    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.step_modalities)
     truth = predict_steps(trained.model, data, trained.preprocessor.targets, row_schema(schema))["event_1y"]
     ok = [row for row in rows if row["status"] == "ok" and row["id"] in ("0", "1", "0.0", "1.0")]
     assert len(ok) == 10

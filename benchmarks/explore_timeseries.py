@@ -114,11 +114,14 @@ def main() -> None:
                 res["LR no indicators"].append(auroc(y, np.asarray(p)[ok]))
             print(f"  split {k} {v:<12} dev AUROC {res[v][-1]:.3f}", flush=True)
         print(f"  split {k} landmark LR   dev AUROC {res['landmark LR'][-1]:.3f}", flush=True)
-    lr = res["landmark LR"]
-    print(f"\n{'variant':<14}{'dev AUROC':>10}{'minus LR, paired [95% CI]':>34}")
+    lr, first = res["landmark LR"], res[args.variants[0]]
+    print(f"\n{'variant':<18}{'dev AUROC':>10}{'minus LR, paired [95% CI]':>34}"
+          f"{f'minus {args.variants[0]}, paired':>34}")
     for v, a in res.items():
         d = mean_ci([x - y for x, y in zip(a, lr)])
-        print(f"{v:<14}{np.mean(a):>10.3f}{d[0]:>+12.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        f = mean_ci([x - y for x, y in zip(a, first)])
+        print(f"{v:<18}{np.mean(a):>10.3f}{d[0]:>+12.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+              f"{f[0]:>+12.3f} [{f[1]:+.3f}, {f[2]:+.3f}]")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle, BundleError, session_options
 from .preprocessing import DataError
-from .schema import ELAPSED, Schema, SchemaError
+from .schema import ELAPSED, Schema, SchemaError, canonical_category
 from .compose import FLOAT, INT64, STATE_INPUT, STATE_OUTPUT, WireError, compose, model_bytes, output_name, value_info
 
 STATE_FORMAT, STATE_VERSION = "mmn-fed-state", 1
@@ -364,11 +364,12 @@ def _long_to_visit_rows(stream: Stream, rows: list[dict[str, str]], where: _Wher
             raise SchemaError(f"{subjects}: no column '{ts.id}' ([timeseries] id); the subject table has one row per "
                               f"id; it has {sub_header[:30]}")
         for r, row in enumerate(srows, start=1):
-            sid = row.get(ts.id)
+            sid = row.get(ts.id)  # matched by value, as training's tables are: "7" and "7.0" are one subject
             if _blank(sid):
                 report({"id": "", "time": "", "rows": "", "subject_row": str(r), "status": "error",
                         "reason": f"{swhere(r, ts.id)} is blank"})
                 continue
+            sid = canonical_category(sid)
             if sid in subject_rows:  # as training: the last row of an id is used
                 old = subject_rows[sid][0]
                 report({"id": sid, "time": "", "rows": "", "subject_row": str(old), "status": "skipped",
@@ -382,7 +383,7 @@ def _long_to_visit_rows(stream: Stream, rows: list[dict[str, str]], where: _Wher
         if _id_time_problem(row, ts.id, ts.time) is not None:
             records.append((r, row))  # reported with the visit rows' checks
             continue
-        var, value, sid = row.get(ts.variable) or "", row.get(ts.value), row[ts.id]
+        var, value, sid = row.get(ts.variable) or "", row.get(ts.value), canonical_category(row[ts.id])
         if var not in variables:
             unknown_variable.setdefault(var, []).append(r)
             continue

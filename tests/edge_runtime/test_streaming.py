@@ -7,7 +7,7 @@ import pytest
 
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.schema import Schema
-from edge_runtime.streaming import PatientState, StateError, Stream
+from edge_runtime.streaming import PatientState, StateError, Stream, predict_table
 
 RAW = {
     "modalities": {"demo": ["age", "sex"], "labs": ["bili", "alb"], "signs": ["edema"]},
@@ -224,3 +224,33 @@ def test_mmn_edge_predict_on_a_long_table_and_its_subject_table_writes_a_row_per
         assert abs(float(row["event_1y"]) - truth["event_1y"][k]) < 1e-5
         assert abs(float(row["bili_next"]) - truth["bili_next"][k]) < 1e-4 * max(1.0, abs(truth["bili_next"][k]))
     assert "13 predicted" in capsys.readouterr().err
+
+
+def test_fixed_width_steps_at_the_edge_match_the_step_table_with_elapsed(stream_and_truth, tmp_path):
+    """Several visits in one 30-day step (and, with elapsed, the time between the steps' starts): the edge's
+    visit-table scorer equals build_sequences + PyTorch (the fixture's model, its schema with step = 30)."""
+    import csv
+
+    from mmn_fed.export import export_bundle
+    from mmn_fed.model_io import TrainedModel
+    from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps, row_schema
+
+    _, _, _, trained = stream_and_truth
+    raw = dict(trained.metadata["timeseries_schema"])
+    raw["timeseries"] = {**raw["timeseries"], "step": 30}
+    schema = Schema.from_dict(raw)
+    export_bundle(TrainedModel(trained.model, trained.preprocessor, trained.config,
+                               {**trained.metadata, "timeseries_schema": raw}), tmp_path / "b")
+    visits = histories([9, 14, 5], seed=7)
+    visits.to_csv(tmp_path / "visits.csv", index=False)
+    stream = Stream(load_bundle(tmp_path / "b", allow_unsigned=True))
+    predict_table(stream, tmp_path / "visits.csv", tmp_path / "pred.csv")
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    seqs = build_sequences(schema, visits)
+    assert len(seqs.steps) < len(visits)
+    if schema.timeseries.elapsed:
+        assert seqs.steps["elapsed"].dropna().mod(30).eq(0).all() and seqs.steps["elapsed"].notna().sum() > 10
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.step_modalities)
+    truth = predict_steps(trained.model, data, trained.preprocessor.targets, row_schema(schema))["event_1y"]
+    assert [r["status"] for r in rows] == ["ok"] * len(seqs.steps)
+    np.testing.assert_allclose([float(r["event_1y"]) for r in rows], truth, atol=1e-5)

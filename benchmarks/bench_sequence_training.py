@@ -46,11 +46,11 @@ def main() -> None:
         seqs = build_sequences(schema, df)
         rs = row_schema(schema)
         prep = fit_preprocessor(rs, seqs.steps)
-        data = encode_sequences(prep, seqs, schema.timeseries.modalities)
+        data = encode_sequences(prep, seqs, schema.timeseries.step_modalities)
         torch.manual_seed(0)
         mmn = build_from_preprocessor(prep, ModelConfig(encoder="gru"))
         rnn = RecurrentBaseline(prep.modality_dims, {t: prep.task_out_dim(t) for t in rs.tasks},
-                                schema.timeseries.modalities)
+                                schema.timeseries.step_modalities)
         cells = n * steps
         a = epoch_seconds(mmn, rs, data, args.repeats, True) / cells * 1e6
         b = epoch_seconds(rnn, rs, data, args.repeats, False) / cells * 1e6

@@ -65,7 +65,7 @@ def run_split(k: int, schema, seqs, args) -> dict:
     res_mmn = train_sequences(whole, schema, ModelConfig(), TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
     sec = time.perf_counter() - t0
     model, prep, info = res_mmn.trained.model, res_mmn.trained.preprocessor, res_mmn.fit_info
-    test_data = encode_sequences(prep, b, ts.modalities)
+    test_data = encode_sequences(prep, b, ts.step_modalities)
     p_mmn = predict_steps(model, test_data, prep.targets, rs)[task]
     ok = test_data.rows.y_present[task].numpy()
     y = test_data.rows.y[task].numpy()[ok].astype(int)
@@ -81,9 +81,9 @@ def run_split(k: int, schema, seqs, args) -> dict:
     if args.recurrent:  # the recurrent baseline, same harness: same preprocessing, validation subjects, training
         keep, val = split_subjects(len(whole.ids), 0.2, k)
         torch.manual_seed(k)
-        rnn = RecurrentBaseline(prep.modality_dims, {t: prep.task_out_dim(t) for t in rs.tasks}, ts.modalities)
-        fit_sequences(rnn, rs, prep.targets, encode_sequences(prep, whole.subjects(keep), ts.modalities),
-                      encode_sequences(prep, whole.subjects(val), ts.modalities),
+        rnn = RecurrentBaseline(prep.modality_dims, {t: prep.task_out_dim(t) for t in rs.tasks}, ts.step_modalities)
+        fit_sequences(rnn, rs, prep.targets, encode_sequences(prep, whole.subjects(keep), ts.step_modalities),
+                      encode_sequences(prep, whole.subjects(val), ts.step_modalities),
                       TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
         res["recurrent"] = auroc(y, predict_steps(rnn, test_data, prep.targets, rs)[task][ok])
     if args.pfusion_window:  # P-Fusion over a window (mmn_fed.pfusion_window), same harness as MultiModN
@@ -106,7 +106,7 @@ def run_split(k: int, schema, seqs, args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             fed = run_federation(sites, schema, seed=k, run_dir=Path(tmp) / "run", lr=args.lr)
         fed_model = fed.trained
-        p_fed = predict_steps(fed_model.model, encode_sequences(fed_model.preprocessor, b, ts.modalities),
+        p_fed = predict_steps(fed_model.model, encode_sequences(fed_model.preprocessor, b, ts.step_modalities),
                               fed_model.preprocessor.targets, rs)[task]
         res["federated"] = auroc(y, p_fed[ok])
         res["fed_rounds"] = fed.extra["selection"]["rounds_run"]

@@ -69,7 +69,7 @@ def ridge(train_rows: pd.DataFrame, test_rows: pd.DataFrame, stream: pd.DataFram
 
 
 def mmn_predict(trained, schema, seqs) -> np.ndarray:
-    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.step_modalities)
     return predict_steps(trained.model, data, trained.preprocessor.targets, row_schema(schema))["temp_24h"]
 
 

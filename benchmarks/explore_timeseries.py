@@ -31,7 +31,9 @@ VARIANTS = {  # name -> (ModelConfig overrides, TrainConfig overrides, schema ch
     "lr1e-3": ({}, {"lr": 1e-3}, None),
     "patience40": ({}, {"patience": 40}, None),
     "state64": ({"state_size": 64, "hidden": 64}, {}, None),
-    "elapsed": ({}, {}, "elapsed"),
+    "since-first": ({}, {}, "since-first"),  # days since the first visit, as a modality of the benchmark's own
+    "elapsed": ({}, {}, "elapsed"),  # [timeseries] elapsed = true: the time since the previous visit
+    "gru+every+elapsed": ({"encoder": "gru"}, {}, "every+elapsed"),  # the defaults, with elapsed = true
     "no-dropout": ({"dropout": 0.0}, {}, None),
     "wd1e-4": ({}, {"weight_decay": 1e-4}, None),
     "every-encoder": ({}, {}, "every"),  # the loss also at the state after each encoder within a step
@@ -48,13 +50,21 @@ VARIANTS = {  # name -> (ModelConfig overrides, TrainConfig overrides, schema ch
 }
 
 
-def with_elapsed(schema: Schema, df):
+def with_since_first(schema: Schema, df):
     """Days since the patient's first visit as one more dynamic modality (encoded at every step)."""
     raw = schema.to_dict()
-    raw["modalities"].insert(1, {"name": "elapsed", "columns": ["since_first"]})
-    raw["timeseries"]["modalities"] = ["elapsed"] + raw["timeseries"]["modalities"]
+    raw["modalities"].insert(1, {"name": "since_first", "columns": ["since_first"]})
+    raw["timeseries"]["modalities"] = ["since_first"] + raw["timeseries"]["modalities"]
     df = df.copy()
     df["since_first"] = df["day"] - df.groupby("id")["day"].transform("min")
+    return Schema.from_dict(raw), df
+
+
+def with_elapsed(schema: Schema, df):
+    """The schema key ``[timeseries] elapsed = true`` (the time since the previous visit, derived by
+    build_sequences)."""
+    raw = schema.to_dict()
+    raw["timeseries"]["elapsed"] = True
     return Schema.from_dict(raw), df
 
 
@@ -76,19 +86,21 @@ def main() -> None:
         n_val = int(round(0.2 * len(fit_all)))
         for v in args.variants:
             mc, tc, change = VARIANTS[v]
-            schema, df = with_elapsed(schema0, df0) if change == "elapsed" else (schema0, df0)
+            change = change or ""
+            schema, df = (with_since_first(schema0, df0) if change == "since-first" else
+                          with_elapsed(schema0, df0) if change.endswith("elapsed") else (schema0, df0))
             seqs = build_sequences(schema, df)
             rs = row_schema(schema)
             a, val, d = seqs.subjects(fit_all[n_val:]), seqs.subjects(fit_all[:n_val]), seqs.subjects(dev)
             prep = fit_preprocessor(rs, a.steps)
             torch.manual_seed(k)
             model = build_from_preprocessor(prep, ModelConfig(**mc))
-            dyn = schema.timeseries.modalities
+            dyn = schema.timeseries.step_modalities
             tc = dict(tc)
             batch = tc.pop("batch_subjects", 32)
             fit_sequences(model, rs, prep.targets, encode_sequences(prep, a, dyn), encode_sequences(prep, val, dyn),
                           TrainConfig(**{"epochs": 150, "seed": k, **tc}), batch_subjects=batch,
-                          every_encoder=change == "every")
+                          every_encoder=change.startswith("every"))
             dd = encode_sequences(prep, d, dyn)
             ok = dd.rows.y_present[task].numpy()
             y = dd.rows.y[task].numpy()[ok].astype(int)
@@ -102,11 +114,14 @@ def main() -> None:
                 res["LR no indicators"].append(auroc(y, np.asarray(p)[ok]))
             print(f"  split {k} {v:<12} dev AUROC {res[v][-1]:.3f}", flush=True)
         print(f"  split {k} landmark LR   dev AUROC {res['landmark LR'][-1]:.3f}", flush=True)
-    lr = res["landmark LR"]
-    print(f"\n{'variant':<14}{'dev AUROC':>10}{'minus LR, paired [95% CI]':>34}")
+    lr, first = res["landmark LR"], res[args.variants[0]]
+    print(f"\n{'variant':<18}{'dev AUROC':>10}{'minus LR, paired [95% CI]':>34}"
+          f"{f'minus {args.variants[0]}, paired':>34}")
     for v, a in res.items():
         d = mean_ci([x - y for x, y in zip(a, lr)])
-        print(f"{v:<14}{np.mean(a):>10.3f}{d[0]:>+12.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        f = mean_ci([x - y for x, y in zip(a, first)])
+        print(f"{v:<18}{np.mean(a):>10.3f}{d[0]:>+12.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+              f"{f[0]:>+12.3f} [{f[1]:+.3f}, {f[2]:+.3f}]")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class Site:
         key = (prep_key, settings.val_fraction, settings.seed)
         if key not in self._seq_data:
             train, val = self.sequences(ts, settings)
-            dyn = ts.timeseries.modalities
+            dyn = ts.timeseries.step_modalities
             self._seq_data = {key: (seq.encode_sequences(prep, train, dyn),
                                     seq.encode_sequences(prep, val, dyn) if val is not None else None)}
         return self._seq_data[key]

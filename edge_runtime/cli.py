@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--input", required=True, help="CSV in the training data's format (header = column names)")
     p.add_argument("--output", required=True, help="CSV to write")
+    p.add_argument("--subjects", help="time-series bundle reading a long table (id, time, variable, value): the subject "
+                                      "table, one row per id with the static inputs")
     _add_trust(p)
     p.add_argument("--allow-unsigned", action="store_true", help="run without verifying the signature (hashes are still checked)")
     p.add_argument("--explain", action="store_true", help="add the prediction after every step (<task>@<step> columns)")
@@ -43,19 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _predict(args) -> int:
     from .bundle import load_bundle
+    from .schema import SchemaError
 
     bundle = load_bundle(args.bundle, trust_key=args.trust_key, allow_unsigned=args.allow_unsigned)
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
-    if bundle.manifest.get("timeseries"):  # a visit table: one output row per (id, step) (docs/timeseries.md)
+    if bundle.manifest.get("timeseries"):  # a visit or long table: one output row per (id, step) (docs/timeseries.md)
         from .streaming import Stream, predict_table
 
-        s = predict_table(Stream(bundle), args.input, args.output, keep=keep)
-        print(f"wrote {s['steps']} step row(s) for {s['subjects']} subject(s) from {s['rows']} input row(s) to "
-              f"{args.output}: {s['predicted']} predicted" + (f", {s['errors']} error row(s) (see the reason column)"
-                                                           if s["errors"] else ""), file=sys.stderr)
+        s = predict_table(Stream(bundle), args.input, args.output, keep=keep, subjects=args.subjects)
+        read = f"{s['rows']} input row(s)" + (f" and {s['subject_rows']} subject row(s)" if args.subjects else "")
+        print(f"wrote {s['steps']} row(s) for {s['subjects']} subject(s) from {read} to "
+              f"{args.output}: {s['predicted']} predicted" + (f", {s['errors']} error row(s) (see the reason "
+                                                                     "column)" if s["errors"] else ""), file=sys.stderr)
         for problem in s["problems"]:
             print(f"  {problem}", file=sys.stderr)
         return 0
+    if args.subjects:
+        raise SchemaError("--subjects goes with a time-series bundle that reads a long table; this bundle scores one "
+                          "row per subject")
     order = [m.strip() for m in args.order.split(",")] if args.order else None
     s = bundle.predict_csv(args.input, args.output, explain=args.explain, order=order, chunk_size=args.chunk_size,
                            min_modalities=args.min_modalities, keep=keep)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 TASK_KINDS = ("binary", "multiclass", "regression")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -66,6 +68,7 @@ class Task:
 
 
 COMBINE = ("last", "mean", "min", "max")
+ELAPSED = "elapsed"  # ``[timeseries] elapsed = true``: the derived modality and column (time since the previous step)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,28 @@ class TimeSeries:
     variable: str | None = None  # a long table (id, time, variable, value): the columns naming the variable
     value: str | None = None  # and holding its value; None = a visit table (one column per variable)
     split: str = "subject"  # validation / test subjects: "subject" (random) or "time" (the latest first steps)
+    elapsed: bool = False  # encode, at every step, the time since the subject's previous step (``ELAPSED``)
+
+    @property
+    def step_modalities(self) -> tuple[str, ...]:
+        """The modalities encoded at every step: the derived ``elapsed`` first (when on), then ``modalities``."""
+        return ((ELAPSED,) if self.elapsed else ()) + self.modalities
+
+    def step_time(self, time: Any) -> Any:
+        """The step a time belongs to (a number or an array): the time itself for ``step = "visit"``, else the
+        start of its fixed-width step. The one definition used by the step table and the edge alike."""
+        if self.step == "visit":
+            return time
+        width = float(self.step)
+        return np.floor(np.asarray(time, dtype=float) / width) * width
+
+    @staticmethod
+    def elapsed_since(previous: Any, step_time: Any) -> Any:
+        """The ``elapsed`` input: ``step_time`` minus the subject's previous step time (both from ``step_time``;
+        numbers or arrays). None or NaN as ``previous`` (the subject's first step) gives NaN, a missing value: the
+        encoder is skipped there, as for any missing modality, and no invented 0 enters the fitted mean."""
+        prev = np.asarray(np.nan if previous is None else previous, dtype=float)
+        return np.asarray(step_time, dtype=float) - prev
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "time": self.time, "modalities": list(self.modalities), "step": self.step,
@@ -93,16 +118,23 @@ class TimeSeries:
             d["variable"], d["value"] = self.variable, self.value
         if self.split != "subject":
             d["split"] = self.split
+        if self.elapsed:  # absent when off: default schemas (and so model ids) are unchanged
+            d["elapsed"] = True
         return d
 
     @classmethod
     def from_dict(cls, raw: Any, modalities: Mapping[str, tuple[str, ...]]) -> "TimeSeries":
         if not isinstance(raw, Mapping):
             raise SchemaError("[timeseries] must be a table with id, time and modalities")
-        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps", "variable", "value", "split"}
+        extra = set(raw) - {"id", "time", "modalities", "step", "combine", "max_steps", "variable", "value", "split",
+                             "elapsed"}
         if extra:
             raise SchemaError(f"[timeseries] has unknown key(s) {sorted(extra)}; expected id, time, modalities, step, "
-                              "combine, max_steps, variable, value, split")
+                              "combine, max_steps, variable, value, split, elapsed")
+        elapsed = raw.get("elapsed", False)
+        if not isinstance(elapsed, bool):
+            raise SchemaError(f"[timeseries] elapsed must be true (encode the time since the previous step) or false, "
+                              f"got {elapsed!r}")
         if raw.get("split", "subject") not in ("subject", "time"):
             raise SchemaError(f"[timeseries] split must be \"subject\" (random subjects) or \"time\" (the latest "
                               f"subjects: one stream cut in time), got {raw.get('split')!r}")
@@ -129,11 +161,14 @@ class TimeSeries:
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
             raise SchemaError(f"[timeseries] max_steps must be an integer >= 0 (0 = all steps), got {max_steps!r}")
         inputs = {c for cols in modalities.values() for c in cols}
+        if elapsed and (ELAPSED in modalities or ELAPSED in inputs or ELAPSED in (raw["id"], raw["time"])):
+            raise SchemaError(f"[timeseries] elapsed = true derives a modality and column named '{ELAPSED}': rename the "
+                              f"schema's own '{ELAPSED}'")
         for k in ("id", "time"):
             if raw[k] in inputs:
                 raise SchemaError(f"[timeseries] {k} column '{raw[k]}' is also a modality input")
         return cls(raw["id"], raw["time"], tuple(mods), step if step == "visit" else float(step), combine, max_steps,
-                   raw.get("variable"), raw.get("value"), raw.get("split", "subject"))
+                   raw.get("variable"), raw.get("value"), raw.get("split", "subject"), elapsed)
 
 
 @dataclass(frozen=True)
@@ -254,6 +289,8 @@ class Schema:
             for k in (timeseries.id, timeseries.time):
                 if k in {t.column for t in tasks.values()}:
                     raise SchemaError(f"[timeseries] column '{k}' is also a task's label column")
+            if timeseries.elapsed and ELAPSED in {c for t in tasks.values() for c in (t.column, t.event_time)}:
+                raise SchemaError(f"[timeseries] elapsed = true derives a column named '{ELAPSED}', which a task reads")
         return cls(modalities, tasks, categorical, numeric, missing_codes, site_column, timeseries=timeseries)
 
     @classmethod

@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle, BundleError, session_options
 from .preprocessing import DataError
-from .schema import SchemaError
+from .schema import ELAPSED, Schema, SchemaError, canonical_category
 from .compose import FLOAT, INT64, STATE_INPUT, STATE_OUTPUT, WireError, compose, model_bytes, output_name, value_info
 
 STATE_FORMAT, STATE_VERSION = "mmn-fed-state", 1
@@ -81,9 +81,10 @@ class Stream:
             raise BundleError(f"{bundle.path} is not a time-series model (its manifest has no [timeseries] schema)")
         self.bundle = bundle
         self.model_id = str(bundle.manifest.get("model_id"))
-        self.dynamic = tuple(ts["timeseries"]["modalities"])
+        self.timeseries = Schema.from_dict(ts).timeseries
+        self.dynamic = self.timeseries.step_modalities
         self.static = tuple(m for m in bundle.order if m not in self.dynamic)
-        self.time_column = ts["timeseries"]["time"]
+        self.time_column = self.timeseries.time
         self.state_size = int(bundle.manifest["state_size"])
         self._init = None
         self._sessions: dict[tuple[str, ...], Any] = {}
@@ -150,13 +151,23 @@ class Stream:
 
     def update(self, state: PatientState, observation: Mapping[str, Any], time: float | None = None) -> PatientState:
         """The state after one more time step holding ``observation`` (the step's values of the time-series
-        modalities; other columns are ignored). ``time`` (or the observation's time column) must not go back."""
+        modalities; other columns are ignored). ``time`` (or the observation's time column) must not go back.
+        With ``[timeseries] elapsed = true`` the time is required: the step's ``elapsed`` input is the time since
+        the state's last step (``TimeSeries.elapsed_since``, as the step table derives it; missing at the first
+        step), and it replaces any ``elapsed`` value the observation holds."""
         self._check(state)
         if time is None and observation.get(self.time_column) is not None:
             time = float(observation[self.time_column])
         if time is not None and state.last_time is not None and time < state.last_time:
             raise StateError(f"time {time:g} is before this patient's last step ({state.last_time:g}): steps must come "
                              "in time order (replay the history to insert a late observation)")
+        if self.timeseries.elapsed:
+            if time is None:
+                raise StateError(f"this model takes the time since the previous step as an input ([timeseries] elapsed "
+                                 f"= true): pass time= or the observation's '{self.time_column}'")
+            ts = self.timeseries
+            previous = None if state.last_time is None else ts.step_time(state.last_time)
+            observation = {**observation, ELAPSED: float(ts.elapsed_since(previous, ts.step_time(time)))}
         feats, present = self._encode(observation, self.dynamic)
         new = state.state
         if present:
@@ -197,70 +208,123 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip() == "")
 
 
-def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: Sequence[str] = ()) -> dict[str, Any]:
-    """Score a visit table (one row per subject and time, the training table's columns) with a time-series
-    bundle: per subject, in time order, the state is started from its first step and updated step by step; one
-    output row per (id, step) with each task's prediction as of that step, ``rows`` (the input's data rows in the
-    step), ``status`` (ok / error) and ``reason``. Rows without a usable id or time, and steps holding a bad value
-    (reported with their data rows; the state skips them), are output with status error: no input row is lost.
-    The whole table is read into memory (a clinic export, not a warehouse)."""
-    ts = stream.bundle.manifest["timeseries"]["timeseries"]
-    if ts.get("variable"):
-        raise BundleError("this bundle reads long tables (id, time, variable, value): the edge reads visit tables "
-                          "only for now (docs/timeseries.md)")
-    id_col, time_col = ts["id"], ts["time"]
-    width = None if ts.get("step", "visit") == "visit" else float(ts["step"])
-    with open(input, newline="") as f:
+def _read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """(header, rows, each row's line as an editor shows it: the header is line 1)."""
+    with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
-        rows = list(reader)
-    for c in (id_col, time_col):
+        rows, lines = [], []
+        for row in reader:  # a quoted value may span lines: the row starts that many lines before its end
+            rows.append(row)
+            lines.append(reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str)))
+    return header, rows, lines
+
+
+class _Where:
+    """Tells a file's data rows as the user counts them: ``line L of FILE (data row R)``."""
+
+    def __init__(self, path: str | Path, lines: Sequence[int]):
+        self.name, self.lines = Path(path).name, lines
+
+    def __call__(self, r: int, column: str | None = None) -> str:
+        at = f"line {self.lines[r - 1]} of {self.name} (data row {r})"
+        return f"{at}, column '{column}'" if column else at
+
+    def rows(self, members: Sequence[int]) -> str:
+        return f"{self.name} data row(s) {' '.join(map(str, members))}"
+
+
+def _id_time_problem(row: Mapping[str, Any], id_col: str, time_col: str) -> tuple[str, str] | None:
+    """(column, what is wrong) when a row has no usable subject id or time."""
+    if _blank(row.get(id_col)):
+        return id_col, "is blank"
+    if _number(row.get(time_col)) is None:
+        return time_col, f"is not a number (value {row.get(time_col)!r})"
+    return None
+
+
+def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: Sequence[str] = (),
+                  subjects: str | Path | None = None) -> dict[str, Any]:
+    """Score a time-series table with a time-series bundle: a visit table (one row per subject and time, the
+    training table's columns), or a long table (id, time, variable, value) with its ``subjects`` table (one row
+    per id: the static inputs). Per subject, in time order, the state is started from its first step and updated
+    step by step; one output row per (id, step) with each task's prediction as of that step, ``rows`` (the
+    input's data rows in the step), ``status`` (ok / error / skipped) and ``reason``. Rows without a usable id or
+    time, and steps holding a bad value (reported with their data rows; the state skips them), are output with
+    status error: no input row is lost. A long table's rows become visit rows first (``_long_to_visit_rows``,
+    which accounts for the rows it cannot use), so both tables are scored by the same code.
+    The whole table is read into memory (a clinic export, not a warehouse)."""
+    ts = stream.timeseries
+    id_col, time_col = ts.id, ts.time
+    header, rows, lines = _read_csv(input)
+    where = _Where(input, lines)
+    for c in (id_col, time_col) + ((ts.variable, ts.value) if ts.variable else ()):
         if c not in header:
-            raise SchemaError(f"{input}: no column '{c}' ([timeseries] {'id' if c == id_col else 'time'}); it has "
-                              f"{header[:30]}")
-    missing = [c for c in keep if c not in header]
-    if missing:
-        raise SchemaError(f"--keep column(s) {missing} not in {input}")
-    tasks = list(stream.bundle.tasks)
+            key = {id_col: "id", time_col: "time", ts.variable: "variable", ts.value: "value"}[c]
+            raise SchemaError(f"{input}: no column '{c}' ([timeseries] {key}); it has {header[:30]}")
     out_rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    subjects: dict[str, list[tuple[float, int]]] = {}
-    for r, row in enumerate(rows, start=1):
-        t = _number(row.get(time_col))
-        if _blank(row.get(id_col)) or t is None:
-            what = f"column '{id_col}' is blank" if _blank(row.get(id_col)) else \
-                f"column '{time_col}' is not a number (value {row.get(time_col)!r})"
-            out_rows.append({"id": row.get(id_col, ""), "time": row.get(time_col, ""), "rows": str(r), "status": "error",
-                             "reason": f"data row {r}: {what}", **{k: row.get(k, "") for k in keep}})
-            problems.append(out_rows[-1]["reason"])
+
+    def report(row: dict[str, Any]) -> None:
+        out_rows.append(row)
+        if row["status"] == "error":
+            problems.append(row["reason"])
+
+    if ts.variable:
+        if subjects is None and stream.static:
+            raise SchemaError(f"this bundle reads a long table ({ts.id}, {ts.time}, {ts.variable}, {ts.value}) whose "
+                              f"static inputs ({', '.join(stream.static)}) come from a subject table with one row per "
+                              f"id: pass it with --subjects FILE")
+        records, subject_of, n_subject_rows = _long_to_visit_rows(stream, rows, where, subjects, keep, header, report)
+    else:
+        if subjects is not None:
+            raise SchemaError("--subjects goes with a long table (a schema with [timeseries] variable and value); "
+                              "this bundle reads a visit table, whose rows hold the static inputs")
+        missing = [c for c in keep if c not in header]
+        if missing:
+            raise SchemaError(f"--keep column(s) {missing} not in {input}")
+        records, subject_of, n_subject_rows = list(enumerate(rows, start=1)), None, 0
+    tasks = list(stream.bundle.tasks)
+    by_subject: dict[str, list[tuple[float, float, int, dict]]] = {}
+    for r, row in records:
+        problem = _id_time_problem(row, id_col, time_col)
+        if problem is not None:
+            report({"id": row.get(id_col, ""), "time": row.get(time_col, ""), "rows": str(r), "status": "error",
+                    "reason": f"{where(r, problem[0])} {problem[1]}", **{k: row.get(k, "") for k in keep}})
             continue
-        subjects.setdefault(row[id_col], []).append((t if width is None else math.floor(t / width) * width, r))
+        t = _number(row[time_col])
+        by_subject.setdefault(row[id_col], []).append((float(ts.step_time(t)), t, r, row))
     predicted = 0
-    for sid, obs in subjects.items():
-        obs.sort(key=lambda o: o[0])  # stable: rows of one time keep their file order
-        steps: list[tuple[float, list[int]]] = []
-        for t, r in obs:
-            if steps and steps[-1][0] == t:
-                steps[-1][1].append(r)
+    for sid, obs in by_subject.items():
+        obs.sort(key=lambda o: o[0])  # stable: rows of one step keep their file order
+        steps: list[tuple[float, float, list[int], list[dict]]] = []  # (step time, first time, rows, visit rows)
+        for start, t, r, row in obs:
+            if steps and steps[-1][0] == start:
+                steps[-1][2].append(r)
+                steps[-1][3].append(row)
             else:
-                steps.append((t, [r]))
+                steps.append((start, t, [r], [row]))
         state = None
-        for t, members in steps:
-            merged = _combine_rows([rows[r - 1] for r in members], ts.get("combine", "last"))
-            base = {"id": sid, "time": f"{t:g}", "rows": " ".join(map(str, members)),
-                    **{k: rows[members[-1] - 1].get(k, "") for k in keep}}
+        for start, t, members, visit_rows in steps:
+            merged = _combine_rows(visit_rows, ts.combine)
+            base = {"id": sid, "time": f"{start:g}", "rows": " ".join(map(str, members)),
+                    **({"subject_row": subject_of.get(sid, "")} if subject_of is not None else {}),
+                    **{k: visit_rows[-1].get(k, "") for k in keep}}
             try:
                 if state is None:
                     state = stream.start(merged)
-                state = stream.update(state, merged, time=t)
-            except (DataError, StateError) as e:
-                out_rows.append({**base, "status": "error", "reason": f"data row(s) {base['rows']}: {e}"})
-                problems.append(out_rows[-1]["reason"])
+                state = stream.update(state, merged, time=t)  # a time of the step: update takes its step time
+            except DataError as e:
+                report({**base, "status": "error", "reason": str(e.relocated(lambda _: where.rows(members)))})
+                continue
+            except StateError as e:
+                report({**base, "status": "error", "reason": f"{where.rows(members)}: {e}"})
                 continue
             preds = stream.predict(state)
             out_rows.append({**base, **{task: _fmt(preds[task]) for task in tasks}, "status": "ok", "reason": ""})
             predicted += 1
-    columns = list(keep) + ["id", "time", "rows"] + tasks + ["status", "reason"]
+    columns = list(keep) + ["id", "time", "rows"] + (["subject_row"] if subject_of is not None else []) + tasks \
+        + ["status", "reason"]
     tmp = Path(str(output) + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -268,8 +332,90 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
         for row in out_rows:
             w.writerow({c: row.get(c, "") for c in columns})
     tmp.replace(output)
-    return {"rows": len(rows), "steps": len(out_rows), "predicted": predicted, "subjects": len(subjects),
-            "problems": problems[:5], "errors": len(problems)}
+    return {"rows": len(rows), "subject_rows": n_subject_rows, "steps": len(out_rows), "predicted": predicted,
+            "subjects": len(by_subject), "problems": problems[:5], "errors": len(problems)}
+
+
+def _long_to_visit_rows(stream: Stream, rows: list[dict[str, str]], where: _Where, subjects: str | Path | None,
+                        keep: Sequence[str], header: Sequence[str], report) -> tuple[list, dict[str, str], int]:
+    """A long table's rows as visit rows, as ``mmn_fed.sequences.long_to_visits`` makes them for training: each
+    observation becomes a row holding its one variable (the step's rows are combined later), with its subject's
+    static inputs from the subject table. Returns ([(data row, visit row)], subject id -> its subject-table data
+    row, the subject table's row count). Every row of both files that does not become a visit row is reported
+    (``report``): a variable of no time-series modality (skipped), an id the subject table does not have, a numeric
+    variable's value that is not a number (errors); in the subject table: a blank id (error), an id repeated (the
+    last row is used, the others skipped), a subject without any observation (skipped). Blank ids and times of
+    the long table are reported by the visit-table code."""
+    from .preprocessing import parse_numeric
+
+    ts = stream.timeseries
+    schema, prep = stream.bundle.schema, stream.bundle.preprocessor
+    variables = {c for m in ts.modalities for c in schema.modalities[m]}
+    static_cols = [c for m in stream.static for c in schema.modalities[m]]
+    subject_rows: dict[str, tuple[int, dict[str, str]]] = {}
+    n_subject_rows = 0
+    sub_header: list[str] = []
+    swhere = None
+    if subjects is not None:
+        sub_header, srows, slines = _read_csv(subjects)
+        swhere = _Where(subjects, slines)
+        n_subject_rows = len(srows)
+        if ts.id not in sub_header:
+            raise SchemaError(f"{subjects}: no column '{ts.id}' ([timeseries] id); the subject table has one row per "
+                              f"id; it has {sub_header[:30]}")
+        for r, row in enumerate(srows, start=1):
+            sid = row.get(ts.id)  # matched by value, as training's tables are: "7" and "7.0" are one subject
+            if _blank(sid):
+                report({"id": "", "time": "", "rows": "", "subject_row": str(r), "status": "error",
+                        "reason": f"{swhere(r, ts.id)} is blank"})
+                continue
+            sid = canonical_category(sid)
+            if sid in subject_rows:  # as training: the last row of an id is used
+                old = subject_rows[sid][0]
+                report({"id": sid, "time": "", "rows": "", "subject_row": str(old), "status": "skipped",
+                        "reason": f"{swhere(old, ts.id)}: id {sid!r} again at data row {r}, whose row is used"})
+            subject_rows[sid] = (r, row)
+    missing = [c for c in keep if c not in header and c not in sub_header]
+    if missing:
+        raise SchemaError(f"--keep column(s) {missing} in neither the long table nor the subject table")
+    records, unknown_variable, unknown_id = [], {}, {}
+    for r, row in enumerate(rows, start=1):
+        if _id_time_problem(row, ts.id, ts.time) is not None:
+            records.append((r, row))  # reported with the visit rows' checks
+            continue
+        var, value, sid = row.get(ts.variable) or "", row.get(ts.value), canonical_category(row[ts.id])
+        if var not in variables:
+            unknown_variable.setdefault(var, []).append(r)
+            continue
+        if subjects is not None and sid not in subject_rows:
+            unknown_id.setdefault(sid, []).append(r)
+            continue
+        if prep.columns[var]["kind"] == "numeric":
+            _, bad = parse_numeric([value], var, schema.missing_codes.get(var, ()))
+            if bad:
+                report({"id": sid, "time": row.get(ts.time, ""), "rows": str(r),
+                        "subject_row": str(subject_rows[sid][0]) if sid in subject_rows else "", "status": "error",
+                        "reason": f"{where(r, ts.value)}: variable '{var}' is numeric; {bad[0].message} "
+                                  f"(value {value!r})", **{k: row.get(k, "") for k in keep}})
+                continue
+        static = subject_rows[sid][1] if sid in subject_rows else {}
+        visit = {**{k: static.get(k, row.get(k, "")) for k in keep}, **{c: static.get(c) for c in static_cols},
+                 ts.id: sid, ts.time: row[ts.time], var: value}
+        records.append((r, visit))
+    for var, rs in unknown_variable.items():
+        report({"id": "", "time": "", "rows": " ".join(map(str, rs)), "status": "skipped",
+                "reason": f"{where.rows(rs)}, column '{ts.variable}': variable '{var}' is in no time-series modality "
+                          "of the schema"})
+    for sid, rs in unknown_id.items():
+        report({"id": sid, "time": "", "rows": " ".join(map(str, rs)), "status": "error",
+                "reason": f"{where.rows(rs)}, column '{ts.id}': subject id {sid!r} is not in "
+                          f"{Path(subjects).name} (the subject table)"})
+    observed = {v[ts.id] for _, v in records if _id_time_problem(v, ts.id, ts.time) is None}
+    for sid, (r, _) in subject_rows.items():
+        if sid not in observed:
+            report({"id": sid, "time": "", "rows": "", "subject_row": str(r), "status": "skipped",
+                    "reason": f"{swhere(r)}: subject {sid!r} has no usable observation in {where.name}"})
+    return records, {sid: str(r) for sid, (r, _) in subject_rows.items()}, n_subject_rows
 
 
 def _combine_rows(members: Sequence[Mapping[str, Any]], how: str) -> dict[str, Any]:

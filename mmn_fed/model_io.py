@@ -61,7 +61,7 @@ def build_from_preprocessor(prep: Preprocessor, config: ModelConfig, ts: Schema 
     task_dims = {t: prep.task_out_dim(t) for t in prep.schema.tasks}
     if config.kind == "pfusion" and ts is not None and ts.timeseries is not None:
         from .pfusion_window import WindowPFusion, variable_widths
-        return WindowPFusion(prep.modality_dims, task_dims, config, variable_widths(prep, ts.timeseries.modalities))
+        return WindowPFusion(prep.modality_dims, task_dims, config, variable_widths(prep, ts.timeseries.step_modalities))
     return build_model(prep.modality_dims, task_dims, config)
 
 

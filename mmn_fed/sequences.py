@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from edge_runtime.preprocessing import DataError, Preprocessor, RowIssue
-from edge_runtime.schema import Schema, SchemaError, Task
+from edge_runtime.schema import ELAPSED, Schema, SchemaError, Task
 
 from .data import ROW_INDEX, TensorData, encode, file_rows, fit_preprocessor
 from .metrics import task_metrics
@@ -38,7 +38,12 @@ def label_column(task: Task) -> str:
 
 
 def row_schema(schema: Schema) -> Schema:
-    """The plain schema of the step table: per-step tasks read their derived column (binary: 0/1 > 0.5)."""
+    """The plain schema of the step table: per-step tasks read their derived column (binary: 0/1 > 0.5). With
+    ``[timeseries] elapsed = true``, the derived numeric column ``elapsed`` is a modality of its own, placed first
+    so that at every step it is encoded before the step's observations (docs/timeseries.md)."""
+    if schema.timeseries is not None and schema.timeseries.elapsed:
+        schema = replace(schema, modalities={ELAPSED: (ELAPSED,), **schema.modalities},
+                         numeric=schema.numeric + (ELAPSED,))
     tasks = {}
     for name, t in schema.tasks.items():
         if t.event_time is not None:
@@ -199,10 +204,13 @@ def build_sequences(schema: Schema, df: pd.DataFrame, subjects: pd.DataFrame | N
         work[STEP_ROW] = work.pop("__file_row").to_numpy() + 1
     else:
         work[STEP_ROW] = (df.index.to_numpy() if df.index.name == ROW_INDEX else np.arange(len(df))) + 1
-    work[STEP_TIME] = times if ts.step == "visit" else np.floor(times / float(ts.step)) * float(ts.step)
+    work[STEP_TIME] = ts.step_time(times)
     work["__order"] = np.arange(len(work))
     work = work.sort_values([ts.id, STEP_TIME, "__order"], kind="stable")
     steps = _combine(work, schema)
+    if ts.elapsed:  # before max_steps: a kept first step still has a previous step
+        previous = steps.groupby(ts.id, sort=False)[STEP_TIME].shift(1).to_numpy(dtype=float)
+        steps[ELAPSED] = ts.elapsed_since(previous, steps[STEP_TIME].to_numpy(dtype=float))
     if ts.max_steps:
         steps = steps.groupby(ts.id, sort=False).tail(ts.max_steps)
     steps = steps.reset_index(drop=True)
@@ -457,7 +465,7 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
     keep, val = seqs.holdout(schema.timeseries, train_config.val_fraction, train_config.seed)
     fit_part = seqs.subjects(keep)
     prep = fit_preprocessor(rs, fit_part.steps)
-    dyn = schema.timeseries.modalities
+    dyn = schema.timeseries.step_modalities
     found = audit_frame(rs, fit_part.steps, min_cell=train_config.audit_min_cell)  # presence per step vs labels
     correct = resolve_sequences(train_config.missingness, found, rs)
     torch.manual_seed(train_config.seed)
@@ -476,7 +484,7 @@ def train_sequences(seqs: Sequences, schema: Schema, model_config=None, train_co
 def sequence_records(trained, schema: Schema, seqs: Sequences, context: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Tidy metric records (README format) of a trained sequence model on some subjects' steps: per task, over
     the steps that have its target (``n`` = steps)."""
-    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.modalities)
+    data = encode_sequences(trained.preprocessor, seqs, schema.timeseries.step_modalities)
     return data_records(trained.model, trained.preprocessor, data, context)
 
 

@@ -319,7 +319,7 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
     model = global_model(params, prep, cfg, ts)
     ctx = {"model": cfg.model, "training": "federated", "seed": cfg.seed, "condition": "clean"}
     if ts is not None:  # time series: over the test subjects' steps, pooled and per site
-        dyn = ts.timeseries.modalities
+        dyn = ts.timeseries.step_modalities
         out = []
         for name, df in {"all": pd.concat(list(tests.values()), ignore_index=True), **tests}.items():
             data = encode_sequences(prep, build_sequences(ts, df), dyn)

@@ -203,7 +203,7 @@ def evaluate_sequences(trained, schema: Schema, frame: pd.DataFrame, context: Ma
 
     prep = trained.preprocessor
     seqs = build_sequences(schema, frame)
-    data = encode_sequences(prep, seqs, schema.timeseries.modalities)
+    data = encode_sequences(prep, seqs, schema.timeseries.step_modalities)
     site = context.get("site", "all")
     records = [{**r, "site": site} for r in data_records(trained.model, prep, data, context)]
     preds = predict_steps(trained.model, data, prep.targets, prep.schema)

@@ -81,6 +81,56 @@ def test_fixed_width_steps_and_mean_combine():
     assert st.loc[0, "bili"] == pytest.approx(1.5) and st.loc[0, "alb"] == pytest.approx(3.3)
 
 
+def irregular_visits() -> pd.DataFrame:
+    # subject 7: days 30, 0, 30 (a second row at day 30), 95, in file order; subject 3: days 5, 50
+    return pd.DataFrame({"id": [7, 7, 3, 7, 3, 7], "day": [30, 0, 5, 30, 50, 95],
+                         "age": [50, 50, 60, 50, 60, 50], "bili": [1.0, 2.0, 0.5, np.nan, 0.6, 3.0],
+                         "alb": [3.5, np.nan, 4.0, 3.1, np.nan, 2.9], "edema": ["0", "0", "0", "1", "0", "1"],
+                         "status": [2, 2, 0, 2, 0, 2], "futime": [500, 500, 300, 500, 300, 500]})
+
+
+def test_elapsed_is_the_time_since_the_subjects_previous_step_and_missing_at_its_first():
+    raw = {**RAW, "timeseries": {**RAW["timeseries"], "elapsed": True}}
+    schema = Schema.from_dict(raw)
+    assert schema.timeseries.step_modalities == ("elapsed", "labs", "signs")
+    assert Schema.from_dict(schema.to_dict()) == schema and schema.to_dict()["timeseries"]["elapsed"] is True
+    seqs = build_sequences(schema, irregular_visits())
+    st = seqs.steps
+    assert st["id"].tolist() == [3, 3, 7, 7, 7] and st["day"].tolist() == [5, 50, 0, 30, 95]
+    np.testing.assert_array_equal(st["elapsed"], [np.nan, 45, np.nan, 30, 65])  # the first step: missing
+    # fixed-width steps: the time between the steps' starts (days 0, 30 | 30 | 95 -> steps 0, 30, 90)
+    width = build_sequences(Schema.from_dict({**raw, "timeseries": {**raw["timeseries"], "step": 30}}),
+                            irregular_visits()).steps
+    assert width["step_time"].tolist() == [0, 30, 0, 30, 90]
+    np.testing.assert_array_equal(width["elapsed"], [np.nan, 30, np.nan, 30, 60])
+    # max_steps keeps the last steps: a kept first step still has the time since its (dropped) previous step
+    last2 = build_sequences(Schema.from_dict({**raw, "timeseries": {**raw["timeseries"], "max_steps": 2}}),
+                            irregular_visits()).steps
+    np.testing.assert_array_equal(last2["elapsed"], [np.nan, 45, 30, 65])
+    # an ordinary numeric column of a modality of its own, encoded first at every step: mergeable statistics
+    rs = row_schema(schema)
+    assert list(rs.modalities)[0] == "elapsed" and rs.modalities["elapsed"] == ("elapsed",)
+    prep = fit_preprocessor(rs, st)
+    assert prep.columns["elapsed"]["kind"] == "numeric" and prep.columns["elapsed"]["mean"] == pytest.approx(140 / 3)
+    enc = encode_sequences(prep, seqs, schema.timeseries.step_modalities)
+    assert enc.rows.present["elapsed"].tolist() == [False, True, False, True, True]
+    with pytest.raises(SchemaError, match="elapsed must be true"):
+        Schema.from_dict({**RAW, "timeseries": {**RAW["timeseries"], "elapsed": "yes"}})
+    clash = {**raw, "modalities": {**RAW["modalities"], "elapsed": ["days_since"]}}
+    with pytest.raises(SchemaError, match="rename the schema's own 'elapsed'"):
+        Schema.from_dict(clash)
+
+
+def test_without_elapsed_the_schema_and_the_step_table_are_unchanged():
+    schema = Schema.from_dict(RAW)
+    assert schema.to_dict()["timeseries"] == {"id": "id", "time": "day", "modalities": ["labs", "signs"],
+                                              "step": "visit", "combine": "last", "max_steps": 0}
+    assert Schema.from_dict({**RAW, "timeseries": {**RAW["timeseries"], "elapsed": False}}) == schema
+    assert schema.timeseries.step_modalities == ("labs", "signs")
+    assert row_schema(schema).modalities == schema.modalities
+    assert "elapsed" not in build_sequences(schema, irregular_visits()).steps
+
+
 def test_a_bad_time_or_blank_id_names_the_files_row_and_column(tmp_path):
     df = visits()
     df["day"] = df["day"].astype(object)

@@ -190,7 +190,7 @@ def test_a_time_series_scenario_scores_steps_overall_and_per_time_since_the_firs
     again = [r for r in again if r["metric"] == "auroc"]
     assert again[0]["value"] == pytest.approx(overall[0]["value"], abs=1e-9)
     seqs = build_sequences(sc.schema, frame)
-    enc = encode_sequences(trained.preprocessor, seqs, sc.schema.timeseries.modalities)
+    enc = encode_sequences(trained.preprocessor, seqs, sc.schema.timeseries.step_modalities)
     p = predict_steps(trained.model, enc, trained.preprocessor.targets, trained.preprocessor.schema)[TASK]
     ok = enc.rows.y_present[TASK].numpy()
     first = seqs.steps.groupby(sc.schema.timeseries.id)["step_time"].transform("min").to_numpy()

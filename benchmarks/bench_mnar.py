@@ -2,10 +2,14 @@
 
     python benchmarks/bench_mnar.py                           # heart, support2, then pbc (held-out check)
     python benchmarks/bench_mnar.py --datasets heart --seeds 3 --workers 2 --out runs/bench_mnar
+    python benchmarks/bench_mnar.py --datasets pbcseq --seeds 5   # a time series: MNAR in time (visits)
 
 At every training site, 80% of the positive patients lose one informative modality (heart: exercise_ecg,
 support2: labs, pbc: labs); the flipped test set removes it from 80% of the negative test patients instead
-(the paper's Exp. 4). Every model is federated with the default settings (``mmn_fed.settings``; only the
+(the paper's Exp. 4). pbcseq is a time series (docs/simulations.md, "Time series"): at training, the
+patients without death or transplant lose 80% of their visits after the first (sicker patients are measured more
+often); the flipped test thins the visits of the patients *with* the event instead; AUROC is over the test
+patients' visits. Every model is federated with the default settings (``mmn_fed.settings``; only the
 ``model`` and ``missingness`` settings vary) through the real ServerApp/ClientApps (in-process engine):
 
 - ``mmn auto``: MultiModN, default ``missingness = auto`` (the audit decides; it flags the MNAR modality);
@@ -34,10 +38,11 @@ import numpy as np
 
 from mmn_fed.metrics import mean_ci
 
-DATASETS = {  # builtin, sites, MNAR modality, task
+DATASETS = {  # builtin, sites, MNAR modality (None: the visits of a time series), task
     "heart": ("heart", {"by": "dataset"}, "exercise_ecg", "disease"),
     "support2": ("support2", {"iid": 4}, "labs", "death_180d"),
     "pbc": ("pbc", {"iid": 4}, "labs", "death_or_transplant"),
+    "pbcseq": ("pbcseq", {"iid": 4}, None, "death_or_transplant_2y"),
 }
 VARIANTS = {  # name -> (fraction of MNAR at training, model, missingness)
     "mmn auto": (0.8, "multimodn", "auto"),
@@ -52,11 +57,13 @@ def scenario(dataset: str, fraction: float):
     from simulations.scenario import Scenario
 
     builtin, sites, modality, task = DATASETS[dataset]
+    rule = ({"modality": modality, "mechanism": "mnar", "task": task, "label": 1, "fraction": fraction} if modality
+            else {"mechanism": "fewer_visits", "task": task, "label": 0, "fraction": fraction})
     return Scenario.from_dict({
         "scenario": {"name": f"bench-mnar-{dataset}"},
         "data": {"builtin": builtin, "tasks": [task]},
         "sites": sites,
-        "missingness": [{"modality": modality, "mechanism": "mnar", "task": task, "label": 1, "fraction": fraction}],
+        "missingness": [rule],
         "test": {"conditions": ["clean", "mnar_flipped"]},
     })
 
@@ -97,9 +104,16 @@ def run_one(dataset: str, variant: str, seed: int, out: str) -> dict:
     prep = res.trained.preprocessor
     scores = {}
     for cond, frame in tests.items():
-        d = encode(prep, frame)
+        if sc.schema.timeseries is not None:  # every test visit
+            from mmn_fed.sequences import build_sequences, encode_sequences, predict_steps
+
+            d = encode_sequences(prep, build_sequences(sc.schema, frame), sc.schema.timeseries.step_modalities)
+            p = predict_steps(res.trained.model, d, prep.targets, prep.schema)[task]
+            d = d.rows
+        else:
+            d = encode(prep, frame)
+            p = predict_final(res.trained.model, d, prep.targets)[task]
         ok = d.y_present[task].numpy()
-        p = predict_final(res.trained.model, d, prep.targets)[task]
         scores[cond] = auroc(d.y[task].numpy()[ok], p[ok])
     plan = res.trained.metadata["provenance"]["missingness"]
     rec = {"dataset": dataset, "variant": variant, "seed": seed, **scores, "corrected": plan["corrected"],
@@ -116,7 +130,9 @@ def fmt(values) -> str:
 
 def report(dataset: str, recs: list[dict], seeds: list[int]) -> None:
     by = {(r["variant"], r["seed"]): r for r in recs}
-    print(f"\n== {dataset}: {DATASETS[dataset][2]} missing for 80% of positives at every training site; "
+    what = (f"{DATASETS[dataset][2]} missing for 80% of positives" if DATASETS[dataset][2] else
+            "80% of the later visits of the patients without the event dropped")
+    print(f"\n== {dataset}: {what} at every training site; "
           f"federated, default settings, {len(seeds)} seeds (AUROC mean [95% bootstrap CI over seeds])")
     print(f"{'variant':<18} {'clean':<22} {'flipped':<22} corrected / rounds")
     for v in VARIANTS:

@@ -21,7 +21,7 @@ from edge_runtime.schema import Schema
 from mmn_fed import sequences as seq
 from mmn_fed.api import stratify_key
 from mmn_fed.audit import presence_counts
-from mmn_fed.correction import keep_probabilities, thin
+from mmn_fed.correction import keep_probabilities, sequence_keep, thin, thin_sequences
 from mmn_fed.data import TensorData, encode, load_builtin, read_table, site_summary
 from mmn_fed.evaluation import evaluate
 from mmn_fed.model import ModelConfig
@@ -140,6 +140,21 @@ class Site:
                                     seq.encode_sequences(prep, val, dyn) if val is not None else None)}
         return self._seq_data[key]
 
+    def sequence_keep(self, prep: Preprocessor, prep_key: str, ts: Schema, settings: SiteSettings,
+                      correct: Mapping[str, str]):
+        """A time series' correction (``mmn_fed.correction.sequence_keep``) on the training subjects, computed
+        once per site and correction from the site's own steps, and the validation subjects' steps with one fixed
+        balanced subset hidden (None for both without a correction)."""
+        key = ("seq", prep_key, settings.val_fraction, settings.seed, json.dumps(dict(correct), sort_keys=True))
+        if key not in self._keep:
+            train, val = self.sequence_data(prep, prep_key, ts, settings)
+            keep = sequence_keep(train, correct) if correct else None
+            if keep is not None and val is not None:
+                gen = torch.Generator().manual_seed(site_seed(settings.seed, 0, self.name))
+                val = thin_sequences(val, *sequence_keep(val, correct), gen)
+            self._keep = {key: (keep, val)}
+        return self._keep[key]
+
     def splits(self, schema: Schema, settings: SiteSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         return split_site(schema, self.rows, settings.val_fraction, settings.seed)
 
@@ -198,7 +213,7 @@ class Site:
         ``correct``: the modalities whose presence is balanced against the label (``mmn_fed.correction``).
         ``ts``: the time-series schema: train on this site's sequences (counts are observed steps)."""
         if ts is not None:
-            return self._train_sequences(prep, prep_key, model_config, settings, params, server_round, ts)
+            return self._train_sequences(prep, prep_key, model_config, settings, params, server_round, ts, correct or {})
         train, _ = self.encoded(prep, prep_key, settings)
         keep, _ = self.keep(prep, prep_key, settings, correct or {})
         seed = site_seed(settings.seed, server_round, self.name)
@@ -214,8 +229,9 @@ class Site:
         counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
-    def _train_sequences(self, prep, prep_key, model_config, settings, params, server_round, ts):
+    def _train_sequences(self, prep, prep_key, model_config, settings, params, server_round, ts, correct):
         train, _ = self.sequence_data(prep, prep_key, ts, settings)
+        keep, _ = self.sequence_keep(prep, prep_key, ts, settings, correct)
         seed = site_seed(settings.seed, server_round, self.name)
         torch.manual_seed(seed)
         model = build_from_preprocessor(prep, model_config, ts)
@@ -223,7 +239,7 @@ class Site:
         modules = {module_of(k) for k in params}
         tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
         stats = seq.train_epochs_sequences(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
-                                           prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules)
+                                           prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules, keep=keep)
         state = model.state_dict()
         new = {k: state[k].detach().cpu().numpy().copy() for k in params}
         counts = {m: c for m, c in seq.sequence_module_counts(model, train).items() if m in modules}
@@ -237,6 +253,8 @@ class Site:
         the validation subjects' steps."""
         if ts is not None:
             train, val = self.sequence_data(prep, prep_key, ts, settings)
+            if correct and val is not None:
+                _, val = self.sequence_keep(prep, prep_key, ts, settings, correct)
             data, split = (val, "validation") if val is not None else (train, "train")
             model = build_from_preprocessor(prep, model_config, ts)
             load_partial(model, params)

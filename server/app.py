@@ -28,7 +28,7 @@ from mmn_fed import protocol as P
 from mmn_fed import records as R
 from mmn_fed.api import missingness_record
 from mmn_fed.audit import AuditResult, audit
-from mmn_fed.correction import resolve
+from mmn_fed.correction import resolve, resolve_sequences
 from mmn_fed.data import check_summary, encode, load_builtin
 from mmn_fed.evaluation import evaluate, write_metrics
 from mmn_fed.model import ModelConfig
@@ -160,9 +160,8 @@ def missingness_plan(run_dir: Path, cfg: FederationConfig, found: AuditResult | 
     path = run_dir / "audit.json"
     if found is None:  # resuming: the decision made before round 1
         return json.loads(path.read_text()) if path.exists() else missingness_record(cfg.missingness, {}, None)
-    if ts is not None:  # no correction for time series yet (docs/timeseries.md)
-        plan = missingness_record(cfg.missingness, {}, found)
-        plan["summary"] = "missingness: time series are not corrected yet (the audit of their steps is kept)"
+    if ts is not None:  # the audit of the steps, and the visit rate (mmn_fed.correction.resolve_sequences)
+        plan = missingness_record(cfg.missingness, resolve_sequences(cfg.missingness, found, row_schema(ts)), found)
     else:
         plan = missingness_record(cfg.missingness, resolve(cfg.missingness, found, schema), found)
     for line in found.lines(only_flagged=True):

@@ -126,3 +126,95 @@ def test_auto_undoes_learned_mnar_on_heart(shuffle):
     assert plans["auto"]["corrected"] == {"exercise_ecg": "disease"}
     assert plans["off"]["corrected"] == {} and plans["off"]["audit"]["flagged"] == {"exercise_ecg": "disease"}
     assert scores["off"] < 0.6 < 0.8 < scores["auto"], scores
+
+
+# ---- time series: the visit rate balanced against the outcome -----------------------------------------------
+
+def visits(rate_sick: float, rate_healthy: float, n: int = 400, span: float = 100.0, seed: int = 0):
+    """Encoded sequences of ``n`` subjects followed for ``span`` time units, half with the event (label 1 at every
+    step), each seen at Poisson times of its group's rate (plus a first visit at 0)."""
+    from mmn_fed.sequences import SequenceData
+
+    rng = np.random.default_rng(seed)
+    times, labels, index_rows, row = [], [], [], 0
+    for i in range(n):
+        sick = i % 2
+        k = rng.poisson((rate_sick if sick else rate_healthy) * span)
+        t = np.concatenate([[0.0], np.sort(rng.uniform(0, span, k))])
+        index_rows.append(list(range(row, row + len(t))))
+        row += len(t)
+        times += t.tolist()
+        labels += [float(sick)] * len(t)
+    width = max(map(len, index_rows))
+    index = torch.tensor([r + [-1] * (width - len(r)) for r in index_rows])
+    m = len(times)
+    rows = TensorData({"static": torch.zeros(m, 1), "lab": torch.zeros(m, 1)},
+                      {"static": torch.ones(m, dtype=torch.bool), "lab": torch.ones(m, dtype=torch.bool)},
+                      {"y": torch.tensor(labels)}, {"y": torch.ones(m, dtype=torch.bool)})
+    return SequenceData(rows, index, ("lab",), np.asarray(times))
+
+
+def _rate(data, sick: bool) -> float:
+    idx = data.index.numpy()
+    y = data.rows.y["y"].numpy()[idx[:, 0]] > 0.5
+    seen = data.rows.present["lab"].numpy()
+    later = [seen[r[r >= 0][1:]].sum() for r in idx[y == sick]]
+    return float(np.sum(later)) / (100.0 * int((y == sick).sum()))
+
+
+def test_visit_keep_probabilities_equalize_the_visit_rate_of_the_outcomes_and_keep_first_visits():
+    from mmn_fed.correction import thin_sequences, visit_keep_probabilities
+
+    data = visits(0.3, 0.1)
+    keep = visit_keep_probabilities(data, "y", smoothing=0.0).numpy()
+    first = data.index[:, 0].numpy()
+    assert (keep[first] == 1.0).all()  # a subject never disappears
+    healthy_rows = data.index[0::2][data.index[0::2] >= 0].numpy()
+    sick_later = data.index[1::2, 1:][data.index[1::2, 1:] >= 0].numpy()
+    assert (keep[healthy_rows] == 1.0).all()  # the group measured least keeps everything
+    # a group's rate: its visits after the first per unit of observed follow-up (first to last visit)
+    idx = data.index.numpy()
+    spans = np.array([data.times[r[r >= 0]].max() - data.times[r[0]] for r in idx])
+    extra = (idx >= 0).sum(axis=1) - 1
+    rate = [extra[g::2].sum() / spans[g::2].sum() for g in (0, 1)]
+    assert keep[sick_later].mean() == pytest.approx(rate[0] / rate[1], rel=1e-6)
+    assert 0.25 < keep[sick_later].mean() < 0.45  # about 0.1 / 0.3
+    thinned = thin_sequences(data, {}, torch.from_numpy(keep), torch.Generator().manual_seed(0))
+    assert _rate(thinned, True) == pytest.approx(_rate(thinned, False), rel=0.1)
+    hidden = ~thinned.rows.present["lab"].numpy()
+    # a hidden step is a visit that did not happen: no update (time-series modalities) and no loss cell
+    assert hidden.any() and not thinned.rows.y_present["y"].numpy()[hidden].any()
+    assert thinned.rows.present["static"].all()  # static modalities are not time-series: never hidden
+    # the same rates keep every visit
+    same = visit_keep_probabilities(visits(0.2, 0.2, n=2000), "y").numpy()
+    assert same.min() > 0.9
+
+
+def test_time_series_correction_is_decided_from_the_setting():
+    from mmn_fed.correction import VISITS, resolve_sequences, thin_sequences
+
+    _, schema = load_builtin("pbcseq")
+    from mmn_fed.sequences import row_schema
+
+    rs = row_schema(schema)
+    assert resolve_sequences("off", None, rs) == {}
+    assert resolve_sequences("auto", None, rs) == {VISITS: "death_or_transplant_2y"}
+    regression = Schema.from_dict({"modalities": {"a": ["x"]}, "tasks": {"v": {"column": "v", "kind": "regression"}}})
+    assert VISITS not in resolve_sequences("auto", None, regression)
+    data = visits(0.3, 0.1, n=20)
+    assert thin_sequences(data, {}, None, torch.Generator()) is data  # no correction: no draw, the same data
+
+
+def test_train_sequences_balances_the_visit_rate_by_default_and_records_it():
+    from mmn_fed.correction import VISITS
+    from mmn_fed.sequences import build_sequences, train_sequences
+
+    df, schema = load_builtin("pbcseq")
+    seqs = build_sequences(schema, df[df["id"] <= 120])
+    cfg = ModelConfig(state_size=8, hidden=8)
+    auto = train_sequences(seqs, schema, cfg, TrainConfig(epochs=2, seed=0))
+    off = train_sequences(seqs, schema, cfg, TrainConfig(epochs=2, seed=0, missingness="off"))
+    assert auto.trained.metadata["provenance"]["missingness"]["corrected"] == {VISITS: "death_or_transplant_2y"}
+    assert off.trained.metadata["provenance"]["missingness"]["corrected"] == {}
+    a, b = auto.trained.model.state_dict(), off.trained.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the correction changed what training saw

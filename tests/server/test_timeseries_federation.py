@@ -6,6 +6,7 @@ import pytest
 
 from edge_runtime.schema import Schema
 from mmn_fed import load_builtin
+from mmn_fed.sequences import row_schema
 from server.engines import run_federation
 
 
@@ -50,6 +51,36 @@ def test_sites_train_their_sequences_per_module_and_counts_are_observed_steps(pb
     assert res.trained.config.encoder == "gru"
     assert Schema.from_dict(res.trained.metadata["timeseries_schema"]) == schema
     assert row_schema(schema).tasks == res.trained.preprocessor.schema.tasks
+    # missingness = auto (the default): the sites balance the visit rate against the outcome
+    from mmn_fed.correction import VISITS
+
+    assert json.loads((tmp_path / "run" / "audit.json").read_text())["corrected"] == {VISITS: "death_or_transplant_2y"}
+    assert res.trained.metadata["provenance"]["missingness"]["corrected"] == {VISITS: "death_or_transplant_2y"}
+
+
+def test_a_site_trains_on_its_visits_with_the_visit_rate_balanced_when_told(pbcseq_sites):
+    """The correction reaches a site's training: the same round with and without it gives other weights, and
+    without it the weights are those of plain training (no draw is made)."""
+    import torch
+
+    from clients.site import Site
+    from mmn_fed.correction import VISITS
+    from mmn_fed.data import fit_preprocessor
+    from mmn_fed.model import ModelConfig
+    from mmn_fed.model_io import build_from_preprocessor
+    from mmn_fed.sequences import build_sequences
+    from mmn_fed.settings import SiteSettings
+
+    sites, _, schema = pbcseq_sites
+    prep = fit_preprocessor(row_schema(schema), build_sequences(schema, sites["A"]).steps)
+    cfg = ModelConfig(encoder="gru", state_size=8, hidden=8)
+    torch.manual_seed(0)
+    params = {k: v.numpy() for k, v in build_from_preprocessor(prep, cfg, schema).state_dict().items()}
+    site = Site("A", sites["A"])
+    run = lambda correct: site.train(prep, "k", cfg, SiteSettings(seed=0), params, 1, correct=correct, ts=schema)[0]  # noqa: E731
+    plain, again, balanced = run({}), run({}), run({VISITS: "death_or_transplant_2y"})
+    assert all(np.array_equal(plain[k], again[k]) for k in plain)
+    assert any(not np.array_equal(plain[k], balanced[k]) for k in plain)
 
 
 def test_pfusion_over_a_window_federates_per_module_and_a_site_without_a_modality_never_uploads_its_encoder(

@@ -225,7 +225,9 @@ def _deploy_local(args) -> int:
     settings.check()  # refuse a bad combination before starting any process (the ServerApp checks it too)
     df, schema = load_builtin(settings.dataset)
     if not schema.site_column:
-        raise ValueError(f"dataset '{settings.dataset}' names no site column ([sites] column in its schema)")
+        raise ValueError(f"dataset '{settings.dataset}' names no site column ([sites] column in its schema); split "
+                         "its rows into sites yourself and call server.engines.deployment.run_deployment(sites, "
+                         "run_config, workdir, schema=schema)")
     sites = {str(n): g.reset_index(drop=True) for n, g in df.groupby(schema.site_column)}
     if args.sites:
         sites = dict(list(sites.items())[: args.sites])

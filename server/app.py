@@ -216,6 +216,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     prep = Preprocessor.from_dict(json.loads(prep_json))
     plan = missingness_plan(run_dir, cfg, None if ckpt else found, prep.schema, ts)
     strategy.sites = profile_sites(grid, nodes, prep_json, cfg, ts)
+    # what each site can train and its aggregation weights (time series: observed steps), whatever the engine
+    _write_json(run_dir / "profile.json", {s.name: s.counts for s in strategy.sites.values()})
     strategy.summary()
     tests = test_frames(cfg)
     config = ConfigRecord({"prep": prep_json, "model-config": json.dumps(cfg.model_config(ts).to_dict()),

@@ -20,10 +20,12 @@ from mmn_fed.settings import SETTINGS, RunSettings, add_flags
 
 from ..credentials import make_node_key, make_tls
 from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
-from .results import FederationResult, read_result
+from .results import FederationResult, read_result, write_site_data
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from edge_runtime.schema import Schema
 
 CONNECTION = "mmnfed-local"
 
@@ -160,17 +162,35 @@ class LocalDeployment:
 # ---- the federation on loopback, and the `mmn-fed deploy-local` command -------------------
 
 def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str, object], workdir: Path,
-                   tls: bool = True, auth: bool = True, timeout: float = 1800) -> FederationResult:
+                   tls: bool = True, auth: bool = True, timeout: float = 1800, *, schema: "Schema | None" = None,
+                   test_sites: Mapping[str, "pd.DataFrame"] | None = None) -> FederationResult:
     """Each site's rows to its own CSV; one SuperNode per site (node config: data-path, site-name);
     SuperLink with TLS and SuperNode authentication; ``flwr run``; everything stopped afterwards.
-    Returns the ``FederationResult`` read from ``run_config['run-dir']``."""
+    Returns the ``FederationResult`` read from ``run_config['run-dir']``.
+
+    The server's schema: ``schema`` (the Schema itself, as ``run_federation`` takes it, e.g. a time-series
+    schema; with ``test_sites``, the global model is also tested on them) is written with the sites' files
+    (``schema.json``, ``sites.json``) and the run config's ``data-dir`` points the ServerApp there; the sites
+    still read only their own ``data-path``. Without it, the run config's ``schema`` (a TOML path) or
+    built-in ``dataset`` names it, as for ``flwr run``. The sites receive it from the server (a time-series
+    schema with every message)."""
     workdir = Path(workdir).resolve()
     data = workdir / "site_data"
+    if schema is not None:
+        given = [k for k in ("schema", "data-dir") if run_config.get(k)]
+        if given:
+            raise ValueError(f"run_deployment: schema given twice (the schema argument and run config {given}); "
+                             "pass one")
+        write_site_data(data, sites, schema, test_sites)  # site_<i>.csv, schema.json, sites.json
+        run_config = {**dict(run_config), "data-dir": str(data)}
+    elif test_sites:
+        raise ValueError("run_deployment: test_sites need the schema argument (they are written next to it)")
     data.mkdir(parents=True, exist_ok=True)
     node_configs = []
     for i, (name, df) in enumerate(sites.items()):
         path = data / f"site_{i}.csv"
-        df.to_csv(path, index=False)
+        if schema is None:
+            df.to_csv(path, index=False)
         node_configs.append({"site-name": str(name), "data-path": str(path)})
     rc = {"min-nodes": len(sites), **dict(run_config)}
     t0 = time.perf_counter()
@@ -205,7 +225,9 @@ def _deploy_local(args) -> int:
     settings.check()  # refuse a bad combination before starting any process (the ServerApp checks it too)
     df, schema = load_builtin(settings.dataset)
     if not schema.site_column:
-        raise ValueError(f"dataset '{settings.dataset}' names no site column ([sites] column in its schema)")
+        raise ValueError(f"dataset '{settings.dataset}' names no site column ([sites] column in its schema); split "
+                         "its rows into sites yourself and call server.engines.deployment.run_deployment(sites, "
+                         "run_config, workdir, schema=schema)")
     sites = {str(n): g.reset_index(drop=True) for n, g in df.groupby(schema.site_column)}
     if args.sites:
         sites = dict(list(sites.items())[: args.sites])

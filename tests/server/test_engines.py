@@ -1,6 +1,9 @@
 """The same ServerApp/ClientApp on Flower's engines: Ray simulation and the deployment engine (slow)."""
+import numpy as np
 import pytest
 
+from edge_runtime.schema import Schema
+from mmn_fed import load_builtin
 from server.engines import run_federation
 from server.engines.deployment import run_deployment
 
@@ -86,3 +89,87 @@ def test_unregistered_supernode_is_refused_and_the_superlink_speaks_tls(tmp_path
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 assert tls.version() in ("TLSv1.2", "TLSv1.3")
                 assert ("IP Address", "127.0.0.1") in tls.getpeercert()["subjectAltName"]
+
+
+# ---- time series (docs/timeseries.md, "Federation") on the Ray and deployment engines ------------------------
+
+# tiny and deterministic: 2 rounds; 12 patients a site, 3 of them held out for validation (keep-best on: the
+# final model is the best round's, chosen by the pooled Brier over validation steps, on every engine alike)
+TS_SETTINGS = {"local_epochs": 1, "state_size": 4, "hidden": 4, "val_fraction": 0.25, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def pbcseq_two_sites():
+    """Two sites of 12 pbcseq patients each (by patient); B never measures cholesterol."""
+    df, schema = load_builtin("pbcseq")
+    ids = sorted(df["id"].unique())
+    a = df[df["id"].isin(ids[:12])].reset_index(drop=True)
+    b = df[df["id"].isin(ids[12:24])].reset_index(drop=True).copy()
+    b["chol"] = np.nan
+    return {"A": a, "B": b}, schema
+
+
+def _observed_steps(schema, rows, val_fraction, seed):
+    """What a site must weight its modules by (counted here from its visit table, not by the site's code):
+    observed steps of its training patients, patients for the initial state and static encoders."""
+    from mmn_fed.sequences import build_sequences
+
+    seqs = build_sequences(schema, rows)
+    keep, _ = seqs.holdout(schema.timeseries, val_fraction, seed)
+    steps = seqs.subjects(keep).steps
+    counts = {"init_state": len(keep), "encoders.demographics": len(keep)}
+    for m in schema.timeseries.modalities:
+        counts[f"encoders.{m}"] = int(steps[list(schema.modalities[m])].notna().any(axis=1).sum())
+    for t in schema.tasks:
+        counts[f"decoders.{t}"] = int(steps[f"{t}__target"].notna().sum())
+    return counts
+
+
+def _check_timeseries_model(res, schema, sites):
+    """A GRU model that keeps the time-series schema; every site weighted by observed steps."""
+    assert res.trained.config.encoder == "gru"
+    assert Schema.from_dict(res.trained.metadata["timeseries_schema"]) == schema
+    profile = res.extra["profile"]
+    for name, rows in sites.items():
+        expected = _observed_steps(schema, rows, TS_SETTINGS["val_fraction"], TS_SETTINGS["seed"])
+        assert {m: c for m, c in profile[name].items() if c} == {m: c for m, c in expected.items() if c}, name
+    assert profile["A"]["encoders.labs"] > profile["A"]["init_state"]  # steps, not patients
+    assert not profile["B"].get("encoders.lipids")  # B never trains the cholesterol encoder
+
+
+@pytest.mark.slow
+def test_ray_engine_on_time_series_gives_the_inprocess_model(pbcseq_two_sites, tmp_path):
+    sites, schema = pbcseq_two_sites
+    a = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "inproc", **TS_SETTINGS)
+    b = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "ray", engine="ray", **TS_SETTINGS)
+    assert [h["round"] for h in b.history] == [1, 2]
+    assert max_diff(a.trained.model.state_dict(), b.trained.model.state_dict()) <= 1e-6
+    assert b.extra["selection"]["final_round"] == a.extra["selection"]["final_round"]
+    _check_timeseries_model(b, schema, sites)
+    assert b.extra["profile"] == a.extra["profile"]
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_time_series_gives_the_inprocess_model(pbcseq_two_sites, tmp_path):
+    """One SuperNode per site (TLS, SuperNode authentication) reading its own visit table; the time-series
+    schema reaches the ServerApp through the data dir and the sites through the server's messages."""
+    sites, schema = pbcseq_two_sites
+    rc = {"num-server-rounds": 2, "local-epochs": 1, "state-size": 4, "hidden": 4, "val-fraction": 0.25,
+          "seed": 0, "run-dir": str(tmp_path / "run")}
+    res = run_deployment(sites, rc, tmp_path / "deploy", tls=True, auth=True, schema=schema)
+    assert [h["round"] for h in res.history] == [1, 2]
+    assert {r["site"] for r in res.evaluations} == {"A", "B"}
+    _check_timeseries_model(res, schema, sites)
+    inproc = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "inproc", **TS_SETTINGS)
+    assert max_diff(inproc.trained.model.state_dict(), res.trained.model.state_dict()) <= 1e-6
+    assert res.extra["profile"] == inproc.extra["profile"]
+    assert not [p for p in res.extra["stopped_pids"] if _running(p)]
+
+
+def test_deployment_refuses_a_schema_given_twice(pbcseq_two_sites, tmp_path):
+    sites, schema = pbcseq_two_sites
+    with pytest.raises(ValueError, match="schema given twice"):
+        run_deployment(sites, {"schema": "other.toml", "run-dir": str(tmp_path / "run")}, tmp_path, schema=schema)
+    with pytest.raises(ValueError, match="test_sites need the schema"):
+        run_deployment(sites, {"run-dir": str(tmp_path / "run")}, tmp_path, test_sites=sites)
+    assert not (tmp_path / "logs").exists()  # nothing was started

@@ -213,8 +213,26 @@ def _chromium():
     pytest.skip("Chromium is not installed here (apt-get install -y chromium); CI installs it")
 
 
-def test_the_time_series_report_renders_in_a_headless_browser(report_dir):
-    """The report opens in a real Chromium: every figure decodes, the over-time figure and its table are there."""
+@pytest.fixture(scope="module")
+def shipped_report(tmp_path_factory):
+    """The shipped time-series MNAR scenario, as listed by `mmn-fed simulate --list`, shrunk to one seed, two
+    rounds and a small state (both sweep points, both models, federated)."""
+    from simulations.scenario import load, shipped
+
+    assert "timeseries-mnar" in shipped()
+    sc = load("timeseries-mnar")
+    raw = sc.to_dict()
+    raw["run"].update(seeds=[0], rounds=2, state_size=8, hidden=8)
+    out = tmp_path_factory.mktemp("ts-shipped")
+    summary = run_scenario(Scenario.from_dict(raw, sc.base_dir), out, workers=2, progress=False)
+    assert summary["done"] == summary["jobs"] == 4, summary
+    return out
+
+
+def test_the_time_series_report_renders_in_a_headless_browser(shipped_report):
+    """The shipped scenario's report opens in a real Chromium: every figure decodes; the over-time figure of
+    each sweep point and the over-time table (both models, both test conditions) are there."""
+    report_dir = shipped_report
     browser_path = _chromium()
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     errors = []
@@ -227,11 +245,18 @@ def test_the_time_series_report_renders_in_a_headless_browser(report_dir):
             images = page.evaluate("() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
             headings = page.evaluate("() => Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
             captions = page.evaluate("() => Array.from(document.querySelectorAll('figcaption')).map(c => c.textContent)")
-            rows = page.evaluate("() => document.querySelectorAll('table tr').length")
+            over_time = page.evaluate("""() => {
+                const h = Array.from(document.querySelectorAll('h2')).find(x => x.textContent.includes('over time'));
+                const rows = Array.from(h.nextElementSibling.querySelectorAll('tbody tr'));
+                return rows.map(r => Array.from(r.cells).map(c => c.textContent));
+            }""")
         finally:
             browser.close()
     assert not errors
     assert images and all(done and width > 100 for _, done, width in images), images
     assert any("over time since the first observation" in h for h in headings), headings
-    assert any("against the time since the subject's first observation" in c for c in captions), captions
-    assert rows > 10
+    timed = [c for c in captions if "against the time since the subject's first observation" in c]
+    assert len(timed) == 2 and any("fraction = 0.8" in c for c in timed), captions  # one per sweep point
+    cells = {(r[1], r[3]) for r in over_time}  # (model, condition)
+    assert cells == {(m, c) for m in ("multimodn", "pfusion") for c in ("clean", "mnar_flipped")}, over_time
+    assert len(over_time) == 2 * 2 * 2 * 5  # sweep points x models x conditions x the scenario's 5 time bins

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from mmn_fed.correction import VISITS
 from mmn_fed.figures import img_html, pyplot, save_figure
 from mmn_fed.metrics import mean_ci
 
@@ -70,7 +71,8 @@ def summarize_time(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[st
     df = pd.DataFrame(list(records))
     if df.empty or "time_from" not in df.columns:
         return pd.DataFrame()
-    df = df[df["time_from"].notna() & (df["site"] == "all")]
+    df = df[df["time_from"].notna() & (df["site"] == "all")].copy()
+    df["time_to"] = df["time_to"].astype(float).fillna(np.inf)  # None: the open last bin
     if task is not None:
         df = df[df["task"] == task]
     if metric is not None:
@@ -85,8 +87,8 @@ def summarize_time(records: Iterable[Mapping[str, Any]], sweep_keys: Iterable[st
     return pd.DataFrame(rows).sort_values(keys[:-4] + ["time_from"], kind="stable").reset_index(drop=True)
 
 
-def time_bin_label(lo: float, hi: float) -> str:
-    return f"≥ {lo:g}" if hi == float("inf") else f"{lo:g}–{hi:g}"
+def time_bin_label(lo: float, hi: float | None) -> str:
+    return f"≥ {lo:g}" if hi is None or hi != hi or hi == float("inf") else f"{lo:g}–{hi:g}"
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -96,7 +98,8 @@ def plot_sweep(table: pd.DataFrame, key: str, task: str, metric: str, path: Path
     line style = test condition, shaded 95% CI."""
     plt = pyplot()
     trainings = list(dict.fromkeys(table["training"]))
-    fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(trainings), figsize=(max(7.5, 5.2 * len(trainings)), 4.0), squeeze=False,
+                             sharey=True)
     for ax, training in zip(axes[0], trainings):
         part = table[table["training"] == training]
         for (model, cond), g in part.groupby(["model", "condition"], sort=False):
@@ -123,7 +126,8 @@ def plot_time(table: pd.DataFrame, task: str, metric: str, path: Path, title: st
     trainings = list(dict.fromkeys(table["training"]))
     bins = sorted({(lo, hi) for lo, hi in zip(table["time_from"], table["time_to"])})
     where = {b: i for i, b in enumerate(bins)}
-    fig, axes = plt.subplots(1, len(trainings), figsize=(5.2 * len(trainings), 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(trainings), figsize=(max(7.5, 5.2 * len(trainings)), 4.0), squeeze=False,
+                             sharey=True)
     for ax, training in zip(axes[0], trainings):
         part = table[table["training"] == training]
         for (model, cond), g in part.groupby(["model", "condition"], sort=False):
@@ -252,7 +256,7 @@ def _missingness_html(records: Iterable[Mapping[str, Any]], audits: list[tuple[s
         seen.setdefault(key, set()).add(r.get("corrected") or "")
     items = []
     for (point, model, training, mode), corrected in sorted(seen.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        what = "; ".join(sorted(c.replace(",", ", ") or "nothing" for c in corrected))
+        what = "; ".join(sorted(c.replace(VISITS, "the visit rate").replace(",", ", ") or "nothing" for c in corrected))
         where = f"{html.escape(point)}: " if point else ""
         items.append(f"<li>{where}<b>{html.escape(str(model))}</b> ({html.escape(str(training))}): missingness = "
                      f"<code>{html.escape(mode)}</code>; presence balanced against the label for: {html.escape(what)} "

@@ -328,19 +328,17 @@ def evaluate_job(sc: Scenario, job: Job, data: Prepared, models: list[Trained]) 
             rows = np.ones(len(frame), dtype=bool) if t.eval_sites is None else np.isin(test_sites, t.eval_sites)
             if not rows.any():
                 continue
-            if sc.schema.timeseries is not None:  # over the test subjects' steps, and per time since their first
-                from .timeseries import evaluate_sequences
-
-                ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
-                       "site": t.label or "all", **extra}
-                records += evaluate_sequences(t.trained, sc.schema, frame[rows].reset_index(drop=True), ctx,
-                                              data.time_edges)
-                continue
-            tensors = encode(prep, frame[rows].reset_index(drop=True))
             plan = t.trained.metadata.get("provenance", {}).get("missingness") or {}
             ctx = {"model": job.model, "training": job.training, "seed": job.seed, "condition": cond,
                    "site": t.label or "all", "missingness": plan.get("mode", ""),
                    "corrected": ",".join(plan.get("corrected", {})), **extra}
+            if sc.schema.timeseries is not None:  # over the test subjects' steps, and per time since their first
+                from .timeseries import evaluate_sequences
+
+                records += evaluate_sequences(t.trained, sc.schema, frame[rows].reset_index(drop=True), ctx,
+                                              data.time_edges)
+                continue
+            tensors = encode(prep, frame[rows].reset_index(drop=True))
             sites = test_sites[rows].astype(str) if t.eval_sites is None else None
             records += evaluate(t.trained.model, sc.schema, prep.targets, tensors, ctx, sites=sites)
     return records

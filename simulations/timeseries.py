@@ -197,7 +197,8 @@ def evaluate_sequences(trained, schema: Schema, frame: pd.DataFrame, context: Ma
                        edges: list[float]) -> list[dict[str, Any]]:
     """Records of a trained sequence model on a visit table: over all the steps (``state = final``,
     ``combination = all``, ``unit = step``), and per bin of time since the first observation (the same records
-    with ``time_from`` / ``time_to``; bins with fewer than 10 labelled steps are left out)."""
+    with ``time_from`` / ``time_to``, None for the open last bin; bins with fewer than 10 labelled steps are left
+    out)."""
     from mmn_fed.metrics import task_metrics
     from mmn_fed.sequences import build_sequences, data_records, encode_sequences, predict_steps
 
@@ -221,7 +222,7 @@ def evaluate_sequences(trained, schema: Schema, frame: pd.DataFrame, context: Ma
             for metric, value in task_metrics(kind, y[sel], p[sel]).items():
                 records.append({**context, "site": site, "task": t, "metric": metric, "value": float(value),
                                 "n": int(sel.sum()), "state": "final", "combination": "all", "unit": "step",
-                                "time_from": float(lo), "time_to": float(hi)})
+                                "time_from": float(lo), "time_to": float(hi) if np.isfinite(hi) else None})
     return records
 
 

@@ -245,6 +245,7 @@ def test_the_time_series_report_renders_in_a_headless_browser(shipped_report):
             images = page.evaluate("() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
             headings = page.evaluate("() => Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
             captions = page.evaluate("() => Array.from(document.querySelectorAll('figcaption')).map(c => c.textContent)")
+            body = page.evaluate("() => document.body.innerText")
             over_time = page.evaluate("""() => {
                 const h = Array.from(document.querySelectorAll('h2')).find(x => x.textContent.includes('over time'));
                 const rows = Array.from(h.nextElementSibling.querySelectorAll('tbody tr'));
@@ -260,3 +261,7 @@ def test_the_time_series_report_renders_in_a_headless_browser(shipped_report):
     cells = {(r[1], r[3]) for r in over_time}  # (model, condition)
     assert cells == {(m, c) for m in ("multimodn", "pfusion") for c in ("clean", "mnar_flipped")}, over_time
     assert len(over_time) == 2 * 2 * 2 * 5  # sweep points x models x conditions x the scenario's 5 time bins
+    assert {r[6] for r in over_time} == {"0–365", "365–730", "730–1460", "1460–2920", "≥ 2920"}
+    # what each model did about missingness: MultiModN balanced the visit rate (the default), P-Fusion nothing
+    assert "multimodn (federated): missingness = auto; presence balanced against the label for: the visit rate" in body
+    assert "pfusion (federated): missingness = off; presence balanced against the label for: nothing" in body

@@ -62,7 +62,8 @@ def run_split(k: int, schema, seqs, args) -> dict:
     train_all, test = perm[:n_train], perm[n_train:]
     whole, b = seqs.subjects(train_all), seqs.subjects(test)
     t0 = time.perf_counter()
-    res_mmn = train_sequences(whole, schema, ModelConfig(), TrainConfig(epochs=args.epochs, seed=k, lr=args.lr))
+    res_mmn = train_sequences(whole, schema, ModelConfig(), TrainConfig(epochs=args.epochs, seed=k + args.seed_offset,
+                                                                        lr=args.lr, missingness=args.missingness))
     sec = time.perf_counter() - t0
     model, prep, info = res_mmn.trained.model, res_mmn.trained.preprocessor, res_mmn.fit_info
     test_data = encode_sequences(prep, b, ts.step_modalities)
@@ -125,6 +126,10 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150, help="most epochs (early stopping, patience 20)")
     ap.add_argument("--lr", type=float, default=TrainConfig().lr, help="learning rate (default: the setting's)")
+    ap.add_argument("--missingness", default=TrainConfig().missingness, choices=["auto", "correct", "off"],
+                    help="MultiModN's missingness setting (default: the setting's; auto balances the visit rate)")
+    ap.add_argument("--seed-offset", type=int, default=0, help="MultiModN's training seed is split + this (the "
+                                                                 "splits stay the same): the seed-to-seed spread")
     ap.add_argument("--recurrent", action="store_true", help="also the recurrent baseline (a GRU over steps with masks)")
     ap.add_argument("--pfusion-window", type=int, default=0, metavar="W",
                     help="also P-Fusion over a window (mmn_fed.pfusion_window): each step's last observed value of "

@@ -14,7 +14,8 @@ the order of encoders, is what is balanced) and for both MultiModN and P-Fusion.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+import dataclasses
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from .data import TensorData
 
 if TYPE_CHECKING:
     from .audit import AuditResult
-    from .sequences import SequenceData
+
+SequenceData = Any  # mmn_fed.sequences.SequenceData (not imported: sequences imports this module's users)
 
 MODES = ("auto", "correct", "off")
 # In a correction map (modality -> task), this key asks a time series' sites to balance the *visit rate* against
@@ -108,9 +110,9 @@ def resolve(mode: str, result: "AuditResult | None", schema: Schema) -> dict[str
 
 def resolve_sequences(mode: str, result: "AuditResult | None", schema: Schema) -> dict[str, str]:
     """A time series' correction for ``missingness = mode`` (``schema``: the step table's): the modalities
-    ``resolve`` picks from the audit of the steps, and, unless ``off``, the visit rate balanced against the first
-    binary task (``VISITS``). The visit rate is balanced whatever the audit says: where it does not depend on
-    the outcome the keep probabilities are about 1, and a site's audit of visit rates has little power."""
+    ``resolve`` picks from the audit of the steps, and, unless ``off``, the visit rate against the first binary
+    task (``VISITS``). Each site then tests its own visit rates (``visit_keep_probabilities``) and balances them
+    where they depend on the outcome: the counts behind that test never leave the site."""
     out = resolve(mode, result, schema)
     binary = [t for t, task in schema.tasks.items() if task.kind == "binary"]
     if mode != "off" and binary:
@@ -129,7 +131,7 @@ def describe(mode: str, targets: Mapping[str, str]) -> str:
 
 # ---- time series: presence per step, and the visit rate -------------------------------------------------
 
-def subject_outcomes(data: "SequenceData", task: str) -> np.ndarray:
+def subject_outcomes(data: SequenceData, task: str) -> np.ndarray:
     """Each subject's outcome for a binary task: 1 if any of its labelled steps is positive, 0 if it has
     labelled steps and none is, -1 without any labelled step."""
     y = data.rows.y[task].numpy()
@@ -142,12 +144,31 @@ def subject_outcomes(data: "SequenceData", task: str) -> np.ndarray:
     return np.where(labelled, positive.astype(int), -1)
 
 
-def visit_keep_probabilities(data: "SequenceData", task: str, smoothing: float = SMOOTHING) -> torch.Tensor:
+VISIT_ALPHA = 0.05  # the visit rate is balanced when the site's test of its dependence on the outcome has p < this
+
+
+def visit_rate_p_value(extra: np.ndarray, span: np.ndarray, outcome: np.ndarray) -> float:
+    """Do the two outcome groups' visit rates differ? The exact conditional test of two Poisson rates: given
+    all the visits after the first, group 1's count is Binomial(total, its share of the follow-up time) under
+    equal rates. 1.0 when it cannot be tested (a group without follow-up time)."""
+    from scipy.stats import binomtest
+
+    n = [int(extra[outcome == c].sum()) for c in (0, 1)]
+    d = [float(span[outcome == c].sum()) for c in (0, 1)]
+    if min(d) <= 0 or sum(n) == 0:
+        return 1.0
+    return float(binomtest(n[1], n[0] + n[1], d[1] / (d[0] + d[1])).pvalue)
+
+
+def visit_keep_probabilities(data: SequenceData, task: str, smoothing: float = SMOOTHING,
+                             alpha: float | None = VISIT_ALPHA) -> torch.Tensor:
     """Per step row, the probability of keeping the step (a visit) so that the visit rate does not depend on
     the subject's outcome (``subject_outcomes``). A group's rate is its visits after the first per unit of
     follow-up time (smoothed toward the site's overall rate by ``smoothing`` subjects); the non-first steps of a
     group are kept with probability (lowest rate) / (its rate). First steps are always kept, so a subject never
-    disappears; steps of subjects without an outcome are kept. Not a binary task, or no times: keep every step."""
+    disappears; steps of subjects without an outcome are kept. Every step is kept when the site's own test does
+    not find the rates different (``visit_rate_p_value`` >= ``alpha``; None: always balance), for a task that is
+    not binary, or without times."""
     idx = data.index.numpy()
     keep = np.ones(len(data.rows), dtype=np.float32)
     if data.times is None or task not in data.rows.y or data.rows.y[task].dim() != 1:
@@ -161,6 +182,8 @@ def visit_keep_probabilities(data: "SequenceData", task: str, smoothing: float =
     known = outcome >= 0
     if not known.any() or span[known].sum() <= 0:
         return torch.from_numpy(keep)
+    if alpha is not None and visit_rate_p_value(extra[known], span[known], outcome[known]) >= alpha:
+        return torch.from_numpy(keep)  # no evidence that the visit rate depends on the outcome: nothing hidden
     mean_extra, mean_span = extra[known].mean(), span[known].mean()
     rates = {c: (extra[outcome == c].sum() + smoothing * mean_extra) / (span[outcome == c].sum() + smoothing * mean_span)
              for c in np.unique(outcome[known])}
@@ -173,21 +196,21 @@ def visit_keep_probabilities(data: "SequenceData", task: str, smoothing: float =
     return torch.from_numpy(keep)
 
 
-def sequence_keep(data: "SequenceData", correct: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def sequence_keep(data: SequenceData, correct: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """A time series' correction: the keep probabilities of the modalities balanced per step (as for rows), and
-    of the steps when the visit rate is balanced (``correct[VISITS]``)."""
+    of the steps when the visit rate is balanced (``correct[VISITS]``; None when no step would be hidden)."""
     modalities = {m: t for m, t in correct.items() if m != VISITS}
     steps = visit_keep_probabilities(data, correct[VISITS]) if VISITS in correct else None
+    if steps is not None and bool((steps >= 1).all()):
+        steps = None  # nothing to hide: no draw either, so the run is the uncorrected one
     return keep_probabilities(data.rows, modalities), steps
 
 
-def thin_sequences(data: "SequenceData", keep: Mapping[str, torch.Tensor], step_keep: torch.Tensor | None,
-                   generator: torch.Generator) -> "SequenceData":
+def thin_sequences(data: SequenceData, keep: Mapping[str, torch.Tensor], step_keep: torch.Tensor | None,
+                   generator: torch.Generator) -> SequenceData:
     """The same sequences with the corrected modalities hidden at some steps (``thin``), and whole steps hidden
     where a draw exceeds ``step_keep``: a hidden step updates nothing and has no loss cell, as if the visit had
     not happened."""
-    from .sequences import SequenceData
-
     if not keep and step_keep is None:
         return data
     rows = thin(data.rows, keep, generator)
@@ -195,4 +218,4 @@ def thin_sequences(data: "SequenceData", keep: Mapping[str, torch.Tensor], step_
         hide = torch.rand(len(step_keep), generator=generator) >= step_keep
         present = {m: (p & ~hide) if m in data.dynamic else p for m, p in rows.present.items()}
         rows = TensorData(rows.x, present, rows.y, {t: p & ~hide for t, p in rows.y_present.items()})
-    return SequenceData(rows, data.index, data.dynamic, data.times)
+    return dataclasses.replace(data, rows=rows)

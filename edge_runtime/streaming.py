@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError, session_options
+from .bundle import Bundle, BundleError, atomic_output, check_output, csv_records, session_options
 from .preprocessing import DataError
 from .schema import ELAPSED, Schema, SchemaError, canonical_category
 from .compose import FLOAT, INT64, STATE_INPUT, STATE_OUTPUT, WireError, compose, model_bytes, output_name, value_info
@@ -208,15 +208,22 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip() == "")
 
 
-def _read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """(header, rows, each row's line as an editor shows it: the header is line 1)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows, lines = [], []
-        for row in reader:  # a quoted value may span lines: the row starts that many lines before its end
-            rows.append(row)
-            lines.append(reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str)))
+def _read_csv(path: str | Path) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+    """(header, rows, each row's line as an editor shows it: the header is line 1). Rows as csv.DictReader makes
+    them (a short row's absent columns None, a long row's extra fields a list under None); a file that is not
+    valid CSV (an unclosed quote, a huge field) is a DataError naming the line (``bundle.csv_records``)."""
+    records = csv_records(path)
+    first = next(records, None)
+    header = list(first[1]) if first else []
+    rows, lines = [], []
+    for line, fields in records:
+        row: dict[Any, Any] = dict(zip(header, fields))
+        for c in header[len(fields):]:
+            row[c] = None
+        if len(fields) > len(header):
+            row[None] = fields[len(header):]
+        rows.append(row)
+        lines.append(line)
     return header, rows, lines
 
 
@@ -256,6 +263,7 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
     The whole table is read into memory (a clinic export, not a warehouse)."""
     ts = stream.timeseries
     id_col, time_col = ts.id, ts.time
+    output = check_output(output, input, subjects)
     header, rows, lines = _read_csv(input)
     where = _Where(input, lines)
     for c in (id_col, time_col) + ((ts.variable, ts.value) if ts.variable else ()):
@@ -325,14 +333,12 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
             predicted += 1
     columns = list(keep) + ["id", "time", "rows"] + (["subject_row"] if subject_of is not None else []) + tasks \
         + ["status", "reason"]
-    tmp = Path(str(output) + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(output) as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in out_rows:
             w.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(output)
-    return {"rows": len(rows), "subject_rows": n_subject_rows, "steps": len(out_rows), "predicted": predicted,
+    return {"verified": stream.bundle.signed_by is not None, "rows": len(rows), "subject_rows": n_subject_rows, "steps": len(out_rows), "predicted": predicted,
             "subjects": len(by_subject), "problems": problems[:5], "errors": len(problems)}
 
 

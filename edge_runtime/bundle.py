@@ -717,7 +717,7 @@ def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
             return f"row has {len(r)} fields but the header has {width}"
         if len(r) < width:  # cut short: predicting from the columns it has would hide the ones it lost
             lost = header[len(r):]
-            shown = ", ".join(lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+            shown = ", ".join(lost[:30]) + (f" and {len(lost) - 30} more" if len(lost) > 30 else "")
             return f"row has {len(r)} fields but the header has {width}: no field for column(s) {shown}"
         return ""
 

@@ -86,9 +86,11 @@ def print_summary(s: dict, output: str, model: str = "") -> None:
 
 
 def _verify(args) -> int:
+    from .bundle import validate_manifest
     from .trust import verify_bundle
 
     vb = verify_bundle(args.bundle, trust_key=args.trust_key)
+    validate_manifest(vb.manifest, vb.path)  # signed but malformed is not OK
     print(f"OK: {args.bundle} signed by key {vb.signed_by}; {len(vb.files)} file(s) match their sha256 "
           f"(model {vb.manifest.get('model_id')})")
     return 0

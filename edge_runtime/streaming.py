@@ -241,6 +241,18 @@ class _Where:
         return f"{self.name} data row(s) {' '.join(map(str, members))}"
 
 
+def _width_problem(row: Mapping[Any, Any], header: Sequence[str]) -> str | None:
+    """What is wrong with a row of more or fewer fields than the header (``_read_csv`` marks them), else None."""
+    extra = row.get(None)
+    if extra:
+        return f"has {len(header) + len(extra)} fields but the header has {len(header)}"
+    lost = [c for c in header if row.get(c) is None]
+    if lost:  # cut short: scoring the fields it has would hide the ones it lost
+        return (f"has {len(header) - len(lost)} fields but the header has {len(header)}: no field for column(s) "
+                f"{', '.join(lost[:30])}")
+    return None
+
+
 def _id_time_problem(row: Mapping[str, Any], id_col: str, time_col: str) -> tuple[str, str] | None:
     """(column, what is wrong) when a row has no usable subject id or time."""
     if _blank(row.get(id_col)):
@@ -295,6 +307,11 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
     tasks = list(stream.bundle.tasks)
     by_subject: dict[str, list[tuple[float, float, int, dict]]] = {}
     for r, row in records:
+        width = _width_problem(row, header) if not ts.variable else None  # a long table's rows: checked before
+        if width is not None:
+            report({"id": row.get(id_col) or "", "time": row.get(time_col) or "", "rows": str(r), "status": "error",
+                    "reason": f"{where(r)} {width}", **{k: row.get(k) or "" for k in keep}})
+            continue
         problem = _id_time_problem(row, id_col, time_col)
         if problem is not None:
             report({"id": row.get(id_col, ""), "time": row.get(time_col, ""), "rows": str(r), "status": "error",
@@ -386,6 +403,11 @@ def _long_to_visit_rows(stream: Stream, rows: list[dict[str, str]], where: _Wher
         raise SchemaError(f"--keep column(s) {missing} in neither the long table nor the subject table")
     records, unknown_variable, unknown_id = [], {}, {}
     for r, row in enumerate(rows, start=1):
+        width = _width_problem(row, header)
+        if width is not None:
+            report({"id": row.get(ts.id) or "", "time": row.get(ts.time) or "", "rows": str(r), "status": "error",
+                    "reason": f"{where(r)} {width}", **{k: row.get(k) or "" for k in keep}})
+            continue
         if _id_time_problem(row, ts.id, ts.time) is not None:
             records.append((r, row))  # reported with the visit rows' checks
             continue

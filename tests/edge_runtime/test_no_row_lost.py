@@ -297,3 +297,15 @@ def test_time_series_output_equal_to_input_is_refused(ts_bundle, tmp_path, capsy
     out = tmp_path / "pred.csv"
     assert ts_predict(ts_bundle, inp, out) == 0 and len(read(out)) == 9  # the clean file: a row per visit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv", "v.csv"]
+
+
+def test_time_series_short_row_is_an_error_row_naming_its_missing_columns(ts_bundle, tmp_path, capsys):
+    inp = visits(tmp_path / "v.csv", "3,0,50\n")
+    out = tmp_path / "pred.csv"
+    assert ts_predict(ts_bundle, inp, out) == 0
+    got = read(out)
+    assert sorted(int(r) for row in got for r in row["rows"].split()) == list(range(1, 11))  # every row once
+    short = [row for row in got if row["rows"] == "10"]
+    assert len(short) == 1 and short[0]["status"] == "error" and short[0]["event_1y"] == ""
+    assert "line 11 of v.csv (data row 10) has 3 fields but the header has 5: no field for column(s) bili, notes" \
+        in short[0]["reason"], short[0]["reason"]

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping as _MappingABC
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +32,9 @@ from .trust import BundleError, VerifiedBundle, read_manifest, verify_bundle
 
 DEFAULT_CHUNK = 1024  # rows per session call: bounds memory (~25 MB of working set) for any input size
 MAX_CACHED_SESSIONS = 64
+UNVERIFIED_NOTE = ("bundle NOT verified (--allow-unsigned): its signature was not checked, so anyone could have "
+                   "written its manifest and its predictions are not attested; file hashes were checked (this "
+                   "catches corruption only)")
 
 
 def session_options() -> ort.SessionOptions:
@@ -178,21 +184,16 @@ class Bundle:
         self.path = verified.path
         self.manifest = m
         self.signed_by = verified.signed_by
-        try:
-            self.preprocessor = Preprocessor.from_dict(m["preprocessing"])
-            self.order: list[str] = list(m["order"])
-            self.tasks: dict[str, dict[str, Any]] = {t: dict(s) for t, s in m["tasks"].items()}
-            modules = m["modules"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"manifest of {self.path} is incomplete: {e}") from None
+        self.preprocessor = validate_manifest(m, self.path)
+        self.order: list[str] = list(m["order"])
+        self.tasks: dict[str, dict[str, Any]] = {t: dict(s) for t, s in m["tasks"].items()}
+        modules = m["modules"]
         self.schema = self.preprocessor.schema
         self.dims = self.preprocessor.modality_dims
-        if sorted(self.order) != sorted(self.schema.modalities) or set(self.tasks) != set(self.schema.tasks):
-            raise BundleError("manifest modalities/tasks do not match its schema")
         self._modules: dict[str, ModuleIO] = {}
         for name in ["init_state"] + [f"encoders.{x}" for x in self.order] + [f"decoders.{t}" for t in self.tasks]:
             spec = modules.get(name)
-            if spec is None or spec.get("file") not in verified.files:
+            if spec["file"] not in verified.files:
                 raise BundleError(f"manifest of {self.path} has no file for module '{name}'")
             try:
                 graph = ModuleGraph.parse(verified.files[spec["file"]])
@@ -204,7 +205,7 @@ class Bundle:
                                   f"the manifest ({list(io.inputs)} / {list(io.outputs)})")
             if name.startswith("encoders."):
                 x = name.split(".", 1)[1]
-                declared = spec.get("shapes", {}).get(io.inputs[1], [None, self.dims[x]])[-1]
+                declared = spec.get("shapes", {}).get(io.inputs[-1], [None, self.dims[x]])[-1]
                 if len(io.inputs) != 2 or declared != self.dims[x]:
                     raise BundleError(f"{spec['file']} takes {declared} features but the preprocessing makes "
                                       f"{self.dims[x]} for modality '{x}'")
@@ -343,35 +344,33 @@ class Bundle:
         order = self._check_order(order)
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
-        output = Path(output)
-        tmp = output.with_name(output.name + ".partial")
-        summary: dict[str, Any] = {"rows": 0, "predicted": 0, "notes": [], "problems": []}
-        try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = None
-                for cols, pre, notes in read_csv_chunks(input, chunk_size, self.column_notes):
-                    if writer is None:
-                        absent = [k for k in keep if k not in cols]
-                        if absent:
-                            raise DataError(f"--keep column(s) {absent} are not in the input")
-                        summary["notes"] = notes
-                    p = self._predict_chunk(cols, pre, explain, order, min_modalities, notes)
-                    if writer is None:
-                        writer = csv.DictWriter(f, fieldnames=list(keep) + p.columns(explain))
-                        writer.writeheader()
-                    rows = p.to_rows(explain)
-                    for i, r in enumerate(rows):
-                        for k in keep:
-                            r[k] = cols[k][i] if cols[k][i] is not None else ""
-                        if r["reason"] and len(summary["problems"]) < 5:
-                            summary["problems"].append(f"row {summary['rows'] + i + 1}: {r['reason']}")
-                    writer.writerows(rows)
-                    summary["rows"] += len(p)
-                    summary["predicted"] += int(p.ok.sum())
-            tmp.replace(output)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        output = check_output(output, input)
+        summary: dict[str, Any] = {"rows": 0, "predicted": 0, "notes": [], "problems": [],
+                                   "verified": self.signed_by is not None}
+        with atomic_output(output) as f:
+            writer = None
+            for cols, pre, notes in read_csv_chunks(input, chunk_size,
+                                                    lambda h, n: self.column_notes(h, n, keep=keep)):
+                if writer is None:
+                    absent = [k for k in keep if k not in cols]
+                    if absent:
+                        raise DataError(f"--keep column(s) {absent} are not in the input")
+                    summary["notes"] += notes
+                p = self._predict_chunk(cols, pre, explain, order, min_modalities, notes)
+                if writer is None:
+                    columns = p.columns(explain)
+                    writer = csv.DictWriter(f, fieldnames=list(keep) + columns[:-1] + ["status", "reason"])
+                    writer.writeheader()
+                rows = p.to_rows(explain)
+                for i, r in enumerate(rows):
+                    for k in keep:
+                        r[k] = cols[k][i] if cols[k][i] is not None else ""
+                    r["status"] = "ok" if r["reason"] == "" else "not predicted"
+                    if r["reason"] and len(summary["problems"]) < 5:
+                        summary["problems"].append(f"row {summary['rows'] + i + 1}: {r['reason']}")
+                writer.writerows(rows)
+                summary["rows"] += len(p)
+                summary["predicted"] += int(p.ok.sum())
         return summary
 
     def _check_order(self, order: Sequence[str] | None) -> list[str]:
@@ -381,10 +380,15 @@ class Bundle:
         unknown = [x for x in order if x not in self.dims]
         if unknown or len(set(order)) != len(order):
             raise ValueError(f"order must list distinct modalities of the model {self.order}; got {order}")
+        left_out = [x for x in self.order if x not in order]
+        if left_out:  # a partial order would silently drop these modalities' encoders for every row
+            raise ValueError(f"order {order} leaves out modalities {left_out} of the model; list every modality "
+                             f"(the bundle's order is {','.join(self.order)})")
         return order
 
-    def column_notes(self, columns: Sequence[str], n: int) -> list[str]:
-        """Whole-input checks on the column names. Raises DataError when no column is a model input."""
+    def column_notes(self, columns: Sequence[str], n: int, keep: Sequence[str] = ()) -> list[str]:
+        """Whole-input checks on the column names (``keep``: columns copied to the output, so not "ignored").
+        Raises DataError when no column is a model input."""
         notes = []
         if n == 0:
             notes.append("input has no rows: nothing to predict")
@@ -394,7 +398,7 @@ class Bundle:
             shown = list(columns)[:10]
             raise DataError(f"none of the input's columns {shown} is an input of the model; expected columns of "
                             f"{ {x: list(c) for x, c in self.schema.modalities.items()} }")
-        ignored = [c for c in columns if c not in self._expected_other]
+        ignored = [c for c in columns if c not in self._expected_other and c not in keep]
         if ignored:
             notes.append(f"ignored {len(ignored)} column(s) that are not model inputs: {ignored[:20]}")
         absent = [c for c in self.schema.input_columns if c not in columns]
@@ -457,6 +461,100 @@ class Bundle:
         return Predictions(self.tasks, values, ok, reasons, warnings, used, notes, traj)
 
 
+# ---- the manifest's structure -------------------------------------------------------------------------
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, required: bool = True) -> Any:
+    """``d[key]`` when it has type ``kind``; else BundleError naming the key (``where``: its parent's path)."""
+    path = f"{where}.{key}" if where else key
+    if key not in d:
+        if required:
+            raise BundleError(f"manifest has no '{path}'")
+        return None
+    v = d[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+        raise BundleError(f"manifest key '{path}' is {_TYPE_NAMES.get(type(v), type(v).__name__)}, expected {want}")
+    return v
+
+
+def _strings(d: Mapping[str, Any], key: str, where: str) -> list[str]:
+    v = _get(d, key, list, where)
+    if not all(isinstance(x, str) for x in v):
+        raise BundleError(f"manifest key '{where}.{key}' must list strings, got {v!r:.200}")
+    return v
+
+
+def validate_manifest(m: Mapping[str, Any], path: str | Path = "") -> Preprocessor:
+    """Check a parsed manifest's structure once, where it is loaded: every key the runtime reads is present and of
+    its type, so nothing later raises KeyError / TypeError on a malformed (even validly signed) manifest. Returns
+    the preprocessor it describes. Raises BundleError (``mmn-edge`` exit 3) naming the key."""
+    try:
+        return _validate_manifest(m)
+    except BundleError as e:
+        raise BundleError(f"{Path(path) / 'manifest.json' if path else 'manifest'}: {e}") from None
+
+
+def _validate_manifest(m: Mapping[str, Any]) -> Preprocessor:
+    num = (int, float)
+    for name, entry in _get(m, "files", dict, "").items():
+        _get(entry, "bytes", int, f"files.{name}")
+    order = _strings(m, "order", "")
+    _get(m, "timeseries", dict, "", required=False)
+    _get(m, "provenance", dict, "", required=False)
+    prep = _get(m, "preprocessing", dict, "")
+    _get(prep, "schema", dict, "preprocessing")
+    columns = _get(prep, "columns", dict, "preprocessing")
+    _get(prep, "targets", dict, "preprocessing", required=False)
+    try:
+        pre = Preprocessor.from_dict(prep)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # SchemaError is a ValueError
+        raise BundleError(f"manifest key 'preprocessing' does not describe a preprocessing: {e!r:.300}") from None
+    for c in pre.schema.input_columns:
+        where = f"preprocessing.columns.{c}"
+        st = _get(columns, c, dict, "preprocessing.columns")
+        kind = _get(st, "kind", str, where)
+        if kind == "numeric":
+            _get(st, "mean", num, where), _get(st, "std", num, where)
+        elif kind == "categorical":
+            _strings(st, "categories", where)
+        else:
+            raise BundleError(f"manifest key '{where}.kind' is {kind!r}, expected 'numeric' or 'categorical'")
+    if sorted(order) != sorted(pre.schema.modalities):
+        raise BundleError(f"manifest key 'order' {order} does not list the schema's modalities "
+                          f"{list(pre.schema.modalities)}")
+    tasks = _get(m, "tasks", dict, "")
+    if set(tasks) != set(pre.schema.tasks):
+        raise BundleError(f"manifest key 'tasks' {list(tasks)} does not match the schema's tasks "
+                          f"{list(pre.schema.tasks)}")
+    for t, spec in tasks.items():
+        where = f"tasks.{t}"
+        kind = _get(_get(tasks, t, dict, "tasks"), "kind", str, where)
+        if kind == "multiclass":
+            _strings(spec, "classes", where)
+        elif kind == "regression":
+            _get(spec, "mean", num, where), _get(spec, "std", num, where)
+        elif kind != "binary":
+            raise BundleError(f"manifest key '{where}.kind' is {kind!r}, expected binary, multiclass or regression")
+    modules = _get(m, "modules", dict, "")
+    for name in ["init_state"] + [f"encoders.{x}" for x in order] + [f"decoders.{t}" for t in tasks]:
+        if name not in modules:
+            raise BundleError(f"manifest has no module 'modules.{name}'")
+        spec = _get(modules, name, dict, "modules")
+        where = f"modules.{name}"
+        _get(spec, "file", str, where)
+        _strings(spec, "inputs", where), _strings(spec, "outputs", where)
+        if not spec["inputs"] or not spec["outputs"]:
+            raise BundleError(f"manifest key '{where}' lists no inputs or no outputs")
+        for k, shape in (_get(spec, "shapes", dict, where, required=False) or {}).items():
+            if not isinstance(shape, list) or not shape:
+                raise BundleError(f"manifest key '{where}.shapes.{k}' is {shape!r:.100}, expected a list of dimensions")
+    return pre
+
+
 # ---- input tables -----------------------------------------------------------------------------------
 
 def to_columns(rows: Any) -> tuple[dict[str, list], list[str]]:
@@ -484,49 +582,164 @@ def to_columns(rows: Any) -> tuple[dict[str, list], list[str]]:
     return cols, pre
 
 
-def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
-                    notes_for=None) -> Iterator[tuple[dict[str, list], list[str], list[str]]]:
-    """Stream a CSV in chunks of (columns, per-row pre-reasons, whole-input notes). Blank lines are skipped."""
+def csv_records(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """Each record of a CSV file (the header first) with the line it starts on as an editor counts it (the
+    header is line 1); blank lines are skipped. The one CSV reader of the runtime (static and time-series).
+
+    A file that cannot be split into records is a DataError naming the line, before anything is predicted:
+    a quote that is never closed (the csv module would otherwise read the rest of the file as one value, and
+    every later row would vanish), text after a closing quote, a field longer than the csv module's limit."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
+        raise FileNotFoundError(f"input file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        while header is not None and not header:
-            header = next(reader, None)
-        if header is None:
-            raise DataError(f"input CSV {path} is empty: expected a header row naming the model's input columns")
-        header = [h.strip() for h in header]
-        dup = sorted({h for h in header if header.count(h) > 1})
-        if dup:
-            raise DataError(f"input CSV {path} has duplicate column(s) {dup}")
-        width = len(header)
-        buf: list[list[str]] = []
-        first = True
-        notes: list[str] = []
+        lines = _CountedLines(f)
+        reader = csv.reader(lines, strict=True)
+        header: list[str] = []
+        while True:
+            start = lines.n + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(_csv_problem(path, start, lines, header, e)) from None
+            if row:
+                header = header or row
+                yield start, row
 
-        def emit(block: list[list[str]]):
-            pre = ["" if len(r) <= width else f"row has {len(r)} fields but the header has {width}" for r in block]
-            cols = {h: [r[j] if j < len(r) else None for r in block] for j, h in enumerate(header)}
-            return cols, pre
 
-        for row in reader:
-            if not row:
-                continue
-            buf.append(row)
-            if len(buf) >= chunk_size:
-                cols, pre = emit(buf)
-                if first:
-                    notes = notes_for(header, len(buf)) if notes_for else []
-                    first = False
-                yield cols, pre, notes
-                buf = []
-        if buf or first:
+class _CountedLines:
+    """A file's lines for csv.reader, counted, so that a parse error can name the line."""
+
+    def __init__(self, f):
+        self.f, self.n, self.last = f, 0, ""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        self.last = next(self.f)
+        self.n += 1
+        return self.last
+
+
+def _csv_problem(path: Path, start: int, lines: _CountedLines, header: Sequence[str], e: csv.Error) -> str:
+    at = f"{path.name} line {start}"
+    spans = lines.n > start  # a quoted value went on over later lines
+    text = str(e)
+    if "unexpected end of data" in text:
+        return (f"{at}: a quote opened on this line is never closed, so the rest of the file (to line {lines.n}) "
+                f"would be read as one value; close or remove the quote. Nothing was predicted")
+    if "field larger than field limit" in text:
+        limit = csv.field_size_limit()
+        k = None if spans else _long_field(lines.last, limit)
+        col = f", column {k + 1}" + (f" '{header[k].strip()}'" if k is not None and k < len(header) else "") \
+            if k is not None else ""
+        hint = f" (or a quote opened on line {start} is never closed)" if spans else ""
+        return f"{at}{col}: a value is longer than {limit} characters{hint}; this is not a row of patient data. " \
+               "Nothing was predicted"
+    where = at if not spans else f"{path.name} lines {start}-{lines.n}"
+    return f"{where}: not valid CSV ({text}); quote a value that holds a quote, a comma or a line break, " \
+           "doubling its quotes. Nothing was predicted"
+
+
+def _long_field(line: str, limit: int) -> int | None:
+    """Index of the first field of one line longer than ``limit`` characters (for the message only)."""
+    k, length, quoted = 0, 0, False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            k, length = k + 1, 0
+        else:
+            length += 1
+            if length > limit:
+                return k
+    return None
+
+
+def check_output(output: str | Path, *inputs: str | Path | None) -> Path:
+    """Refuse, before any work, an output that is one of the input files, a directory, or in no folder."""
+    out = Path(output)
+    if out.is_dir():
+        raise DataError(f"output {out} is a directory; name a CSV file (e.g. {out / 'predictions.csv'})")
+    for i in inputs:
+        if i is None:
+            continue
+        same = out.resolve() == Path(i).resolve()
+        if not same and out.exists() and Path(i).exists():
+            same = os.path.samefile(out, i)
+        if same:
+            raise DataError(f"output {out} is the input file {i}: writing it would overwrite the input; "
+                            "choose another output file")
+    if not out.parent.is_dir():
+        raise DataError(f"the folder of output {out} does not exist: {out.parent}")
+    return out
+
+
+@contextmanager
+def atomic_output(output: str | Path) -> Iterator[TextIO]:
+    """A text file that becomes ``output`` only when the block completes: written to a temporary file beside it
+    and renamed into place; on any error the temporary file is removed and ``output`` is left as it was."""
+    out = Path(output)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
+                    notes_for=None) -> Iterator[tuple[dict[str, list], list[str], list[str]]]:
+    """Stream a CSV in chunks of (columns, per-row pre-reasons, whole-input notes). Blank lines are skipped.
+    A row with more or fewer fields than the header is not predicted (its reason says so); a file that is not
+    valid CSV is a DataError naming the line (``csv_records``)."""
+    path = Path(path)
+    records = csv_records(path)
+    first_record = next(records, None)
+    if first_record is None:
+        raise DataError(f"input CSV {path} is empty: expected a header row naming the model's input columns")
+    header = [h.strip() for h in first_record[1]]
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DataError(f"input CSV {path} has duplicate column(s) {dup}")
+    width = len(header)
+    buf: list[list[str]] = []
+    first = True
+    notes: list[str] = []
+
+    def problem(r: list[str]) -> str:
+        if len(r) > width:
+            return f"row has {len(r)} fields but the header has {width}"
+        if len(r) < width:  # cut short: predicting from the columns it has would hide the ones it lost
+            lost = header[len(r):]
+            shown = ", ".join(lost[:30]) + (f" and {len(lost) - 30} more" if len(lost) > 30 else "")
+            return f"row has {len(r)} fields but the header has {width}: no field for column(s) {shown}"
+        return ""
+
+    def emit(block: list[list[str]]):
+        pre = [problem(r) for r in block]
+        cols = {h: [r[j] if j < len(r) else None for r in block] for j, h in enumerate(header)}
+        return cols, pre
+
+    for _, row in records:
+        buf.append(row)
+        if len(buf) >= chunk_size:
             cols, pre = emit(buf)
             if first:
                 notes = notes_for(header, len(buf)) if notes_for else []
+                first = False
             yield cols, pre, notes
+            buf = []
+    if buf or first:
+        cols, pre = emit(buf)
+        if first:
+            notes = notes_for(header, len(buf)) if notes_for else []
+        yield cols, pre, notes
 
 
 def load_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = False) -> Bundle:
@@ -535,4 +748,4 @@ def load_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = 
     return Bundle(verify_bundle(path, trust_key, allow_unsigned))
 
 
-__all__ = ["Bundle", "Predictions", "Step", "load_bundle", "read_csv_chunks", "read_manifest", "session_options"]
+__all__ = ["Bundle", "Predictions", "Step", "csv_records", "load_bundle", "read_csv_chunks", "read_manifest", "session_options", "validate_manifest"]

@@ -48,6 +48,10 @@ def _predict(args) -> int:
     from .schema import SchemaError
 
     bundle = load_bundle(args.bundle, trust_key=args.trust_key, allow_unsigned=args.allow_unsigned)
+    if bundle.signed_by is None:
+        from .bundle import UNVERIFIED_NOTE
+
+        print(f"warning: {UNVERIFIED_NOTE}", file=sys.stderr)
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
     if bundle.manifest.get("timeseries"):  # a visit or long table: one output row per (id, step) (docs/timeseries.md)
         from .streaming import Stream, predict_table
@@ -82,9 +86,11 @@ def print_summary(s: dict, output: str, model: str = "") -> None:
 
 
 def _verify(args) -> int:
+    from .bundle import validate_manifest
     from .trust import verify_bundle
 
     vb = verify_bundle(args.bundle, trust_key=args.trust_key)
+    validate_manifest(vb.manifest, vb.path)  # signed but malformed is not OK
     print(f"OK: {args.bundle} signed by key {vb.signed_by}; {len(vb.files)} file(s) match their sha256 "
           f"(model {vb.manifest.get('model_id')})")
     return 0
@@ -98,11 +104,11 @@ def _info(args) -> int:
         d = Bundle(verify_bundle(args.bundle, trust_key=args.trust_key)).describe()
         d["verified"] = True
     else:
-        from .preprocessing import Preprocessor
+        from .bundle import validate_manifest
         from .trust import read_manifest
 
         m, _, sig = read_manifest(args.bundle)
-        prep = Preprocessor.from_dict(m["preprocessing"])
+        prep = validate_manifest(m, args.bundle)
         dims = prep.modality_dims
         d = {"model_id": m.get("model_id"), "format_version": m.get("format_version"), "signed": sig is not None,
              "verified": False,

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError, session_options
+from .bundle import Bundle, BundleError, atomic_output, check_output, csv_records, session_options
 from .preprocessing import DataError
 from .schema import ELAPSED, Schema, SchemaError, canonical_category
 from .compose import FLOAT, INT64, STATE_INPUT, STATE_OUTPUT, WireError, compose, model_bytes, output_name, value_info
@@ -208,15 +208,22 @@ def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip() == "")
 
 
-def _read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """(header, rows, each row's line as an editor shows it: the header is line 1)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows, lines = [], []
-        for row in reader:  # a quoted value may span lines: the row starts that many lines before its end
-            rows.append(row)
-            lines.append(reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str)))
+def _read_csv(path: str | Path) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+    """(header, rows, each row's line as an editor shows it: the header is line 1). Rows as csv.DictReader makes
+    them (a short row's absent columns None, a long row's extra fields a list under None); a file that is not
+    valid CSV (an unclosed quote, a huge field) is a DataError naming the line (``bundle.csv_records``)."""
+    records = csv_records(path)
+    first = next(records, None)
+    header = list(first[1]) if first else []
+    rows, lines = [], []
+    for line, fields in records:
+        row: dict[Any, Any] = dict(zip(header, fields))
+        for c in header[len(fields):]:
+            row[c] = None
+        if len(fields) > len(header):
+            row[None] = fields[len(header):]
+        rows.append(row)
+        lines.append(line)
     return header, rows, lines
 
 
@@ -232,6 +239,18 @@ class _Where:
 
     def rows(self, members: Sequence[int]) -> str:
         return f"{self.name} data row(s) {' '.join(map(str, members))}"
+
+
+def _width_problem(row: Mapping[Any, Any], header: Sequence[str]) -> str | None:
+    """What is wrong with a row of more or fewer fields than the header (``_read_csv`` marks them), else None."""
+    extra = row.get(None)
+    if extra:
+        return f"has {len(header) + len(extra)} fields but the header has {len(header)}"
+    lost = [c for c in header if row.get(c) is None]
+    if lost:  # cut short: scoring the fields it has would hide the ones it lost
+        return (f"has {len(header) - len(lost)} fields but the header has {len(header)}: no field for column(s) "
+                f"{', '.join(lost[:30])}")
+    return None
 
 
 def _id_time_problem(row: Mapping[str, Any], id_col: str, time_col: str) -> tuple[str, str] | None:
@@ -256,6 +275,7 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
     The whole table is read into memory (a clinic export, not a warehouse)."""
     ts = stream.timeseries
     id_col, time_col = ts.id, ts.time
+    output = check_output(output, input, subjects)
     header, rows, lines = _read_csv(input)
     where = _Where(input, lines)
     for c in (id_col, time_col) + ((ts.variable, ts.value) if ts.variable else ()):
@@ -287,6 +307,11 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
     tasks = list(stream.bundle.tasks)
     by_subject: dict[str, list[tuple[float, float, int, dict]]] = {}
     for r, row in records:
+        width = _width_problem(row, header) if not ts.variable else None  # a long table's rows: checked before
+        if width is not None:
+            report({"id": row.get(id_col) or "", "time": row.get(time_col) or "", "rows": str(r), "status": "error",
+                    "reason": f"{where(r)} {width}", **{k: row.get(k) or "" for k in keep}})
+            continue
         problem = _id_time_problem(row, id_col, time_col)
         if problem is not None:
             report({"id": row.get(id_col, ""), "time": row.get(time_col, ""), "rows": str(r), "status": "error",
@@ -325,14 +350,12 @@ def predict_table(stream: Stream, input: str | Path, output: str | Path, keep: S
             predicted += 1
     columns = list(keep) + ["id", "time", "rows"] + (["subject_row"] if subject_of is not None else []) + tasks \
         + ["status", "reason"]
-    tmp = Path(str(output) + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(output) as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in out_rows:
             w.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(output)
-    return {"rows": len(rows), "subject_rows": n_subject_rows, "steps": len(out_rows), "predicted": predicted,
+    return {"verified": stream.bundle.signed_by is not None, "rows": len(rows), "subject_rows": n_subject_rows, "steps": len(out_rows), "predicted": predicted,
             "subjects": len(by_subject), "problems": problems[:5], "errors": len(problems)}
 
 
@@ -380,6 +403,11 @@ def _long_to_visit_rows(stream: Stream, rows: list[dict[str, str]], where: _Wher
         raise SchemaError(f"--keep column(s) {missing} in neither the long table nor the subject table")
     records, unknown_variable, unknown_id = [], {}, {}
     for r, row in enumerate(rows, start=1):
+        width = _width_problem(row, header)
+        if width is not None:
+            report({"id": row.get(ts.id) or "", "time": row.get(ts.time) or "", "rows": str(r), "status": "error",
+                    "reason": f"{where(r)} {width}", **{k: row.get(k) or "" for k in keep}})
+            continue
         if _id_time_problem(row, ts.id, ts.time) is not None:
             records.append((r, row))  # reported with the visit rows' checks
             continue

@@ -91,7 +91,9 @@ class VerifiedBundle:
 
 
 def _read(path: Path, what: str) -> bytes:
-    if not path.is_file():
+    if not path.is_file():  # stat only: a FIFO or device is never opened (opening a FIFO would block)
+        if path.exists() or path.is_symlink():
+            raise UntrustedBundleError(f"{what} {path} is not a regular file; refusing to read it")
         raise UntrustedBundleError(f"{what} missing: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise UntrustedBundleError(f"{what} {path} is larger than {MAX_FILE_BYTES} bytes; refusing to read it")
@@ -105,7 +107,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], bytes, bytes | None
         raise BundleError(f"bundle directory not found: {root}")
     raw = _read(root / MANIFEST, "manifest")
     sig_path = root / SIGNATURE
-    sig = _read(sig_path, "signature") if sig_path.exists() else None
+    sig = _read(sig_path, "signature") if sig_path.exists() or sig_path.is_symlink() else None
     return _parse_manifest(raw, root), raw, sig
 
 
@@ -114,6 +116,8 @@ def _parse_manifest(raw: bytes, root: Path) -> dict[str, Any]:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UntrustedBundleError(f"{root / MANIFEST} is not valid JSON ({e}); the bundle is damaged") from None
+    except RecursionError:  # e.g. 200,000 nested brackets: no manifest is nested deeply
+        raise BundleError(f"{root / MANIFEST} is nested too deeply to be a bundle manifest; refusing it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{root} is not an mmn-fed bundle (manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -145,7 +149,7 @@ def verify_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool 
     signed_by = None
     if trust_key is not None:
         pub = load_public_key(trust_key)
-        if not sig_path.exists():
+        if not sig_path.exists() and not sig_path.is_symlink():
             raise UntrustedBundleError(f"bundle {root} is unsigned ({SIGNATURE} missing) but a trust key was given; "
                                        f"refusing it")
         sig = _read(sig_path, "signature")

@@ -105,35 +105,38 @@ class Predictions:
             cols.extend(f"{t}@{s.name}" for s in self.trajectory for t in self.tasks)
         return cols + ["modalities", "warnings", "reason"]
 
+    def to_columns(self, explain: bool = False) -> list[list[str]]:
+        """The output as columns of strings, in the order of ``columns()``: what the CLI writes (built column by
+        column: one list per output column, no dict per row)."""
+        ok = self.ok.tolist()
+
+        def numbers(values: np.ndarray, shown: list[bool]) -> list[str]:
+            return [_fmt(v) if s else "" for v, s in zip(values.tolist(), shown)]
+
+        out: list[list[str]] = []
+        for t, spec in self.tasks.items():
+            v = np.asarray(self.values[t])
+            if spec["kind"] == "multiclass":
+                out.append([c or "" for c in self.label(t)])
+                out += [numbers(v[:, j], ok) for j in range(len(spec["classes"]))]
+            else:
+                out.append(numbers(v, ok))
+        if explain and self.trajectory:
+            for s in self.trajectory:
+                shown = ok if s.name == "prior" else [o and a for o, a in zip(ok, s.applied.astype(bool).tolist())]
+                for t, spec in self.tasks.items():
+                    v = np.asarray(s.values[t])
+                    if spec["kind"] == "multiclass":
+                        best = np.argmax(v, axis=1).tolist()
+                        out.append([spec["classes"][j] if sh else "" for j, sh in zip(best, shown)])
+                    else:
+                        out.append(numbers(v, shown))
+        return out + [list(self.used), list(self.warnings), list(self.reasons)]
+
     def to_rows(self, explain: bool = False) -> list[dict[str, str]]:
-        """One dict of strings per row, keyed by ``columns()``: what the CLI writes to CSV."""
-        labels = {t: self.label(t) for t, s in self.tasks.items() if s["kind"] == "multiclass"}
-        rows = []
-        for i in range(len(self)):
-            ok = bool(self.ok[i])
-            r: dict[str, str] = {}
-            for t, spec in self.tasks.items():
-                v = self.values[t][i]
-                if spec["kind"] == "multiclass":
-                    r[t] = labels[t][i] if ok else ""
-                    for c, p in zip(spec["classes"], v):
-                        r[f"{t}_p_{c}"] = _fmt(p) if ok else ""
-                else:
-                    r[t] = _fmt(v) if ok else ""
-            if explain and self.trajectory:
-                for s in self.trajectory:
-                    for t, spec in self.tasks.items():
-                        shown = ok and (s.name == "prior" or bool(s.applied[i]))
-                        v = s.values[t][i]
-                        if spec["kind"] == "multiclass":
-                            r[f"{t}@{s.name}"] = spec["classes"][int(np.argmax(v))] if shown else ""
-                        else:
-                            r[f"{t}@{s.name}"] = _fmt(v) if shown else ""
-            r["modalities"] = self.used[i]
-            r["warnings"] = self.warnings[i]
-            r["reason"] = self.reasons[i]
-            rows.append(r)
-        return rows
+        """One dict of strings per row, keyed by ``columns()`` (``to_columns``, row by row)."""
+        names = self.columns(explain)
+        return [dict(zip(names, values)) for values in zip(*self.to_columns(explain))]
 
     @classmethod
     def concat(cls, parts: Sequence["Predictions"]) -> "Predictions":
@@ -358,17 +361,15 @@ class Bundle:
                     summary["notes"] += notes
                 p = self._predict_chunk(cols, pre, explain, order, min_modalities, notes)
                 if writer is None:
-                    columns = p.columns(explain)
-                    writer = csv.DictWriter(f, fieldnames=list(keep) + columns[:-1] + ["status", "reason"])
-                    writer.writeheader()
-                rows = p.to_rows(explain)
-                for i, r in enumerate(rows):
-                    for k in keep:
-                        r[k] = cols[k][i] if cols[k][i] is not None else ""
-                    r["status"] = "ok" if r["reason"] == "" else "not predicted"
-                    if r["reason"] and len(summary["problems"]) < 5:
-                        summary["problems"].append(f"row {summary['rows'] + i + 1}: {r['reason']}")
-                writer.writerows(rows)
+                    writer = csv.writer(f)
+                    writer.writerow(list(keep) + p.columns(explain)[:-1] + ["status", "reason"])
+                *values, reasons = p.to_columns(explain)
+                kept = [["" if v is None else v for v in cols[k]] for k in keep]
+                status = ["not predicted" if r else "ok" for r in reasons]
+                writer.writerows(zip(*kept, *values, status, reasons))  # one row per input row, in order
+                for i, r in enumerate(reasons):
+                    if r and len(summary["problems"]) < 5:
+                        summary["problems"].append(f"row {summary['rows'] + i + 1}: {r}")
                 summary["rows"] += len(p)
                 summary["predicted"] += int(p.ok.sum())
         return summary
@@ -722,6 +723,8 @@ def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
         return ""
 
     def emit(block: list[list[str]]):
+        if block and min(map(len, block)) == max(map(len, block)) == width:  # all rows whole: transpose in C
+            return dict(zip(header, map(list, zip(*block)))), [""] * len(block)
         pre = [problem(r) for r in block]
         cols = {h: [r[j] if j < len(r) else None for r in block] for j, h in enumerate(header)}
         return cols, pre

@@ -223,6 +223,7 @@ class Bundle:
         m = self.manifest
         return {
             "model_id": m.get("model_id"),
+            "release": m.get("release", 0),  # bundles exported before release numbers: 0
             "format_version": m.get("format_version"),
             "signed_by": self.signed_by,
             "modalities": {x: {"columns": list(self.schema.modalities[x]), "features": self.dims[x]} for x in self.order},

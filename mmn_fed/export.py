@@ -186,9 +186,12 @@ def export_modules(model: MultiModN, dims: dict[str, int], opset: int = DEFAULT_
 # ---- bundle -----------------------------------------------------------------------------------------
 
 def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_key: Any = None,
-                  force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
+                  force: bool = False, opset: int = DEFAULT_OPSET, release: int = 1) -> Path:
     """Write a bundle directory: manifest.json (+ manifest.sig when ``sign_key`` is a key path or an
-    Ed25519 private key) and one ONNX file per module. Returns the directory."""
+    Ed25519 private key) and one ONNX file per module. ``release``: the signed release number (an integer >= 1
+    that a serving device refuses to go back from, see docs/edge.md). Returns the directory."""
+    if isinstance(release, bool) or not isinstance(release, int) or release < 1:
+        raise ExportError(f"release must be an integer >= 1, got {release!r}")
     source_sha = None
     if isinstance(trained, (str, Path)):
         source_sha = sha256(Path(trained).read_bytes()) if Path(trained).is_file() else None
@@ -238,6 +241,7 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_id": sha256(canonical_json(identity))[:16],
+        "release": release,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": {**dict(trained.metadata.get("provenance", {})), "source_model_sha256": source_sha,
                        "exporter": f"mmn-fed {_version()}", "torch": torch.__version__, "onnx": onnx.__version__},
@@ -276,6 +280,8 @@ def register(sub) -> None:
     p.add_argument("--sign-key", help="Ed25519 private key (from `mmn-fed keygen`); without it the bundle is unsigned")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace a bundle already in --out")
+    p.add_argument("--release", type=int, default=1, help="release number, signed in the manifest; a serving device "
+                                                          "refuses a lower one than it runs")
     p.set_defaults(func=_export)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     k.add_argument("--out", required=True, help="directory for <name>.key (private) and <name>.pub")
@@ -286,10 +292,12 @@ def register(sub) -> None:
 
 def _export(args) -> int:
     torch.set_num_threads(1)
-    out = export_bundle(args.model, args.out, args.sign_key, force=args.force, opset=args.opset)
+    out = export_bundle(args.model, args.out, args.sign_key, force=args.force, opset=args.opset,
+                        release=args.release)
     manifest = json.loads((out / MANIFEST).read_text())
     size = sum(e["bytes"] for e in manifest["files"].values()) + (out / MANIFEST).stat().st_size
-    print(json.dumps({"bundle": str(out), "model_id": manifest["model_id"], "signed": (out / SIGNATURE).exists(),
+    print(json.dumps({"bundle": str(out), "model_id": manifest["model_id"],
+                      "release": manifest["release"], "signed": (out / SIGNATURE).exists(),
                       "modules": list(manifest["modules"]), "bytes": size}, indent=1))
     return 0
 

@@ -1,0 +1,231 @@
+"""`mmn-edge serve`: the JSON API against the Python runtime, its refusals, hot swap, trust and drift.
+Every server listens on 127.0.0.1, port 0, in a thread, and is shut down by its fixture."""
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from edge_runtime import load_bundle
+from edge_runtime.serve import ServeConfig, ServeError, Service, make_server
+from edge_runtime.trust import UntrustedBundleError, key_id, load_public_key
+
+PATIENTS = [
+    {"age": 63, "sex": "Male", "cp": "typical angina", "trestbps": 145, "chol": 233},
+    {"age": 41, "thalch": 172, "oldpeak": 1.4},
+    {"sex": "Female"},
+]
+
+
+@contextmanager
+def running(service, **cfg):
+    server = make_server(service, ServeConfig(host="127.0.0.1", port=0, **cfg))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(5)
+
+
+def call(server, path, body=None, token=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(server.url + path, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture()
+def server(heart):
+    with running(Service(heart.bundle, heart.public_key)) as s:
+        yield s
+
+
+def test_predictions_and_explanation_match_the_python_runtime(server, bundle):
+    status, res = call(server, "/predict", {"patients": PATIENTS})
+    assert status == 200
+    assert res["model_id"] == bundle.manifest["model_id"] and res["release"] == 1
+    ref = bundle.predict(PATIENTS, explain=True)
+    assert [r["ok"] for r in res["results"]] == ref.ok.tolist()
+    for i, r in enumerate(res["results"]):
+        assert r["modalities"] == ref.used[i].split("+")
+        np.testing.assert_allclose(r["predictions"]["disease"], ref.values["disease"][i], atol=1e-6)
+        probs = [r["predictions"]["severity"][c] for c in ref.classes("severity")]
+        np.testing.assert_allclose(probs, ref.values["severity"][i], atol=1e-6)
+        steps = ["prior"] + [f"+{x}" for x in ref.used[i].split("+")]
+        assert [s["step"] for s in r["explanation"]] == steps
+        for s in r["explanation"]:
+            k = [t.name for t in ref.trajectory].index(s["step"])
+            np.testing.assert_allclose(s["disease"], ref.trajectory[k].values["disease"][i], atol=1e-6)
+        assert r["explanation"][-1]["disease"] == pytest.approx(r["predictions"]["disease"], abs=1e-7)
+
+
+def test_info_and_health_name_the_model_and_release(server, bundle):
+    status, info = call(server, "/info")
+    assert status == 200
+    assert info["model_id"] == bundle.manifest["model_id"] and info["release"] == 1
+    assert info["order"] == bundle.order and set(info["tasks"]) == {"disease", "severity"}
+    assert set(info["columns"]) == set(bundle.schema.input_columns)
+    assert call(server, "/health") == (200, {"status": "ok", "model_id": bundle.manifest["model_id"], "release": 1})
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"patients": [{"age": 50, "colour": "red"}]}, 400, "patients[0].colour"),
+    ({"patients": [{"age": 50}, {"age": "old"}]}, 400, "patients[1].age"),
+    ({"patients": [{"age": [50]}]}, 400, "patients[0].age"),
+    ({"patient": {"age": 50}, "explain": "yes"}, 400, "explain"),
+    ({"rows": []}, 400, "rows"),
+    ([1, 2], 400, None),
+])
+def test_bad_requests_get_4xx_naming_the_field(server, body, status, field):
+    code, res = call(server, "/predict", body)
+    assert code == status and res["field"] == field, res
+    assert res["model_id"] and "error" in res
+
+
+def test_bad_json_and_oversized_bodies_are_refused(heart):
+    with running(Service(heart.bundle, heart.public_key), max_body=2000) as server:
+        code, res = call(server, "/predict", raw=b'{"patients": [')
+        assert code == 400 and res["field"] == "body" and "not valid JSON" in res["error"]
+        code, res = call(server, "/predict", {"patients": PATIENTS * 40})
+        assert code == 413 and res["field"] == "Content-Length"
+        assert call(server, "/predict", {"patients": PATIENTS})[0] == 200
+
+
+def test_saturated_service_answers_503(heart):
+    with running(Service(heart.bundle, heart.public_key), max_concurrent=1) as server:
+        server.slots.acquire()  # one request in flight
+        try:
+            assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 503
+        finally:
+            server.slots.release()
+        assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 200
+
+
+@pytest.mark.parametrize("cfg, missing", [
+    ({}, "TLS (--tls-cert and --tls-key) and an access token"),
+    ({"token": "x" * 32}, "without TLS"),
+    ({"tls_cert": "c.pem", "tls_key": "k.pem"}, "without an access token"),
+])
+def test_non_loopback_needs_tls_and_token(heart, cfg, missing):
+    with pytest.raises(ServeError, match="not a loopback address") as e:
+        make_server(Service(heart.bundle, heart.public_key), ServeConfig(host="0.0.0.0", port=0, **cfg))
+    assert missing in str(e.value)
+
+
+def test_cli_refuses_non_loopback_without_tls(heart, capsys):
+    from edge_runtime.cli import main
+
+    assert main(["serve", str(heart.bundle), "--trust-key", str(heart.public_key), "--host", "192.0.2.1"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_token_guards_the_api(heart):
+    token = "t" * 32
+    with running(Service(heart.bundle, heart.public_key), token=token) as server:
+        assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 401
+        assert call(server, "/predict", {"patient": PATIENTS[0]}, token="wrong" * 8)[0] == 401
+        assert call(server, "/info")[0] == 401
+        assert call(server, "/predict", {"patient": PATIENTS[0]}, token=token)[0] == 200
+        assert call(server, "/health")[0] == 200
+
+
+def _export(heart, out, release, key=None):
+    from mmn_fed.export import export_bundle
+
+    return export_bundle(heart.model_path, out, sign_key=key or heart.private_key, force=True, release=release)
+
+
+def test_hot_swap_and_release_refusal(heart, tmp_path):
+    live = _export(heart, tmp_path / "live", release=2)
+    token = "t" * 32
+    with running(Service(live, heart.public_key), token=token) as server:
+        assert call(server, "/health")[1]["release"] == 2
+        _export(heart, live, release=3)
+        code, res = call(server, "/admin/reload", {}, token=token)
+        assert code == 200 and res["release"] == 3 and res["previous"]["release"] == 2
+        assert call(server, "/predict", {"patient": PATIENTS[0]}, token=token)[1]["release"] == 3
+        _export(heart, live, release=1)
+        code, res = call(server, "/admin/reload", {}, token=token)
+        assert code == 409 and "lower than the running release 3" in res["error"]
+        assert call(server, "/health")[1]["release"] == 3  # the running model stays
+        code, res = call(server, "/admin/reload", {"force": True}, token=token)
+        assert code == 200 and res["release"] == 1
+        assert call(server, "/admin/reload", {}, token=None)[0] == 401
+
+
+def test_tampered_bundle_is_not_swapped_in(heart, tmp_path):
+    live = _export(heart, tmp_path / "live", release=1)
+    service = Service(live, heart.public_key)
+    _export(heart, live, release=2)
+    onnx = next(live.glob("encoders.*.onnx"))
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UntrustedBundleError, match="sha256|bytes"):
+        service.reload()
+    assert service.current.release == 1
+
+
+def test_old_bundle_without_release_loads_as_release_0(heart, tmp_path):
+    import json as _json
+
+    from edge_runtime.trust import MANIFEST, canonical_json
+    from mmn_fed.export import load_private_key, sign_bundle
+
+    old = _export(heart, tmp_path / "old", release=1)
+    m = _json.loads((old / MANIFEST).read_text())
+    del m["release"]
+    (old / MANIFEST).write_bytes(canonical_json(m))
+    sign_bundle(old, load_private_key(heart.private_key))
+    service = Service(old, heart.public_key)
+    assert service.current.release == 0 and "treated as release 0" in service.current.notices[0]
+    assert service.info()["notices"] == service.current.notices
+
+
+def test_several_trusted_keys_and_revocation(heart, tmp_path):
+    from mmn_fed.export import generate_keypair
+
+    new_priv, new_pub = generate_keypair(tmp_path / "new-keys")
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    shutil.copy(heart.public_key, keys / "old.pub")
+    shutil.copy(new_pub, keys / "new.pub")
+    rotated = _export(heart, tmp_path / "rotated", release=2, key=new_priv)
+    assert Service(rotated, keys).current.bundle.signed_by == key_id(load_public_key(new_pub))
+    assert Service(rotated, [heart.public_key, new_pub]).current.release == 2
+    with pytest.raises(UntrustedBundleError, match="does not verify"):
+        Service(rotated, heart.public_key)
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text(f"# compromised\n{key_id(load_public_key(heart.public_key))}\n")
+    with pytest.raises(UntrustedBundleError, match="revoked"):
+        Service(heart.bundle, keys, revocations=revoked)
+    assert Service(rotated, keys, revocations=revoked).current.release == 2
+
+
+def test_drift_statistics_against_a_hand_computation(server, bundle):
+    sent = [{"age": 70, "chol": 300}, {"age": 50, "sex": "Male"}, {"sex": "Female"}, {"age": "?"}]
+    assert call(server, "/predict", {"patients": sent})[0] == 200
+    drift = call(server, "/info")[1]["drift"]
+    # rows predicted: the first three (the fourth has no value at all)
+    assert drift["rows"] == 3
+    mod = {x: bundle.schema.modality_of(c) for x, c in (("age", "age"), ("sex", "sex"), ("chol", "chol"))}
+    for x in bundle.order:
+        present = sum(any(bundle.schema.modality_of(c) == x for c in r if c in mod) for r in sent[:3])
+        assert drift["missing"][x] == pytest.approx(1 - present / 3)
+    st = bundle.preprocessor.columns["age"]
+    age = drift["numeric"]["age"]
+    assert age["seen"] == 2 and age["mean"] == pytest.approx(60.0)
+    assert age["shift_sd"] == pytest.approx((60.0 - st["mean"]) / st["std"])
+    assert age["z"] == pytest.approx((60.0 - st["mean"]) / st["std"] * np.sqrt(2))
+    assert drift["numeric"]["chol"]["seen"] == 1 and drift["numeric"]["trestbps"]["seen"] == 0

@@ -22,7 +22,7 @@ background:#fff}button{background:#1f6fb2;color:#fff;border:0;padding:.6rem 1.4r
 button.secondary{background:#e3e9f0;color:#1d2733}.actions{display:flex;gap:.6rem;flex-wrap:wrap}
 section.out{background:#fff;border:1px solid #c9d3de;border-radius:.5rem;padding:.8rem}
 .task{font-size:1.1rem;margin:.3rem 0}.task b{font-size:1.4rem}.err{color:#a4161a;white-space:pre-wrap}
-.muted{color:#66788a;font-size:.85rem}svg{width:100%;height:auto}svg text{font-size:11px;fill:#1d2733}
+.muted{color:#66788a;font-size:.85rem}svg{width:100%;max-width:28rem;height:auto;display:block}svg text{font-size:11px;fill:#1d2733}
 .card dt{font-weight:600}.card dd{margin:0 0 .4rem}
 """
 

@@ -236,8 +236,8 @@ def parse_request(body: Any, bundle: Bundle) -> tuple[list[dict[str, Any]], bool
             if numeric:
                 _, bad = parse_numeric([v], c, schema.missing_codes.get(c, ()))
                 if bad:
-                    raise RequestError(400, f"{at}.{c}: {bad[0].message}; expected a number for numeric column "
-                                            f"'{c}'", f"{at}.{c}")
+                    raise RequestError(400, f"{at}.{c}: {bad[0].message} (column '{c}' is numeric), got {v!r}",
+                                       f"{at}.{c}")
     return patients, explain
 
 
@@ -413,6 +413,9 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path not in ("/predict", "/admin/reload"):
             return self._error(404, f"no such endpoint {path}; POST goes to /predict or /admin/reload")
+        if path == "/admin/reload" and self.server.cfg.token is None:
+            return self._error(403, "reload is disabled: start the service with --token-file to enable "
+                                    "POST /admin/reload", "Authorization")
         if not self._authorized():
             return
         if not self.server.slots.acquire(blocking=False):

@@ -265,3 +265,48 @@ def test_the_page_predicts_in_a_headless_browser(server, bundle, chromium):
     assert [s for s, _ in steps] == ["prior", "+demographics", "+rest"]  # the prior, then one step per modality
     for (name, v), step in zip(steps, [s for s in ref.trajectory if s.name in ("prior", "+demographics", "+rest")]):
         assert v == pytest.approx(float(step.values["disease"][0]), abs=1e-6)
+
+
+def test_reload_needs_a_configured_token(server):
+    code, res = call(server, "/admin/reload", {})
+    assert code == 403 and "--token-file" in res["error"]
+
+
+def test_tls_on_loopback(heart, tmp_path):
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    with running(Service(heart.bundle, heart.public_key), tls_cert=str(tmp_path / "cert.pem"),
+                 tls_key=str(tmp_path / "key.pem")) as server:
+        assert server.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        with urllib.request.urlopen(server.url + "/health", context=ctx, timeout=20) as r:
+            assert json.loads(r.read())["status"] == "ok"
+
+
+def test_logs_hold_no_patient_values(server, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mmn-edge.serve"):
+        assert call(server, "/predict", {"patient": {"age": 61.2345, "sex": "Female"}})[0] == 200
+        code, res = call(server, "/predict", {"patient": {"age": "seventy-ish"}})
+        assert code == 400 and "seventy-ish" in res["error"]  # told to the caller only
+    assert "/predict" in caplog.text and "200" in caplog.text
+    assert "61.2345" not in caplog.text and "seventy" not in caplog.text and "Female" not in caplog.text

@@ -233,6 +233,7 @@ class Bundle:
             "total_bytes": sum(e["bytes"] for e in m["files"].values()),
             "opset": m.get("opset"),
             "provenance": m.get("provenance", {}),
+            "model_card": m.get("model_card"),
         }
 
     # ---- composed sessions --------------------------------------------------------------------------

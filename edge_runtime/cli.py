@@ -141,7 +141,7 @@ def _info(args) -> int:
              "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes")} for t, s in m["tasks"].items()},
              "files": {f: e["bytes"] for f, e in m["files"].items()},
              "total_bytes": sum(e["bytes"] for e in m["files"].values()), "opset": m.get("opset"),
-             "provenance": m.get("provenance", {})}
+             "provenance": m.get("provenance", {}), "model_card": m.get("model_card")}
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -161,6 +161,10 @@ def _info(args) -> int:
     for f, n in d["files"].items():
         print(f"  {f:<36} {n:>8} B")
     print("provenance: " + json.dumps(d["provenance"]))
+    if d.get("model_card"):
+        print("model card:")
+        for k, v in d["model_card"].items():
+            print(f"  {k}: {v if isinstance(v, str) else json.dumps(v)}")
     return 0
 
 

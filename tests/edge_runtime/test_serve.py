@@ -310,3 +310,35 @@ def test_logs_hold_no_patient_values(server, caplog):
         assert code == 400 and "seventy-ish" in res["error"]  # told to the caller only
     assert "/predict" in caplog.text and "200" in caplog.text
     assert "61.2345" not in caplog.text and "seventy" not in caplog.text and "Female" not in caplog.text
+
+
+CARD = '''intended_use = "Adults referred for chest pain; decision support only"
+limits = ["not validated under 30 years", "thal and ca often missing outside Cleveland"]
+training_sites = [{site = "Cleveland", n = 303}, {site = "Hungary", n = 294}]
+[metrics.disease_auroc]
+value = 0.88
+ci95 = [0.84, 0.91]
+'''
+
+
+def test_model_card_is_signed_and_shown(heart, tmp_path, capsys):
+    from edge_runtime.cli import main
+    from mmn_fed.export import ExportError
+
+    (tmp_path / "card.toml").write_text(CARD)
+    from mmn_fed.export import export_bundle
+
+    out = export_bundle(heart.model_path, tmp_path / "carded", sign_key=heart.private_key,
+                        model_card=tmp_path / "card.toml")
+    assert main(["info", str(out), "--trust-key", str(heart.public_key)]) == 0
+    text = capsys.readouterr().out
+    assert "intended_use: Adults referred for chest pain" in text and '"ci95": [0.84, 0.91]' in text
+    service = Service(out, heart.public_key)
+    assert service.info()["model_card"]["training_sites"][1] == {"site": "Hungary", "n": 294}
+    with running(service) as server:
+        with urllib.request.urlopen(server.url + "/", timeout=20) as r:
+            page = r.read().decode()
+    assert 'id="model-card"' in page and "not validated under 30 years" in page
+    (tmp_path / "bad.toml").write_text('intendeduse = "typo"\n' + CARD)
+    with pytest.raises(ExportError, match=r"\['intendeduse'\] are not known"):
+        export_bundle(heart.model_path, tmp_path / "bad", model_card=tmp_path / "bad.toml")

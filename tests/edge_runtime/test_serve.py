@@ -342,3 +342,26 @@ def test_model_card_is_signed_and_shown(heart, tmp_path, capsys):
     (tmp_path / "bad.toml").write_text('intendeduse = "typo"\n' + CARD)
     with pytest.raises(ExportError, match=r"\['intendeduse'\] are not known"):
         export_bundle(heart.model_path, tmp_path / "bad", model_card=tmp_path / "bad.toml")
+
+
+def test_mmn_edge_serve_command_serves_and_stops(heart):
+    """The command line end to end: `mmn-edge serve` in a subprocess on 127.0.0.1, port 0; terminated by the test."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", str(heart.bundle), "--trust-key",
+                             str(heart.public_key), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # the start-up lines, until the address
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no address printed"
+        with urllib.request.urlopen(url + "/health", timeout=20) as r:
+            assert json.loads(r.read())["release"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(20)

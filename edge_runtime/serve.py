@@ -342,6 +342,7 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
     server_version = "mmn-edge"
+    timeout = 30  # seconds a connection may idle (a slow or silent client does not hold a thread forever)
 
     def log_message(self, format: str, *args: Any) -> None:  # path and status only: never a body or a value
         log.info("%s %s", self.address_string(), format % args)

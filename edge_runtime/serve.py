@@ -438,6 +438,9 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e.status, str(e), e.field)
         except DataError as e:
             self._error(400, str(e))
+        except Exception as e:  # noqa: BLE001 - answer 500 and log the kind only: a message could quote a value
+            log.error("internal error on %s: %s", path, type(e).__name__)
+            self._error(500, f"internal error ({type(e).__name__}); the service log has no details of the request")
         finally:
             self.server.slots.release()
 

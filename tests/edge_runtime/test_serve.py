@@ -365,3 +365,17 @@ def test_mmn_edge_serve_command_serves_and_stops(heart):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_an_internal_error_is_a_500_without_details_in_the_log(server, monkeypatch, caplog):
+    import logging
+
+    def boom(*a, **k):
+        raise RuntimeError("age=77.777")
+
+    monkeypatch.setattr(server.service.current.bundle, "predict", boom)
+    with caplog.at_level(logging.INFO, logger="mmn-edge.serve"):
+        code, res = call(server, "/predict", {"patient": {"age": 77.777}})
+    assert code == 500 and "RuntimeError" in res["error"] and "77.777" not in res["error"]
+    assert "RuntimeError" in caplog.text and "77.777" not in caplog.text
+    assert call(server, "/health")[0] == 200

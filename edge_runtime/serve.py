@@ -161,7 +161,7 @@ class Service:
             old = self.current
             if new.release < old.release and not force:
                 raise BundleError(f"release {new.release} of {self.path} is lower than the running release "
-                                  f"{old.release}; refusing to go back (force to override)")
+                                  f"{old.release}; refusing to go back (POST {{\"force\": true}} to override)")
             self.current = new
             self.loaded_at = time.time()
         log.info("swapped model %s release %s -> model %s release %s", old.bundle.manifest.get("model_id"),

@@ -195,8 +195,9 @@ class Service:
             p = cur.bundle.predict(patients, explain=explain)
         table = {c: [r.get(c) for r in patients] for c in cur.bundle.schema.input_columns}
         cur.stats.add(cur.bundle, table, p.ok, p.used)
+        notes = [n for n in p.notes if not n.startswith("input has no column")]  # subsets are the norm here
         return {"model_id": cur.bundle.manifest.get("model_id"), "release": cur.release,
-                "results": results(p, explain), "notes": [n for n in p.notes if not n.startswith("input has no column")]}
+                "results": results(p, explain), "notes": notes}
 
 
 def parse_request(body: Any, bundle: Bundle) -> tuple[list[dict[str, Any]], bool]:

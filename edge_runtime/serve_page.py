@@ -128,7 +128,8 @@ def _field(column: str, spec: dict[str, Any]) -> str:
                 f'data-kind="numeric" placeholder="mean {spec["mean"]:.4g}"></label>')
     options = "".join(f'<option value="{html.escape(str(k))}">{html.escape(str(k))}</option>'
                       for k in spec["categories"])
-    return f'<label>{c}<select name="{c}" data-column="{c}" data-kind="categorical"><option value=""></option>{options}</select></label>'
+    return (f'<label>{c}<select name="{c}" data-column="{c}" data-kind="categorical"><option value=""></option>'
+            f'{options}</select></label>')
 
 
 def _card(card: Any) -> str:
@@ -154,7 +155,8 @@ def page(info: dict[str, Any], token_required: bool) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>mmn-edge · {html.escape(str(info['model_id']))}</title><style>{_CSS}</style></head>
-<body><header><h1>MultiModN prediction</h1><p>{html.escape(model)} · fill any modalities; empty ones are skipped</p></header>
+<body><header><h1>MultiModN prediction</h1>
+<p>{html.escape(model)} · fill any modalities; empty ones are skipped</p></header>
 <main><form id="patient" autocomplete="off">{token}{''.join(sections)}
 <div class="actions"><button type="submit" id="submit">Predict</button>
 <button type="button" class="secondary" id="clear">Clear</button></div></form>

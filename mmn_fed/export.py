@@ -205,7 +205,8 @@ def load_model_card(card: Any) -> dict[str, Any]:
 
                 card = tomllib.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:  # JSONDecodeError and TOMLDecodeError
-            raise ExportError(f"model card {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise ExportError(f"model card {path} is not valid {kind}: {e}") from None
     if not isinstance(card, dict):
         raise ExportError(f"a model card is a table of fields, got {type(card).__name__}")
     unknown = sorted(set(card) - set(CARD_FIELDS))
@@ -228,8 +229,8 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
                   model_card: Any = None) -> Path:
     """Write a bundle directory: manifest.json (+ manifest.sig when ``sign_key`` is a key path or an
     Ed25519 private key) and one ONNX file per module. ``release``: the signed release number (an integer >= 1
-    that a serving device refuses to go back from, see docs/edge.md). ``model_card``: a TOML/JSON file or mapping (``load_model_card``),
-    signed with the manifest. Returns the directory."""
+    that a serving device refuses to go back from, see docs/edge.md). ``model_card``: a TOML/JSON file or a
+    mapping (``load_model_card``), signed with the manifest. Returns the directory."""
     if isinstance(release, bool) or not isinstance(release, int) or release < 1:
         raise ExportError(f"release must be an integer >= 1, got {release!r}")
     card = load_model_card(model_card) if model_card is not None else None

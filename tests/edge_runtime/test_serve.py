@@ -379,3 +379,17 @@ def test_an_internal_error_is_a_500_without_details_in_the_log(server, monkeypat
     assert code == 500 and "RuntimeError" in res["error"] and "77.777" not in res["error"]
     assert "RuntimeError" in caplog.text and "77.777" not in caplog.text
     assert call(server, "/health")[0] == 200
+
+
+def test_trust_store_refuses_what_it_cannot_read(heart, tmp_path):
+    from edge_runtime.trust import load_trusted_keys, read_revocations
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UntrustedBundleError, match="holds no"):
+        load_trusted_keys(tmp_path / "empty")
+    (tmp_path / "revoked.txt").write_text("0123456789abcdef\nnot-a-key-id\n")
+    with pytest.raises(UntrustedBundleError, match="line 2: 'not-a-key-id' is not a key id"):
+        read_revocations(tmp_path / "revoked.txt")
+    (tmp_path / "revoked.txt").write_text("# none yet\n\n0123456789ABCDEF  # old laptop\n")
+    assert read_revocations(tmp_path / "revoked.txt") == {"0123456789abcdef"}
+    assert len(load_trusted_keys([heart.public_key, heart.other_public_key])) == 2

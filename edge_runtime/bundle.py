@@ -227,6 +227,7 @@ class Bundle:
         m = self.manifest
         return {
             "model_id": m.get("model_id"),
+            "release": m.get("release", 0),  # bundles exported before release numbers: 0
             "format_version": m.get("format_version"),
             "signed_by": self.signed_by,
             "modalities": {x: {"columns": list(self.schema.modalities[x]), "features": self.dims[x]} for x in self.order},
@@ -236,6 +237,7 @@ class Bundle:
             "total_bytes": sum(e["bytes"] for e in m["files"].values()),
             "opset": m.get("opset"),
             "provenance": m.get("provenance", {}),
+            "model_card": m.get("model_card"),
         }
 
     # ---- composed sessions --------------------------------------------------------------------------

@@ -40,7 +40,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(i)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_info)
+    s = sub.add_parser("serve", help="a local HTTP service (JSON API and a patient form) over a verified bundle")
+    s.add_argument("bundle", help="bundle directory; POST /admin/reload verifies it again and swaps it in")
+    s.add_argument("--trust-key", action="append", default=[], help="a signer's public key, or a directory of them "
+                                                                     "(*.pub, *.pem); repeat to trust several")
+    s.add_argument("--revoked", help="revocation list: key ids (16 hex digits) refused even if trusted, one a line")
+    s.add_argument("--allow-unsigned", action="store_true", help="serve an unsigned bundle (hashes are still checked)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; any non-loopback one requires "
+                                                        "--tls-cert, --tls-key and --token-file")
+    s.add_argument("--port", type=int, default=8750)
+    s.add_argument("--tls-cert", help="PEM certificate (chain) for HTTPS")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--token-file", help="file holding the access token (Authorization: Bearer <token>)")
+    s.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 above)")
+    s.add_argument("--max-concurrent", type=int, default=4, help="requests in flight (503 above)")
+    s.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args) -> int:
+    import logging
+
+    from .serve import ServeConfig, read_token, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if not args.trust_key and not args.allow_unsigned:
+        raise ValueError("pass --trust-key (the signer's public key; repeat for several) or --allow-unsigned")
+    cfg = ServeConfig(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      token=read_token(args.token_file) if args.token_file else None, max_body=args.max_body,
+                      max_concurrent=args.max_concurrent)
+    serve(args.bundle, args.trust_key or None, cfg, revocations=args.revoked, allow_unsigned=args.allow_unsigned)
+    return 0
 
 
 def _predict(args) -> int:
@@ -117,7 +147,7 @@ def _info(args) -> int:
              "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes")} for t, s in m["tasks"].items()},
              "files": {f: e["bytes"] for f, e in m["files"].items()},
              "total_bytes": sum(e["bytes"] for e in m["files"].values()), "opset": m.get("opset"),
-             "provenance": m.get("provenance", {})}
+             "provenance": m.get("provenance", {}), "model_card": m.get("model_card")}
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -137,6 +167,10 @@ def _info(args) -> int:
     for f, n in d["files"].items():
         print(f"  {f:<36} {n:>8} B")
     print("provenance: " + json.dumps(d["provenance"]))
+    if d.get("model_card"):
+        print("model card:")
+        for k, v in d["model_card"].items():
+            print(f"  {k}: {v if isinstance(v, str) else json.dumps(v)}")
     return 0
 
 

@@ -79,6 +79,41 @@ def key_id(public_key) -> str:
     return sha256(raw)[:16]
 
 
+def load_trusted_keys(keys: Any) -> list:
+    """Every trusted Ed25519 public key: ``keys`` is one key (as ``load_public_key`` takes), a directory (its
+    ``*.pub`` and ``*.pem`` files) or a list of either. Several keys let a signer rotate without re-flashing."""
+    items = list(keys) if isinstance(keys, (list, tuple)) else [keys]
+    out = []
+    for k in items:
+        if isinstance(k, (str, Path)) and Path(k).is_dir():
+            found = sorted(p for p in Path(k).iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
+            if not found:
+                raise UntrustedBundleError(f"trust key directory {k} holds no *.pub or *.pem file")
+            out.extend(load_public_key(p) for p in found)
+        else:
+            out.append(load_public_key(k))
+    if not out:
+        raise UntrustedBundleError("no trust key given")
+    return out
+
+
+def read_revocations(path: str | Path) -> frozenset[str]:
+    """A revocation list: one key id (``key_id``, 16 hex digits, as `mmn-fed keygen` prints) per line; blank
+    lines and ``#`` comments are ignored. A bundle signed by a listed key is refused even if the key is trusted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UntrustedBundleError(f"revocation list not found: {path}")
+    ids = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip().lower()
+        if not text:
+            continue
+        if not re.fullmatch(r"[0-9a-f]{16}", text):
+            raise UntrustedBundleError(f"{path} line {n}: {text!r} is not a key id (16 hex digits)")
+        ids.add(text)
+    return frozenset(ids)
+
+
 @dataclass(frozen=True)
 class VerifiedBundle:
     """Bytes of a bundle that passed verification (``signed_by`` is None when loaded unsigned)."""
@@ -134,9 +169,11 @@ def _parse_manifest(raw: bytes, root: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = False) -> VerifiedBundle:
-    """Read a bundle and verify it: signature of manifest.json against ``trust_key``, then every listed
-    file's size and SHA-256. Raises UntrustedBundleError naming the first problem.
+def verify_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = False,
+                  revoked: frozenset[str] | set[str] = frozenset()) -> VerifiedBundle:
+    """Read a bundle and verify it: signature of manifest.json against ``trust_key`` (one key, a directory of
+    keys or a list: any of them may have signed), then every listed file's size and SHA-256. A signature by a
+    key whose id is in ``revoked`` is refused. Raises UntrustedBundleError naming the first problem.
 
     Without ``trust_key`` the bundle is refused unless ``allow_unsigned`` is True; then the signature is
     not checked (anyone could have written the manifest) but file hashes still are, catching corruption.
@@ -148,7 +185,7 @@ def verify_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool 
     sig_path = root / SIGNATURE
     signed_by = None
     if trust_key is not None:
-        pub = load_public_key(trust_key)
+        pubs = load_trusted_keys(trust_key)
         if not sig_path.exists() and not sig_path.is_symlink():
             raise UntrustedBundleError(f"bundle {root} is unsigned ({SIGNATURE} missing) but a trust key was given; "
                                        f"refusing it")
@@ -157,13 +194,21 @@ def verify_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool 
             raise UntrustedBundleError(f"{sig_path} is {len(sig)} bytes; an Ed25519 signature is 64 bytes")
         from cryptography.exceptions import InvalidSignature
 
-        try:
-            pub.verify(sig, raw)
-        except InvalidSignature:
+        for pub in pubs:
+            try:
+                pub.verify(sig, raw)
+            except InvalidSignature:
+                continue
+            signed_by = key_id(pub)
+            break
+        if signed_by is None:
+            ids = ", ".join(key_id(p) for p in pubs)
             raise UntrustedBundleError(
-                f"signature of {root / MANIFEST} does not verify with trust key {key_id(pub)}: the manifest was "
-                f"modified or signed by another key; refusing the bundle") from None
-        signed_by = key_id(pub)
+                f"signature of {root / MANIFEST} does not verify with trust key {ids}: the manifest was "
+                f"modified or signed by another key; refusing the bundle")
+        if signed_by in revoked:
+            raise UntrustedBundleError(f"{root} is signed by key {signed_by}, which is revoked (in the revocation "
+                                       f"list); refusing the bundle")
     elif not allow_unsigned:
         raise UntrustedBundleError(
             f"no trust key given for {root}: pass the signer's public key (--trust-key PUB / trust_key=...) "

@@ -183,12 +183,57 @@ def export_modules(model: MultiModN, dims: dict[str, int], opset: int = DEFAULT_
     return out
 
 
+# ---- model card -------------------------------------------------------------------------------------
+
+CARD_FIELDS = {"intended_use": "who and what the model is for", "training_sites": "sites and their sizes",
+               "metrics": "test metrics with confidence intervals", "missingness_audit": "the missingness audit",
+               "limits": "known limits and where not to use it", "contact": "who answers for the model"}
+
+
+def load_model_card(card: Any) -> dict[str, Any]:
+    """A model card from a TOML or JSON file, or a mapping: the fields of ``CARD_FIELDS`` (``intended_use`` and
+    ``limits`` required), each text or JSON data. It goes into the signed manifest as ``model_card``."""
+    if isinstance(card, (str, Path)):
+        path = Path(card)
+        if not path.is_file():
+            raise FileNotFoundError(f"model card not found: {path}")
+        try:
+            if path.suffix == ".json":
+                card = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                import tomllib
+
+                card = tomllib.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError and TOMLDecodeError
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise ExportError(f"model card {path} is not valid {kind}: {e}") from None
+    if not isinstance(card, dict):
+        raise ExportError(f"a model card is a table of fields, got {type(card).__name__}")
+    unknown = sorted(set(card) - set(CARD_FIELDS))
+    if unknown:
+        raise ExportError(f"model card field(s) {unknown} are not known; the fields are {list(CARD_FIELDS)}")
+    missing = [k for k in ("intended_use", "limits") if not card.get(k)]
+    if missing:
+        raise ExportError(f"model card has no {missing}: say {', '.join(CARD_FIELDS[k] for k in missing)}")
+    try:
+        canonical_json(card)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"model card holds a value JSON cannot carry: {e}") from None
+    return {k: card[k] for k in CARD_FIELDS if k in card}
+
+
 # ---- bundle -----------------------------------------------------------------------------------------
 
 def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_key: Any = None,
-                  force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
+                  force: bool = False, opset: int = DEFAULT_OPSET, release: int = 1,
+                  model_card: Any = None) -> Path:
     """Write a bundle directory: manifest.json (+ manifest.sig when ``sign_key`` is a key path or an
-    Ed25519 private key) and one ONNX file per module. Returns the directory."""
+    Ed25519 private key) and one ONNX file per module. ``release``: the signed release number (an integer >= 1
+    that a serving device refuses to go back from, see docs/edge.md). ``model_card``: a TOML/JSON file or a
+    mapping (``load_model_card``), signed with the manifest. Returns the directory."""
+    if isinstance(release, bool) or not isinstance(release, int) or release < 1:
+        raise ExportError(f"release must be an integer >= 1, got {release!r}")
+    card = load_model_card(model_card) if model_card is not None else None
     source_sha = None
     if isinstance(trained, (str, Path)):
         source_sha = sha256(Path(trained).read_bytes()) if Path(trained).is_file() else None
@@ -238,6 +283,7 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_id": sha256(canonical_json(identity))[:16],
+        "release": release,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": {**dict(trained.metadata.get("provenance", {})), "source_model_sha256": source_sha,
                        "exporter": f"mmn-fed {_version()}", "torch": torch.__version__, "onnx": onnx.__version__},
@@ -250,6 +296,7 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         "modules": manifest_modules,
         "files": files,
         **({"timeseries": timeseries} if timeseries else {}),
+        **({"model_card": card} if card else {}),
     }
     (out / MANIFEST).write_bytes(canonical_json(manifest))
     sig = out / SIGNATURE
@@ -276,6 +323,10 @@ def register(sub) -> None:
     p.add_argument("--sign-key", help="Ed25519 private key (from `mmn-fed keygen`); without it the bundle is unsigned")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace a bundle already in --out")
+    p.add_argument("--release", type=int, default=1, help="release number, signed in the manifest; a serving device "
+                                                          "refuses a lower one than it runs")
+    p.add_argument("--model-card", help="TOML or JSON model card (intended_use, training_sites, metrics, "
+                                        "missingness_audit, limits, contact), signed into the manifest")
     p.set_defaults(func=_export)
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     k.add_argument("--out", required=True, help="directory for <name>.key (private) and <name>.pub")
@@ -286,10 +337,12 @@ def register(sub) -> None:
 
 def _export(args) -> int:
     torch.set_num_threads(1)
-    out = export_bundle(args.model, args.out, args.sign_key, force=args.force, opset=args.opset)
+    out = export_bundle(args.model, args.out, args.sign_key, force=args.force, opset=args.opset,
+                        release=args.release, model_card=args.model_card)
     manifest = json.loads((out / MANIFEST).read_text())
     size = sum(e["bytes"] for e in manifest["files"].values()) + (out / MANIFEST).stat().st_size
-    print(json.dumps({"bundle": str(out), "model_id": manifest["model_id"], "signed": (out / SIGNATURE).exists(),
+    print(json.dumps({"bundle": str(out), "model_id": manifest["model_id"],
+                      "release": manifest["release"], "signed": (out / SIGNATURE).exists(),
                       "modules": list(manifest["modules"]), "bytes": size}, indent=1))
     return 0
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -15,3 +16,16 @@ def _single_thread_torch():
         return
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the system's Chromium for browser tests (driven by playwright, never downloaded): skipped
+    locally when absent, a failure in CI (.ci/run installs Debian's chromium)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("Chromium is not installed: .ci/run installs Debian's chromium for the browser tests")
+    pytest.skip("Chromium is not installed here (apt-get install -y chromium); CI installs it")

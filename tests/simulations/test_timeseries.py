@@ -1,7 +1,5 @@
 """Time-series scenarios: sites, splits and missingness by subject; missingness in time; metrics over time."""
 import json
-import os
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -203,16 +201,6 @@ def test_a_time_series_scenario_scores_steps_overall_and_per_time_since_the_firs
         assert r["value"] == pytest.approx(bins[[b["time_from"] for b in bins].index(lo)]["value"], abs=1e-9)
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI"):
-        pytest.fail("Chromium is not installed: .ci/run installs Debian's chromium for the report test")
-    pytest.skip("Chromium is not installed here (apt-get install -y chromium); CI installs it")
-
-
 @pytest.fixture(scope="module")
 def shipped_report(tmp_path_factory):
     """The shipped time-series MNAR scenario, as listed by `mmn-fed simulate --list`, shrunk to one seed, two
@@ -229,11 +217,11 @@ def shipped_report(tmp_path_factory):
     return out
 
 
-def test_the_time_series_report_renders_in_a_headless_browser(shipped_report):
+def test_the_time_series_report_renders_in_a_headless_browser(shipped_report, chromium):
     """The shipped scenario's report opens in a real Chromium: every figure decodes; the over-time figure of
     each sweep point and the over-time table (both models, both test conditions) are there."""
     report_dir = shipped_report
-    browser_path = _chromium()
+    browser_path = chromium
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     errors = []
     with sync_playwright() as p:

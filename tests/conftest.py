@@ -29,3 +29,20 @@ def chromium() -> str:
     if os.environ.get("CI"):
         pytest.fail("Chromium is not installed: .ci/run installs Debian's chromium for the browser tests")
     pytest.skip("Chromium is not installed here (apt-get install -y chromium); CI installs it")
+
+
+@pytest.fixture
+def browser_page(chromium):
+    """(page, errors): a page of a real headless Chromium driven by playwright, closed after the test;
+    ``errors`` collects the page's script errors and failed requests."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+            yield page, errors
+        finally:
+            browser.close()

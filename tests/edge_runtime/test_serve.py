@@ -231,32 +231,24 @@ def test_drift_statistics_against_a_hand_computation(server, bundle):
     assert drift["numeric"]["chol"]["seen"] == 1 and drift["numeric"]["trestbps"]["seen"] == 0
 
 
-def test_the_page_predicts_in_a_headless_browser(server, bundle, chromium):
+def test_the_page_predicts_in_a_headless_browser(server, bundle, browser_page):
     """The form at / in a real Chromium (tablet viewport): fill two modalities, submit, read the probability
     and the explanation chart; both equal the Python runtime's for the same inputs."""
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    page, errors = browser_page
     patient = {"age": 58, "sex": "Female", "chol": 250.5, "trestbps": 130}
-    errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 768, "height": 1024})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("requestfailed", lambda r: errors.append(r.url))
-            page.goto(server.url + "/")
-            sections = page.eval_on_selector_all("fieldset[data-modality]", "fs => fs.map(f => f.dataset.modality)")
-            page.fill("input[data-column=age]", "58")
-            page.select_option("select[data-column=sex]", "Female")
-            page.fill("input[data-column=chol]", "250.5")
-            page.fill("input[data-column=trestbps]", "130")
-            page.click("#submit")
-            page.wait_for_selector("#results [data-task=disease][data-value]")
-            shown = float(page.get_attribute("#results div[data-task=disease]", "data-value"))
-            steps = page.eval_on_selector_all("svg[data-task=disease] g.step",
-                                              "gs => gs.map(g => [g.dataset.step, Number(g.dataset.value)])")
-            width = page.evaluate("() => document.documentElement.scrollWidth")
-        finally:
-            browser.close()
+    page.set_viewport_size({"width": 768, "height": 1024})
+    page.goto(server.url + "/")
+    sections = page.eval_on_selector_all("fieldset[data-modality]", "fs => fs.map(f => f.dataset.modality)")
+    page.fill("input[data-column=age]", "58")
+    page.select_option("select[data-column=sex]", "Female")
+    page.fill("input[data-column=chol]", "250.5")
+    page.fill("input[data-column=trestbps]", "130")
+    page.click("#submit")
+    page.wait_for_selector("#results [data-task=disease][data-value]")
+    shown = float(page.get_attribute("#results div[data-task=disease]", "data-value"))
+    steps = page.eval_on_selector_all("svg[data-task=disease] g.step",
+                                      "gs => gs.map(g => [g.dataset.step, Number(g.dataset.value)])")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
     assert not errors, errors
     assert sections == bundle.order
     assert width <= 768  # no horizontal scrolling on a tablet

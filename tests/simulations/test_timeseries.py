@@ -217,30 +217,21 @@ def shipped_report(tmp_path_factory):
     return out
 
 
-def test_the_time_series_report_renders_in_a_headless_browser(shipped_report, chromium):
+def test_the_time_series_report_renders_in_a_headless_browser(shipped_report, browser_page):
     """The shipped scenario's report opens in a real Chromium: every figure decodes; the over-time figure of
     each sweep point and the over-time table (both models, both test conditions) are there."""
-    report_dir = shipped_report
-    browser_path = chromium
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1024, "height": 768})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto((report_dir / "report.html").as_uri())
-            images = page.evaluate("() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-            headings = page.evaluate("() => Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-            captions = page.evaluate("() => Array.from(document.querySelectorAll('figcaption')).map(c => c.textContent)")
-            body = page.evaluate("() => document.body.innerText")
-            over_time = page.evaluate("""() => {
-                const h = Array.from(document.querySelectorAll('h2')).find(x => x.textContent.includes('over time'));
-                const rows = Array.from(h.nextElementSibling.querySelectorAll('tbody tr'));
-                return rows.map(r => Array.from(r.cells).map(c => c.textContent));
-            }""")
-        finally:
-            browser.close()
+    page, errors = browser_page
+    page.set_viewport_size({"width": 1024, "height": 768})
+    page.goto((shipped_report / "report.html").as_uri())
+    images = page.evaluate("() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+    headings = page.evaluate("() => Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+    captions = page.evaluate("() => Array.from(document.querySelectorAll('figcaption')).map(c => c.textContent)")
+    body = page.evaluate("() => document.body.innerText")
+    over_time = page.evaluate("""() => {
+        const h = Array.from(document.querySelectorAll('h2')).find(x => x.textContent.includes('over time'));
+        const rows = Array.from(h.nextElementSibling.querySelectorAll('tbody tr'));
+        return rows.map(r => Array.from(r.cells).map(c => c.textContent));
+    }""")
     assert not errors
     assert images and all(done and width > 100 for _, done, width in images), images
     assert any("over time since the first observation" in h for h in headings), headings

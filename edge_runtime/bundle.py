@@ -13,6 +13,7 @@ batch runs the union of its patterns with ``where(mask, new, state)`` per encode
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import tempfile
@@ -596,53 +597,43 @@ def csv_records(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     with open(path, newline="", encoding="utf-8-sig") as f:
-        lines = _CountedLines(f)
-        reader = csv.reader(lines, strict=True)
+        reader = csv.reader(f, strict=True)  # reader.line_num counts the file's lines (no Python per line)
         header: list[str] = []
         while True:
-            start = lines.n + 1
+            start = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                raise DataError(_csv_problem(path, start, lines, header, e)) from None
+                raise DataError(_csv_problem(path, start, reader.line_num, header, e)) from None
             if row:
                 header = header or row
                 yield start, row
 
 
-class _CountedLines:
-    """A file's lines for csv.reader, counted, so that a parse error can name the line."""
-
-    def __init__(self, f):
-        self.f, self.n, self.last = f, 0, ""
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        self.last = next(self.f)
-        self.n += 1
-        return self.last
+def _line(path: Path, number: int) -> str:
+    """Line ``number`` (1-based) of a file: read again only to word an error."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return next(itertools.islice(f, number - 1, None), "")
 
 
-def _csv_problem(path: Path, start: int, lines: _CountedLines, header: Sequence[str], e: csv.Error) -> str:
+def _csv_problem(path: Path, start: int, end: int, header: Sequence[str], e: csv.Error) -> str:
     at = f"{path.name} line {start}"
-    spans = lines.n > start  # a quoted value went on over later lines
+    spans = end > start  # a quoted value went on over later lines
     text = str(e)
     if "unexpected end of data" in text:
-        return (f"{at}: a quote opened on this line is never closed, so the rest of the file (to line {lines.n}) "
+        return (f"{at}: a quote opened on this line is never closed, so the rest of the file (to line {end}) "
                 f"would be read as one value; close or remove the quote. Nothing was predicted")
     if "field larger than field limit" in text:
         limit = csv.field_size_limit()
-        k = None if spans else _long_field(lines.last, limit)
+        k = None if spans else _long_field(_line(path, end), limit)
         col = f", column {k + 1}" + (f" '{header[k].strip()}'" if k is not None and k < len(header) else "") \
             if k is not None else ""
         hint = f" (or a quote opened on line {start} is never closed)" if spans else ""
         return f"{at}{col}: a value is longer than {limit} characters{hint}; this is not a row of patient data. " \
                "Nothing was predicted"
-    where = at if not spans else f"{path.name} lines {start}-{lines.n}"
+    where = at if not spans else f"{path.name} lines {start}-{end}"
     return f"{where}: not valid CSV ({text}); quote a value that holds a quote, a comma or a line break, " \
            "doubling its quotes. Nothing was predicted"
 

@@ -300,7 +300,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmn-fed", description="Federated MultiModN: train, simulate, export, deploy.",
         epilog=f"More commands come from the '{COMMANDS}' entry points of the installed mmn-fed "
-               "(pip install -e . after changing them in pyproject.toml).")
+               "(pip install -e \".[all]\" after changing them in pyproject.toml).")
     sub = parser.add_subparsers(dest="command", required=True)
     wanted = (argv or [None])[0]
     _add_train(sub)
@@ -324,7 +324,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         known = ", ".join(dict.fromkeys([*OWN, *(ep.name for ep in registered)]))
         parser.error(f"unknown command '{wanted}' (known: {known}); the commands of other packages "
                      f"are the '{COMMANDS}' entry points of the installed mmn-fed: after changing them in "
-                     "pyproject.toml, reinstall (pip install -e .)")
+                     "pyproject.toml, reinstall (pip install -e \".[all]\")")
     return parser
 
 

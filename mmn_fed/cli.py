@@ -3,7 +3,10 @@ subcommands of higher packages (``simulate``, ``deploy-local``, ``site-key``/``e
 register themselves as entry points of the group ``mmn_fed.commands`` in pyproject.toml (name ->
 ``module:register``, where ``register(subparsers)`` adds the command), so this module names none of them:
 the layout's arrows point from simulations/server to mmn_fed. Only the module of the command asked for is
-imported (``-h`` imports them all, to list them)."""
+imported (``-h`` imports them all, to list them).
+
+The base install (the clinic's: ``pip install mmn-fed``) has no torch, pandas or flwr: this module imports none
+of them at the top, and a command whose extra is missing says which one to install (exit 2, one line)."""
 from __future__ import annotations
 
 import argparse
@@ -15,14 +18,42 @@ from pathlib import Path
 from typing import Iterable
 
 from .settings import RunSettings, add_command, add_flags, centralized_names
-from .training import TrainConfig
 
 COMMANDS = "mmn_fed.commands"  # entry-point group of the subcommands of higher packages
 OWN = ("train", "audit", "predict", "evaluate", "export", "keygen", "settings")
 
 
+# The extras of pyproject.toml (top-level module -> extra) whose absence a command reports as "install the extra".
+EXTRA_OF_MODULE = {"torch": "train", "pandas": "train", "onnx": "train", "scipy": "train", "sklearn": "train",
+                   "matplotlib": "train", "flwr": "federation", "ray": "federation"}
+
+
 class CommandUnavailable(RuntimeError):
     """A registered subcommand whose module cannot be imported (a missing package or dependency)."""
+
+
+def missing_extra(command: str, error: BaseException | None) -> str | None:
+    """The one-line message for ``command`` failing with ``error`` because an optional dependency is not
+    installed (None if ``error`` is something else). mmn-fed's own commands need the 'train' extra; the
+    commands of clients/server/simulations need 'federation' (which includes 'train')."""
+    while error is not None and not isinstance(error, ImportError):
+        error = error.__cause__
+    if error is None:
+        return None
+    top = (getattr(error, "name", None) or "").split(".")[0]
+    if top not in EXTRA_OF_MODULE:
+        return None
+    extra = "train" if command in OWN and EXTRA_OF_MODULE[top] == "train" else "federation"
+    return (f"mmn-fed {command} needs the '{extra}' extra: pip install \"mmn-fed[{extra}]\" "
+            f"(no module named '{top}')")
+
+
+def _default_epochs() -> int | None:
+    try:
+        from .training import TrainConfig
+    except ImportError:  # no 'train' extra: `mmn-fed train` is still listed; running it names the extra
+        return None
+    return TrainConfig.epochs
 
 
 def _add_train(sub) -> None:
@@ -33,7 +64,7 @@ def _add_train(sub) -> None:
                         "(with --schema)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--test-fraction", type=float, default=0.2, help="stratified held-out test share")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="maximum epochs (early stopping on val-fraction)")
+    p.add_argument("--epochs", type=int, default=_default_epochs(), help="maximum epochs (early stopping on val-fraction)")
     add_flags(p, centralized_names())  # the run settings centralized training shares (docs/settings.md)
     p.add_argument("--shuffle-order", action="store_true", help="permute encoder order per batch")
     p.add_argument("--explain", action="store_true", help="also write IMC and CP tables and heatmaps")
@@ -48,7 +79,7 @@ def _train(args) -> int:
     from .data import check_holdout, check_table, encode, load_dataset
     from .evaluation import write_metrics
     from .model import ModelConfig
-    from .training import split_indices
+    from .training import TrainConfig, split_indices
 
     torch.set_num_threads(1)  # tiny networks: threads cost more than they give
     settings = RunSettings.from_args(args, centralized_names())
@@ -110,6 +141,7 @@ def _train_sequences(args, settings: RunSettings, df, schema) -> int:
     from .evaluation import write_metrics
     from .model import ModelConfig
     from .sequences import build_sequences, sequence_records, train_sequences
+    from .training import TrainConfig
 
     if args.explain:
         raise SystemExit("error: --explain is not available for time-series schemas yet (docs/timeseries.md)")
@@ -268,7 +300,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmn-fed", description="Federated MultiModN: train, simulate, export, deploy.",
         epilog=f"More commands come from the '{COMMANDS}' entry points of the installed mmn-fed "
-               "(pip install -e . after changing them in pyproject.toml).")
+               "(pip install -e \".[all]\" after changing them in pyproject.toml).")
     sub = parser.add_subparsers(dest="command", required=True)
     wanted = (argv or [None])[0]
     _add_train(sub)
@@ -276,9 +308,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_audit(sub)
     add_command(sub)  # mmn-fed settings
     if wanted in (None, "-h", "--help", "export", "keygen"):
-        from .export import register
-
-        register(sub)
+        try:
+            from .export import register
+        except ImportError as e:  # no 'train' extra (torch, onnx)
+            if wanted in ("export", "keygen"):
+                raise CommandUnavailable(f"mmn_fed.export cannot be loaded: {type(e).__name__}: {e}") from e
+            for name in ("export", "keygen"):
+                sub.add_parser(name, help=f"(unavailable: {e})")
+        else:
+            register(sub)
     registered = list(entry_points(group=COMMANDS))
     if wanted not in OWN:
         add_commands(sub, registered, wanted)
@@ -286,7 +324,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         known = ", ".join(dict.fromkeys([*OWN, *(ep.name for ep in registered)]))
         parser.error(f"unknown command '{wanted}' (known: {known}); the commands of other packages "
                      f"are the '{COMMANDS}' entry points of the installed mmn-fed: after changing them in "
-                     "pyproject.toml, reinstall (pip install -e .)")
+                     "pyproject.toml, reinstall (pip install -e \".[all]\")")
     return parser
 
 
@@ -298,11 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(argv)
     except CommandUnavailable as e:
-        print(f"mmn-fed {argv[0]}: error: {e}", file=sys.stderr)
+        print(missing_extra(argv[0], e) or f"mmn-fed {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ImportError as e:
+        message = missing_extra(args.command, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except (SchemaError, DataError, FileNotFoundError, ValueError) as e:
         print(f"mmn-fed {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,8 @@ ALLOWED = {
 # file -> the modules its non-literal dynamic imports can reach
 DYNAMIC = {
     "edge_runtime/__init__.py": {"edge_runtime.bundle", "edge_runtime.trust"},  # lazy bundle API (_LAZY)
+    # lazy public names (_LAZY): `import mmn_fed.cli` must work on the edge-only install (no torch, pandas)
+    "mmn_fed/__init__.py": {"mmn_fed.api", "mmn_fed.data", "mmn_fed.model", "mmn_fed.model_io", "mmn_fed.training"},
 }
 
 

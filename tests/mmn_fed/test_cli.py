@@ -26,7 +26,7 @@ def _run(*args: str, extra_path: Path | None = None) -> subprocess.CompletedProc
 
 def test_installed_entry_points_are_pyprojects():
     installed = {ep.name: ep.value for ep in entry_points(group=COMMANDS)}
-    assert installed == DECLARED, ("the installed mmn-fed's metadata is stale: reinstall it (pip install -e .) "
+    assert installed == DECLARED, ("the installed mmn-fed's metadata is stale: reinstall it (pip install -e \".[all]\") "
                                    "after changing [project.entry-points] in pyproject.toml")
 
 
@@ -62,3 +62,26 @@ def test_a_command_that_cannot_load_names_what_is_missing(tmp_path):
     assert "No module named 'mmn_fed_extra_missing'" in res.stderr
     listing = _run("-m", "mmn_fed.cli", "-h", extra_path=tmp_path).stdout
     assert "federate-more" in listing and "federate-less" in listing and "unavailable" in listing
+
+
+BLOCK = "import sys\nfor m in ('torch', 'pandas', 'flwr', 'onnx', 'matplotlib', 'scipy', 'sklearn'): sys.modules[m] = None\n"
+
+
+@pytest.mark.parametrize("argv, extra", [(["train", "--out", "OUT"], "train"), (["export", "m.pt", "--out", "OUT"], "train"),
+                                         (["audit", "heart"], "train"), (["simulate"], "federation")])
+def test_a_command_whose_extra_is_missing_names_it(tmp_path, argv, extra):
+    """The edge-only install (no torch, pandas, flwr, ...; tests/edge_runtime/test_edge_install.py installs it
+    for real): one line naming the extra, exit 2, no traceback; `-h` still lists every command."""
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    res = _run("-c", BLOCK + f"from mmn_fed.cli import main\nsys.exit(main({argv!r}))")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == "\n".join(res.stderr.strip().splitlines()[:1])  # one line
+    assert res.stderr.startswith(f"mmn-fed {argv[0]} needs the '{extra}' extra: pip install \"mmn-fed[{extra}]\"")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_without_the_train_extra_lists_every_command():
+    res = _run("-c", BLOCK + "from mmn_fed.cli import main\nmain(['-h'])")
+    assert res.returncode == 0, res.stderr
+    listed = res.stdout.split("positional arguments:")[1].split("\n")[1].strip().strip("{}").split(",")
+    assert set(listed) == set(OWN) | set(DECLARED)

@@ -108,12 +108,41 @@ def test_mmn_fed_names_the_missing_extra(edge_venv, tmp_path, command, extra):
     assert not (tmp_path / "run").exists()
 
 
-def test_mmn_edge_serve_on_the_edge_install(edge_venv, tmp_path):
-    """Hook for `mmn-edge serve` (being built on another branch): once it exists, it must start on the base
-    install. Extend this with a request round trip when its interface settles."""
-    listed = run(edge_venv, "mmn-edge", "-h", cwd=tmp_path)
-    assert listed.returncode == 0, listed.stderr
-    if "serve" not in listed.stdout:
-        pytest.skip("mmn-edge has no 'serve' command on this branch yet")
-    out = run(edge_venv, "mmn-edge", "serve", "-h", cwd=tmp_path)
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+def test_mmn_edge_serve_on_the_edge_install(edge_venv, heart, tmp_path):
+    """`mmn-edge serve` runs on the base install: it answers /health and /predict on 127.0.0.1 with the main
+    environment's prediction, and the test stops it."""
+    import socket
+    import time
+    import urllib.request
+
+    from edge_runtime import load_bundle
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(edge_venv / "bin" / "mmn-edge"), "serve", str(heart.bundle), "--trust-key",
+                             str(heart.public_key), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "mmn-edge serve did not answer /health within 60 s"
+                time.sleep(0.2)
+        inputs = set(load_bundle(heart.bundle, trust_key=heart.public_key).schema.input_columns)
+        patient = {k: v for k, v in heart.df.iloc[0].to_dict().items() if k in inputs and v == v}
+        req = urllib.request.Request(url + "/predict", data=json.dumps({"patient": patient}, default=str).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            got = json.loads(r.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    ref = load_bundle(heart.bundle, trust_key=heart.public_key).predict([patient])
+    assert got["results"][0]["predictions"]["disease"] == pytest.approx(float(ref.values["disease"][0]), abs=1e-6)

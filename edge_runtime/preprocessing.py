@@ -439,7 +439,8 @@ class Preprocessor:
                     distinct = _distinct_strings(values) if values is not None else None
                     if distinct is not None:  # strings (CSV): one lookup per distinct value, then scatter
                         uniq, inverse = distinct
-                        mapped = [_category(v, set(canonical_category(c) for c in codes)) for v in uniq]
+                        code_set = {canonical_category(c) for c in codes}
+                        mapped = [_category(v, code_set) for v in uniq]
                         slot = np.array([-1 if v is None else index.get(v, -2) for v in mapped])[inverse]
                         hit = np.flatnonzero(slot >= 0)
                         onehot[hit, slot[hit]] = 1.0

@@ -110,15 +110,29 @@ def _distinct_strings(values: Sequence) -> tuple[list[str], np.ndarray] | None:
     return uniq.tolist(), inverse.reshape(-1)
 
 
-def parse_numeric(values: Sequence, column: str, codes: tuple = ()) -> tuple[np.ndarray, list[RowIssue]]:
-    """Float array with NaN for missing values; issues for values that are not finite numbers."""
+MEMO_LIMIT = 65536  # distinct raw values remembered per column across chunks (then forgotten): bounded memory
+
+
+def _memoized(memo: dict | None, uniq: list[str], rule) -> list:
+    """``rule(v)`` for each distinct value, remembered in ``memo`` across the chunks of one input."""
+    if memo is None:
+        return [rule(v) for v in uniq]
+    if len(memo) > MEMO_LIMIT:
+        memo.clear()
+    return [memo[v] if v in memo else memo.setdefault(v, rule(v)) for v in uniq]
+
+
+def parse_numeric(values: Sequence, column: str, codes: tuple = (),
+                  memo: dict | None = None) -> tuple[np.ndarray, list[RowIssue]]:
+    """Float array with NaN for missing values; issues for values that are not finite numbers. ``memo``: a dict
+    kept across calls for one column (same codes), so a chunked input parses each distinct string once."""
     arr = values if isinstance(values, np.ndarray) else None
     code_set = {float(c) for c in codes if _is_number(c)}
     distinct = _distinct_strings(values)
     if distinct is not None:  # strings (CSV): parse each distinct value once, then gather
         uniq, inverse = distinct
         str_codes = {canonical_category(c) for c in codes}
-        parsed = [_parse_number(v, str_codes, code_set) for v in uniq]
+        parsed = _memoized(memo, uniq, lambda v: _parse_number(v, str_codes, code_set))
         out = np.array([f for f, _ in parsed], dtype=np.float64)[inverse]  # NaN for missing, codes and bad values
         bad = [j for j, (_, problem) in enumerate(parsed) if problem is not None]
         rows = np.flatnonzero(np.isin(inverse, bad)) if bad else []
@@ -349,6 +363,8 @@ class Preprocessor:
     schema: Schema
     columns: dict[str, dict[str, Any]]  # column -> {kind, mean, std} | {kind, categories}
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {classes} | {mean, std}
+    # parsed raw strings per column, remembered across the chunks of an input (``parse_numeric``'s memo)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_summary(cls, schema: Schema, summary: Mapping[str, Any]) -> "Preprocessor":
@@ -427,7 +443,7 @@ class Preprocessor:
                     if values is None:
                         x = np.full(n, np.nan)
                     else:
-                        x, bad = parse_numeric(values, c, codes)
+                        x, bad = parse_numeric(values, c, codes, self._memo.setdefault(("numeric", c), {}))
                         issues.extend(bad)
                     ok = ~np.isnan(x)
                     seen |= ok
@@ -440,7 +456,8 @@ class Preprocessor:
                     if distinct is not None:  # strings (CSV): one lookup per distinct value, then scatter
                         uniq, inverse = distinct
                         code_set = {canonical_category(c) for c in codes}
-                        mapped = [_category(v, code_set) for v in uniq]
+                        mapped = _memoized(self._memo.setdefault(("category", c), {}), uniq,
+                                           lambda v: _category(v, code_set))
                         slot = np.array([-1 if v is None else index.get(v, -2) for v in mapped])[inverse]
                         hit = np.flatnonzero(slot >= 0)
                         onehot[hit, slot[hit]] = 1.0

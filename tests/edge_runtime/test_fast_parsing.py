@@ -79,3 +79,26 @@ def test_output_columns_hold_each_rows_values_under_their_names():
     assert (rows[0]["b@prior"], rows[0]["b@labs"], rows[2]["b@labs"], rows[1]["b@labs"]) == ("0.5", "0.3", "", "")
     assert (rows[0]["m@prior"], rows[0]["m@labs"], rows[2]["m@labs"]) == ("z", "x", "")
     assert [r["reason"] for r in rows] == ["", "no modality", ""] and rows[2]["warnings"] == "w"
+
+
+def test_values_remembered_across_chunks_give_the_same_encoding():
+    """A chunked input reuses each column's parsed strings (``Preprocessor._memo``): a later chunk encodes as a
+    fresh preprocessor encodes it, and the memory stays bounded."""
+    import edge_runtime.preprocessing as pp
+
+    schema = Schema.from_dict({"modalities": {"m1": ["x", "k"]}, "tasks": {"t": {"column": "t", "kind": "binary"}},
+                               "columns": {"categorical": ["k"], "missing_codes": {"x": [-9]}}})
+    prep = Preprocessor.from_summary(schema, summarize(schema, {"x": [1.0, 2.0], "k": ["a", "b"], "t": [0, 1]}))
+    first = {"x": draw(NUMERIC_POOL, 300, 1), "k": draw(CATEGORY_POOL, 300, 2)}
+    # another mix of values: the chunks' distinct values differ, so nothing may be remembered by position
+    second = {"x": draw(NUMERIC_POOL[5:], 300, 3), "k": draw(CATEGORY_POOL[4:], 300, 4)}
+    prep.encode(first, on_error="collect")
+    again = prep.encode(second, on_error="collect")
+    fresh = Preprocessor.from_dict(prep.to_dict()).encode(second, on_error="collect")
+    np.testing.assert_array_equal(again.features["m1"], fresh.features["m1"])
+    np.testing.assert_array_equal(again.present["m1"], fresh.present["m1"])
+    assert issues_of(again.issues) == issues_of(fresh.issues)
+    assert prep._memo[("numeric", "x")] and prep._memo[("category", "k")]  # remembered across the chunks
+    memo = {str(i): (float(i), None) for i in range(pp.MEMO_LIMIT + 1)}
+    pp.parse_numeric(["1", "2"], "x", memo=memo)
+    assert len(memo) == 2  # over the limit, the memory starts again

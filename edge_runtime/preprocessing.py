@@ -93,15 +93,22 @@ def table_length(table: Mapping[str, Sequence]) -> int:
 
 # ---- column parsing ---------------------------------------------------------------------
 
+FAST_PATH_CHARS = 16_000_000  # values x longest value: above it (64 MB of numpy strings) the general path runs
+
+
 def _distinct_strings(values: Sequence) -> tuple[list[str], np.ndarray] | None:
     """(distinct values, each value's index into them) when every value is a string (a CSV column), else None.
     The factorization runs in numpy (sorting), so the per-value rules below run once per distinct value:
     the same results as applying them value by value, at C speed on large columns."""
     if isinstance(values, np.ndarray):
         arr = values if values.dtype.kind == "U" else None
-    elif isinstance(values, list) and values and type(values[0]) is str:
+    elif isinstance(values, list) and values and set(map(type, values)) == {str}:  # only str (no numbers, None)
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if int(lengths.max()) * len(values) > FAST_PATH_CHARS:  # one very long value: numpy would pad every one
+            return None
         arr = np.asarray(values)
-        arr = arr if arr.dtype.kind == "U" else None  # None or numbers among the strings: the general path
+        if not np.array_equal(np.char.str_len(arr), lengths):  # numpy drops trailing NULs: keep them exact
+            return None
     else:
         arr = None
     if arr is None or len(arr) == 0:

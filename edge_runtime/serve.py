@@ -37,6 +37,8 @@ DEFAULT_MAX_BODY = 1024 * 1024  # bytes per request: ~5,000 patients of heart-si
 DEFAULT_MAX_CONCURRENT = 4  # requests in flight (one predicts, the others wait); more -> 503
 
 
+DRIFT_LIMIT_SD = 1e6  # drift statistics leave out numeric values further than this many training SDs from the mean
+
 class ServeError(ValueError):  # a ValueError: `mmn-edge` exits 2 with the message
     """The service cannot start as configured (e.g. a non-loopback address without TLS and a token)."""
 
@@ -77,7 +79,9 @@ class InputStats:
             if c in table:
                 codes = bundle.schema.missing_codes.get(c, ())
                 x, _ = parse_numeric([table[c][i] for i in idx], c, codes)
-                x = x[np.isfinite(x)]
+                st = self._train[c]
+                # values beyond 1e6 training SDs (e.g. 1e308) would overflow the running sum: not counted
+                x = x[np.isfinite(x) & (np.abs(x - st["mean"]) <= DRIFT_LIMIT_SD * st["std"])]
                 sums[c] = (len(x), float(x.sum()))
         with self._lock:
             self.rows += len(idx)
@@ -361,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False).encode("utf-8"), "application/json")
+        self._send(status, json.dumps(_finite(obj), allow_nan=False).encode("utf-8"), "application/json")
 
     def _error(self, status: int, message: str, field: str | None = None) -> None:
         self.close_connection = True  # a refused request's body may be unread
@@ -396,6 +400,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        try:
+            self._get(path)
+        except Exception as e:  # noqa: BLE001 - as for POST: answer 500, log the kind only
+            log.error("internal error on %s: %s", path, type(e).__name__)
+            self._error(500, f"internal error ({type(e).__name__}); the service log has no details of the request")
+
+    def _get(self, path: str) -> None:
         if path == "/health":
             cur = self.server.service.current
             return self._json(200, {"status": "ok", "model_id": cur.bundle.manifest.get("model_id"),
@@ -467,3 +478,14 @@ def serve(bundle: str | Path, trust_keys: Any, cfg: ServeConfig, revocations: st
 
 __all__ = ["InputStats", "RequestError", "ServeConfig", "ServeError", "Server", "Service", "check_config",
            "make_server", "parse_request", "serve"]
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf or NaN: such numbers are reported as null (a statistic that cannot be computed)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

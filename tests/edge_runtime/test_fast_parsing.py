@@ -102,3 +102,20 @@ def test_values_remembered_across_chunks_give_the_same_encoding():
     memo = {str(i): (float(i), None) for i in range(pp.MEMO_LIMIT + 1)}
     pp.parse_numeric(["1", "2"], "x", memo=memo)
     assert len(memo) == 2  # over the limit, the memory starts again
+
+
+@pytest.mark.parametrize("values", [
+    ["1", True, np.float32(0.1), "2"],  # a list that starts with a string but is not only strings
+    ["1\x00", "2", "x\x00", ""],  # NUL characters, which numpy's strings would drop
+    ["1", "2" * 5000] + ["3"] * 4000,  # one very long value: numpy would pad every value to it
+])
+def test_values_the_fast_path_cannot_hold_exactly_take_the_general_path(values):
+    from edge_runtime.preprocessing import _distinct_strings
+
+    assert _distinct_strings(values) is None  # refused: not only strings, NULs, or too much padding
+    fast, fast_issues = parse_numeric(values, "x")
+    slow, slow_issues = parse_numeric(np.array(values, dtype=object), "x")
+    np.testing.assert_array_equal(fast, slow)
+    assert issues_of(fast_issues) == issues_of(slow_issues)
+    assert [type(i.value) for i in fast_issues] == [type(i.value) for i in slow_issues]
+    assert parse_categorical(values) == parse_categorical(np.array(values, dtype=object))

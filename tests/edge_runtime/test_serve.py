@@ -213,6 +213,24 @@ def test_several_trusted_keys_and_revocation(heart, tmp_path):
     assert Service(rotated, keys, revocations=revoked).current.release == 2
 
 
+def test_an_absurd_value_leaves_the_drift_statistics_and_info_working(server, bundle):
+    """1e308 is a finite number, so it is predicted; it must not overflow the running sums into inf, which JSON
+    cannot carry (/info answered nothing after it, until a reload)."""
+    assert call(server, "/predict", {"patients": [{"age": 1e308}, {"age": 1e308}, {"age": 40}]})[0] == 200
+    code, info = call(server, "/info")
+    assert code == 200
+    age = info["drift"]["numeric"]["age"]
+    assert age["seen"] == 1 and age["mean"] == pytest.approx(40.0)  # the absurd values are left out
+    # the statistics themselves, fed rows as if they had been predicted: the sum never overflows
+    from edge_runtime.serve import InputStats
+
+    stats = InputStats(bundle)
+    stats.add(bundle, {"age": [1e308, 1e308, 40.0]}, np.ones(3, dtype=bool), ["demographics"] * 3)
+    report = stats.report()
+    json.dumps(report, allow_nan=False)  # JSON can carry it
+    assert report["numeric"]["age"]["seen"] == 1 and report["numeric"]["age"]["mean"] == pytest.approx(40.0)
+
+
 def test_drift_statistics_against_a_hand_computation(server, bundle):
     sent = [{"age": 70, "chol": 300}, {"age": 50, "sex": "Male"}, {"sex": "Female"}, {"age": "?"}]
     assert call(server, "/predict", {"patients": sent})[0] == 200

@@ -27,8 +27,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
 import numpy as np
 import onnxruntime as ort
 
-from .compose import BATCH_INPUT, ModuleGraph, ModuleIO, WireError, compose, mask_input, output_name
-from .preprocessing import DataError, Preprocessor
+from .compose import (BATCH_INPUT, ModuleGraph, ModuleIO, WireError, compose, feature_output, mask_input,
+                      output_name)
+from .portable import PREPROCESS, column_input, input_spec, preprocess_graph, preprocess_module
+from .preprocessing import DataError, EncodedInputs, Preprocessor
 from .trust import BundleError, VerifiedBundle, read_manifest, verify_bundle
 
 DEFAULT_CHUNK = 1024  # rows per session call: bounds memory (~25 MB of working set) for any input size
@@ -214,6 +216,8 @@ class Bundle:
                     raise BundleError(f"{spec['file']} takes {declared} features but the preprocessing makes "
                                       f"{self.dims[x]} for modality '{x}'")
             self._modules[name] = io
+        self._pre_graph, self.preprocess_shipped = self._preprocess_graph(verified)
+        self._pre: _Composed | None = None  # its session, made on first use
         self._kinds = {t: s["kind"] for t, s in self.tasks.items()}
         self._task_names = list(self.tasks)
         self._batch: dict[int, np.ndarray] = {}  # the int64 batch-size input, reused per size
@@ -221,6 +225,52 @@ class Bundle:
         self._sessions: OrderedDict[tuple, _Composed] = OrderedDict()
         known = set(self.schema.input_columns) | {t.column for t in self.schema.tasks.values()}
         self._expected_other = known | ({self.schema.site_column} if self.schema.site_column else set())
+
+    def _preprocess_graph(self, verified: VerifiedBundle) -> tuple[bytes, bool]:
+        """The bundle's preprocessing graph (portable.py) and whether the bundle ships it. A bundle exported
+        before graphs were shipped gets the same graph built here from its signed manifest's statistics."""
+        spec = self.manifest["modules"].get(PREPROCESS)
+        if spec is None:
+            return preprocess_graph(self.preprocessor, self.order, int(self.manifest.get("opset") or 17)), False
+        data = verified.files.get(spec["file"])
+        if data is None:
+            raise BundleError(f"manifest of {self.path} has no file for module '{PREPROCESS}'")
+        want = [e["name"] for e in input_spec(self.preprocessor, self.order)]
+        try:
+            graph = ModuleGraph.parse(data)
+        except WireError as e:
+            raise BundleError(f"{spec['file']} is not a readable ONNX model: {e}") from None
+        if sorted(graph.inputs) != sorted(want) or list(spec["inputs"]) != want:
+            raise BundleError(f"{spec['file']}: graph inputs {list(graph.inputs)[:10]} do not match the manifest's "
+                              f"columns {want[:10]}")
+        return data, True
+
+    def encode(self, table: Mapping[str, Sequence], on_error: str = "collect") -> EncodedInputs:
+        """Raw columns -> per-modality features and presence: the host parses and validates
+        (``Preprocessor.parse``), the bundle's preprocessing graph does the rest, as on any other host."""
+        parsed = self.preprocessor.parse(table, on_error)
+        n = len(parsed.valid)
+        if n == 0:
+            return EncodedInputs({x: np.zeros((0, self.dims[x]), np.float32) for x in self.order},
+                                 {x: np.zeros(0, dtype=bool) for x in self.order}, parsed.issues, parsed.valid)
+        pre = self._pre
+        if pre is None:
+            try:
+                sess = ort.InferenceSession(self._pre_graph, self._options, providers=["CPUExecutionProvider"])
+            except (RuntimeError, ValueError) as e:
+                raise BundleError(f"the preprocessing graph of {self.path} does not load: {e}") from None
+            names = [n for x in self.order for n in (feature_output(x), mask_input(x))]
+            pre = self._pre = _Composed(sess, tuple(column_input(c) for c in self.schema.input_columns), names)
+            pre.run = session_runner(sess, self.use_binding)
+        outs = pre.run(pre.outputs, {name: parsed.columns[c] for name, c in zip(pre.x_names, self.schema.input_columns)})
+        features = {x: outs[2 * k] for k, x in enumerate(self.order)}
+        present = {x: outs[2 * k + 1].reshape(n) for k, x in enumerate(self.order)}
+        return EncodedInputs(features, present, parsed.issues, parsed.valid)
+
+    def portable_model(self) -> bytes:
+        """One ONNX model for any host: raw columns in (``col.<column>``), the prediction after the prior and
+        after each step out (``out.<task>``, (1 + steps) * rows, stacked step-major), modalities masked per row."""
+        return compose_portable(preprocess_module(self._pre_graph, self.order), self._modules, self.order, self.tasks)
 
     # ---- description --------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -263,9 +313,7 @@ class Bundle:
 
     def _compose_bytes(self, steps: tuple[str, ...], masked: bool, trajectory: bool) -> bytes:
         encs = [(x, self._modules[f"encoders.{x}"], self.dims[x]) for x in steps]
-        decs = [(t, self._modules[f"decoders.{t}"], s["kind"], len(s["classes"]) if s["kind"] == "multiclass" else 1)
-                for t, s in self.tasks.items()]
-        return compose(self._modules["init_state"], encs, decs, masked, trajectory)
+        return compose(self._modules["init_state"], encs, _decoders(self._modules, self.tasks), masked, trajectory)
 
     def run(self, features: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
             order: Sequence[str] | None = None, trajectory: bool = False):
@@ -415,7 +463,7 @@ class Bundle:
         n = len(pre)
         table = {c: (cols[c] if c in cols else [None] * n) for c in self.schema.input_columns}
         with np.errstate(over="ignore", invalid="ignore"):  # overflowing values are reported per row below
-            enc = self.preprocessor.encode(table, on_error="collect")
+            enc = self.encode(table, on_error="collect")
         reasons = list(pre)
         warnings = [""] * n
         for issue in enc.issues:
@@ -463,6 +511,18 @@ class Bundle:
         names = {int(k): "+".join(x for j, x in enumerate(order) if k >> j & 1) for k in np.unique(code)}
         used = [names[k] if good else "" for k, good in zip(code.tolist(), ok.tolist())]
         return Predictions(self.tasks, values, ok, reasons, warnings, used, notes, traj)
+
+
+def _decoders(modules: Mapping[str, ModuleIO], tasks: Mapping[str, Mapping[str, Any]]) -> list:
+    return [(t, modules[f"decoders.{t}"], s["kind"], len(s["classes"]) if s["kind"] == "multiclass" else 1)
+            for t, s in tasks.items()]
+
+
+def compose_portable(pre: ModuleIO, modules: Mapping[str, ModuleIO], order: Sequence[str],
+                     tasks: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """The portable model (``Bundle.portable_model``) from the preprocessing graph and the module graphs."""
+    encs = [(x, modules[f"encoders.{x}"], 0) for x in order]
+    return compose(modules["init_state"], encs, _decoders(modules, tasks), True, True, pre=pre)
 
 
 # ---- the manifest's structure -------------------------------------------------------------------------
@@ -544,7 +604,8 @@ def _validate_manifest(m: Mapping[str, Any]) -> Preprocessor:
         elif kind != "binary":
             raise BundleError(f"manifest key '{where}.kind' is {kind!r}, expected binary, multiclass or regression")
     modules = _get(m, "modules", dict, "")
-    for name in ["init_state"] + [f"encoders.{x}" for x in order] + [f"decoders.{t}" for t in tasks]:
+    shipped = [PREPROCESS] if PREPROCESS in modules else []  # bundles before portable graphs have none
+    for name in ["init_state"] + [f"encoders.{x}" for x in order] + [f"decoders.{t}" for t in tasks] + shipped:
         if name not in modules:
             raise BundleError(f"manifest has no module 'modules.{name}'")
         spec = _get(modules, name, dict, "modules")

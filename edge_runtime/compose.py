@@ -90,15 +90,21 @@ def f_int(fno: int, n: int) -> bytes:
 
 
 # ---- ONNX pieces ------------------------------------------------------------------------------------
-FLOAT, INT64, BOOL = 1, 7, 9
-_ATTR_FLOAT, _ATTR_INT, _ATTR_INTS = 1, 2, 7
+FLOAT, STRING, INT64, BOOL, DOUBLE = 1, 8, 7, 9, 11
+_ATTR_FLOAT, _ATTR_INT, _ATTR_INTS, _ATTR_STRINGS = 1, 2, 7, 8
 
 
-def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: int | float | list[int]) -> bytes:
+def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, domain: str = "",
+         **attrs: int | float | list[int] | list[str]) -> bytes:
+    """A NodeProto; ``domain`` e.g. 'ai.onnx.ml'; list attributes of str are STRINGS, of int INTS."""
     out = b"".join(f_str(1, x) for x in inputs) + b"".join(f_str(2, x) for x in outputs)
     out += f_str(3, name) + f_str(4, op)
+    if domain:
+        out += f_str(7, domain)
     for k, v in attrs.items():
-        if isinstance(v, list):
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            a = f_str(1, k) + b"".join(f_str(9, x) for x in v) + f_int(20, _ATTR_STRINGS)
+        elif isinstance(v, list):
             a = f_str(1, k) + b"".join(f_int(8, x) for x in v) + f_int(20, _ATTR_INTS)
         elif isinstance(v, float):
             a = f_str(1, k) + _varint(2 << 3 | _I32) + struct.pack("<f", v) + f_int(20, _ATTR_FLOAT)
@@ -132,6 +138,7 @@ class ModuleGraph:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     functions: tuple[bytes, ...]
+    input_infos: tuple[bytes, ...] = ()  # the ValueInfoProto of each input, in ``inputs`` order
 
     @classmethod
     def parse(cls, model: bytes) -> "ModuleGraph":
@@ -153,7 +160,7 @@ class ModuleGraph:
                 functions.append(v)
         if graph is None:
             raise WireError("no graph in ONNX model")
-        nodes, inits, vinfos, inputs, outputs = [], [], [], [], []
+        nodes, inits, vinfos, inputs, outputs, infos = [], [], [], [], [], {}
         for fno, wt, v in fields(graph):  # type: ignore[arg-type]
             if wt != _LEN:
                 continue
@@ -166,10 +173,12 @@ class ModuleGraph:
             elif fno in (11, 12):
                 name = next((v2.decode() for f2, w2, v2 in fields(v) if f2 == 1 and w2 == _LEN), "")  # type: ignore
                 (inputs if fno == 11 else outputs).append(name)
+                if fno == 11:
+                    infos[name] = v
         init_names = {_tensor_name(p) for _, p in inits}
         inputs = [x for x in inputs if x not in init_names]  # old IRs list initializers as inputs too
         return cls(ir, tuple(sorted(opsets)), tuple(nodes), tuple(inits), tuple(vinfos), tuple(inputs),
-                   tuple(outputs), tuple(functions))
+                   tuple(outputs), tuple(functions), tuple(infos[x] for x in inputs))
 
 
 def _tensor_name(payload: bytes) -> str:
@@ -217,9 +226,14 @@ def output_name(task: str) -> str:
     return f"out.{task}"
 
 
+def feature_output(modality: str) -> str:
+    """The preprocessing graph's output of a modality's features (float (B, d)); its mask is ``mask_input``."""
+    return f"x.{modality}"
+
+
 def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]],
             decoders: Sequence[tuple[str, ModuleIO, str, int]], masked: bool, trajectory: bool,
-            state_size: int = 0) -> bytes:
+            state_size: int = 0, pre: ModuleIO | None = None) -> bytes:
     """One ONNX model: initial state, then ``encoders`` in order [(modality, module, feature dim)], then
     ``decoders`` [(task, module, kind, output size)] on the final state (or on all states stacked when ``trajectory``).
 
@@ -229,27 +243,47 @@ def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]]
     shape (B, k), or (S*B, k) with states stacked first-major when ``trajectory``.
     ``init=None`` (streaming, edge_runtime/streaming.py): the state is the input ``mmn.state.in`` (B,
     ``state_size``) instead of the initial state, and the new state is one more output, ``mmn.state.out``.
+    ``pre`` (the preprocessing graph, edge_runtime/portable.py): its raw-column inputs are the model's inputs,
+    its ``x.<modality>`` outputs feed the encoders and its ``mask.<modality>`` outputs are the masks, and the
+    batch size is the first column's length: a model that any ONNX Runtime host runs from raw columns.
     """
-    modules = ([init] if init is not None else []) + [e for _, e, _ in encoders] + [d for _, d, _, _ in decoders]
-    opsets = {m.graph.opsets for m in modules}
-    if len(opsets) > 1:
-        raise WireError(f"modules were exported with different opsets {sorted(opsets)}; re-export the bundle")
+    modules = ([pre] if pre is not None else []) + ([init] if init is not None else [])
+    modules += [e for _, e, _ in encoders] + [d for _, d, _, _ in decoders]
+    opsets: dict[str, int] = {}
+    for m in modules:  # the default domain from the modules' export; 'ai.onnx.ml' from preprocessing
+        for dom, ver in m.graph.opsets:
+            if opsets.setdefault(dom, ver) != ver:
+                raise WireError(f"modules were exported with different opsets for domain '{dom or 'ai.onnx'}' "
+                                f"({opsets[dom]} and {ver}); re-export the bundle")
+    nodes: list[bytes] = []  # kept in topological order, as ONNX requires
+    inputs: list[bytes] = []
+    if pre is not None:
+        nodes.extend(pre.graph.nodes)
+        inputs.extend(pre.graph.input_infos)
     if init is not None:
-        nodes: list[bytes] = list(init.graph.nodes)  # kept in topological order, as ONNX requires
-        inputs = [value_info(BATCH_INPUT, INT64, [1])]
+        if pre is not None:  # the batch size from the first column: hosts feed raw columns only
+            nodes.append(node("Shape", [pre.inputs[0]], [BATCH_INPUT], "mmn.batch"))
+        else:
+            inputs.append(value_info(BATCH_INPUT, INT64, [1]))
+        nodes.extend(init.graph.nodes)
         state = init.outputs[0]
     else:
-        nodes, inputs, state = [], [value_info(STATE_INPUT, FLOAT, ["batch", state_size])], STATE_INPUT
+        inputs.append(value_info(STATE_INPUT, FLOAT, ["batch", state_size]))
+        state = STATE_INPUT
     states = [state]
     for k, (m, enc, dim) in enumerate(encoders):
         s_in, x_in = enc.inputs
-        inputs.append(value_info(x_in, FLOAT, ["batch", dim]))
+        if pre is not None:
+            nodes.append(node("Identity", [feature_output(m)], [x_in], f"mmn.wire.x.{m}"))
+        else:
+            inputs.append(value_info(x_in, FLOAT, ["batch", dim]))
         nodes.append(node("Identity", [state], [s_in], f"mmn.wire.{m}"))
         nodes.extend(enc.graph.nodes)
         new = enc.outputs[0]
         if masked:
             mask = mask_input(m)
-            inputs.append(value_info(mask, BOOL, ["batch", 1]))
+            if pre is None:
+                inputs.append(value_info(mask, BOOL, ["batch", 1]))
             nodes.append(node("Where", [mask, new, state], [f"mmn.state.{k + 1}"], f"mmn.mask.{m}"))
             new = f"mmn.state.{k + 1}"
         state = new
@@ -269,7 +303,7 @@ def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]]
         nodes.append(node(op, [dec.outputs[0]], [output_name(t)], f"mmn.post.{t}", **attrs))
         outputs.append(value_info(output_name(t), FLOAT, ["stacked" if trajectory else "batch", k]))
     return model_bytes(
-        max(m.graph.ir_version for m in modules), modules[0].graph.opsets, "mmn_composed", nodes,
+        max(m.graph.ir_version for m in modules), sorted(opsets.items()), "mmn_composed", nodes,
         [i for m in modules for i in m.graph.initializers], inputs, outputs,
         [v for m in modules for v in m.graph.value_infos], [f for m in modules for f in m.graph.functions],
     )

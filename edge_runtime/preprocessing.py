@@ -364,6 +364,17 @@ class EncodedInputs:
 
 
 @dataclass
+class ParsedInputs:
+    """``Preprocessor.parse``'s output: per input column the parsed values (float64 with NaN, or canonical
+    category strings with '' for missing) and, for categorical columns, each row's category index (-1: none)."""
+
+    columns: dict[str, np.ndarray]
+    slots: dict[str, np.ndarray]
+    issues: list[RowIssue]
+    valid: np.ndarray
+
+
+@dataclass
 class Preprocessor:
     """Fitted statistics for every input column (and task targets) of a schema. JSON-serializable."""
 
@@ -430,72 +441,92 @@ class Preprocessor:
         return len(self.targets[task]["classes"]) if kind == "multiclass" else 1
 
     # ---- transform ------------------------------------------------------------------------
-    def encode(self, table: Mapping[str, Sequence], on_error: str = "raise") -> EncodedInputs:
-        """Encode raw columns. on_error='raise': DataError on the first bad value (training);
-        'collect': bad rows are marked invalid (all modalities absent) and listed in ``issues``."""
+    def parse(self, table: Mapping[str, Sequence], on_error: str = "raise") -> "ParsedInputs":
+        """The host's half of preprocessing: raw values -> one array per input column (numeric: float64, NaN
+        where missing or a missing code; categorical: the canonical category as an object array of str, ''
+        where missing) and the issues found (bad numbers fatal, unknown categories not). on_error='raise':
+        DataError on the first bad value (training); 'collect': bad rows are marked invalid and blanked (all
+        their values missing). ``encode`` (numpy) and the preprocessing graph (portable.py) take it from here."""
         if on_error not in ("raise", "collect"):
             raise ValueError("on_error must be 'raise' or 'collect'")
         known = [c for c in self.schema.input_columns if c in table]
         n = table_length({c: table[c] for c in known}) if known else table_length(table)
         issues: list[RowIssue] = []
-        features: dict[str, np.ndarray] = {}
-        present: dict[str, np.ndarray] = {}
-        for m, cols in self.schema.modalities.items():
-            blocks, seen = [], np.zeros(n, dtype=bool)
-            for c in cols:
-                st = self.columns[c]
-                codes = self.schema.missing_codes.get(c, ())
-                values = table.get(c)
-                if st["kind"] == "numeric":
-                    if values is None:
-                        x = np.full(n, np.nan)
-                    else:
-                        x, bad = parse_numeric(values, c, codes, self._memo.setdefault(("numeric", c), {}))
-                        issues.extend(bad)
-                    ok = ~np.isnan(x)
-                    seen |= ok
-                    blocks.append(np.where(ok, (x - st["mean"]) / st["std"], 0.0)[:, None])
+        columns: dict[str, np.ndarray] = {}
+        slots: dict[str, np.ndarray] = {}
+        for c in self.schema.input_columns:
+            st = self.columns[c]
+            codes = self.schema.missing_codes.get(c, ())
+            values = table.get(c)
+            if st["kind"] == "numeric":
+                if values is None:
+                    columns[c] = np.full(n, np.nan)
                 else:
-                    cats = st["categories"]
-                    index = {k: j for j, k in enumerate(cats)}
-                    onehot = np.zeros((n, len(cats)))
-                    distinct = _distinct_strings(values) if values is not None else None
-                    if distinct is not None:  # strings (CSV): one lookup per distinct value, then scatter
-                        uniq, inverse = distinct
-                        code_set = {canonical_category(c) for c in codes}
-                        mapped = _memoized(self._memo.setdefault(("category", c), {}), uniq,
-                                           lambda v: _category(v, code_set))
-                        slot = np.array([-1 if v is None else index.get(v, -2) for v in mapped])[inverse]
-                        hit = np.flatnonzero(slot >= 0)
-                        onehot[hit, slot[hit]] = 1.0
-                        seen[hit] = True
-                        for i in np.flatnonzero(slot == -2):
-                            issues.append(RowIssue(int(i), c, mapped[inverse[i]],
-                                                   f"unknown category (known: {cats}); treated as missing", False))
-                    elif values is not None:
-                        for i, v in enumerate(parse_categorical(values, codes)):
-                            if v is None:
-                                continue
-                            j = index.get(v)
-                            if j is None:
-                                issues.append(RowIssue(i, c, v, f"unknown category (known: {cats}); treated as missing", False))
-                                continue
-                            onehot[i, j] = 1.0
-                            seen[i] = True
-                    blocks.append(onehot)
-            features[m] = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((n, 0), np.float32)
-            present[m] = seen
+                    columns[c], bad = parse_numeric(values, c, codes, self._memo.setdefault(("numeric", c), {}))
+                    issues.extend(bad)
+                continue
+            cats = st["categories"]
+            index = {k: j for j, k in enumerate(cats)}
+            unknown = f"unknown category (known: {cats}); treated as missing"
+            distinct = _distinct_strings(values) if values is not None else None
+            if values is None:
+                columns[c], slots[c] = np.full(n, "", dtype=object), np.full(n, -1, dtype=np.int64)
+            elif distinct is not None:  # strings (CSV): one lookup per distinct value, then gather
+                uniq, inverse = distinct
+                code_set = {canonical_category(c) for c in codes}
+                mapped = _memoized(self._memo.setdefault(("category", c), {}), uniq, lambda v: _category(v, code_set))
+                text = np.array(["" if v is None else v for v in mapped] + [""], dtype=object)[:-1]
+                slot = np.array([-1 if v is None else index.get(v, -2) for v in mapped], dtype=np.int64)
+                columns[c], slots[c] = text[inverse], slot[inverse]
+                for i in np.flatnonzero(slots[c] == -2):
+                    issues.append(RowIssue(int(i), c, mapped[inverse[i]], unknown, False))
+            else:
+                parsed = parse_categorical(values, codes)
+                columns[c] = np.array(["" if v is None else v for v in parsed] + [""], dtype=object)[:-1]
+                slots[c] = np.array([-1 if v is None else index.get(v, -2) for v in parsed], dtype=np.int64)
+                for i in np.flatnonzero(slots[c] == -2):
+                    issues.append(RowIssue(int(i), c, parsed[i], unknown, False))
+            slots[c][slots[c] == -2] = -1
         fatal = [i for i in issues if i.fatal]
         if fatal and on_error == "raise":
             raise DataError(f"{len(fatal)} bad value(s) in the input: {{issues}}", fatal, shown=5)
         valid = np.ones(n, dtype=bool)
         for i in fatal:
             valid[i.row] = False
-        if not valid.all():
-            for m in present:
-                present[m] = present[m] & valid
-                features[m][~valid] = 0.0
-        return EncodedInputs(features, present, sorted(issues, key=lambda i: (i.row, i.column)), valid)
+        if not valid.all():  # a bad row is not predicted: blank it so that no modality is present
+            for c, v in columns.items():
+                v[~valid] = "" if v.dtype == object else np.nan
+                if c in slots:
+                    slots[c][~valid] = -1
+        return ParsedInputs(columns, slots, sorted(issues, key=lambda i: (i.row, i.column)), valid)
+
+    def encode(self, table: Mapping[str, Sequence], on_error: str = "raise") -> EncodedInputs:
+        """Encode raw columns (``parse``, then the transform in numpy). on_error='raise': DataError on the first
+        bad value (training); 'collect': bad rows are marked invalid (all modalities absent) and listed in
+        ``issues``. The edge runs the same transform as an ONNX graph (portable.py)."""
+        parsed = self.parse(table, on_error)
+        n = len(parsed.valid)
+        features: dict[str, np.ndarray] = {}
+        present: dict[str, np.ndarray] = {}
+        for m, cols in self.schema.modalities.items():
+            blocks, seen = [], np.zeros(n, dtype=bool)
+            for c in cols:
+                st = self.columns[c]
+                if st["kind"] == "numeric":
+                    x = parsed.columns[c]
+                    ok = ~np.isnan(x)
+                    seen |= ok
+                    blocks.append(np.where(ok, (x - st["mean"]) / st["std"], 0.0)[:, None])
+                else:
+                    slot = parsed.slots[c]
+                    onehot = np.zeros((n, len(st["categories"])))
+                    hit = np.flatnonzero(slot >= 0)
+                    onehot[hit, slot[hit]] = 1.0
+                    seen[hit] = True
+                    blocks.append(onehot)
+            features[m] = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((n, 0), np.float32)
+            present[m] = seen
+        return EncodedInputs(features, present, parsed.issues, parsed.valid)
 
     # ---- serialization --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

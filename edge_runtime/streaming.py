@@ -127,7 +127,7 @@ class Stream:
         """One row's features, using only the columns of the ``allowed`` modalities (others are ignored)."""
         schema = self.bundle.schema
         cols = {c: [row.get(c)] for m in allowed for c in schema.modalities[m]}
-        enc = self.bundle.preprocessor.encode({**{c: [None] for c in schema.input_columns}, **cols}, on_error="raise")
+        enc = self.bundle.encode({**{c: [None] for c in schema.input_columns}, **cols}, on_error="raise")
         present = tuple(m for m in self.bundle.order if m in allowed and bool(enc.present[m][0]))
         return enc.features, present
 

@@ -7,6 +7,9 @@
 One ONNX file per module (``init_state``, ``encoders.<modality>``, ``decoders.<task>``), so one module can
 be replaced alone; every tensor name inside a file is prefixed with its module name so the runtime can
 splice modules into one graph without renaming. The manifest format lives in ``edge_runtime.trust``.
+Two more graphs make the bundle portable (edge_runtime/portable.py): ``preprocess.onnx``, the preprocessing from
+raw columns, and, for a static model, ``portable.onnx``, the whole model from raw columns for any ONNX Runtime
+host (manifest key ``portable``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_runtime.bundle import compose_portable
+from edge_runtime.compose import ModuleGraph, ModuleIO
+from edge_runtime.portable import PORTABLE, PREPROCESS, input_spec, preprocess_graph, preprocess_module
 from edge_runtime.trust import FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, key_id, sha256
 
 from .model import MultiModN
@@ -275,6 +281,26 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         manifest_modules[name] = entry
     tasks = {t: dict(prep.targets[t]) for t in model.tasks}
     timeseries = trained.metadata.get("timeseries_schema")  # a time-series model (mmn_fed.sequences)
+    # preprocessing as a graph (edge_runtime/portable.py), and for a static model the whole model from raw columns
+    order = list(model.modalities)
+    pre = preprocess_graph(prep, order, opset)
+    graphs = {PREPROCESS: pre}
+    if not timeseries:
+        ios = {name: ModuleIO(ModuleGraph.parse(spec["onnx"]), tuple(spec["inputs"]), tuple(spec["outputs"]))
+               for name, spec in modules.items()}
+        graphs["portable"] = compose_portable(preprocess_module(pre, order), ios, order, tasks)
+    for name, data in graphs.items():
+        fname = f"{name}.onnx"
+        (out / fname).write_bytes(data)
+        files[fname] = {"sha256": sha256(data), "bytes": len(data)}
+    spec_in = input_spec(prep, order)
+    manifest_modules[PREPROCESS] = {"file": f"{PREPROCESS}.onnx", "inputs": [e["name"] for e in spec_in],
+                                    "outputs": [n for x in order for n in (f"x.{x}", f"mask.{x}")], "opset": opset}
+    portable = None if timeseries else {
+        "file": PORTABLE, "inputs": spec_in, "steps": order, "outputs": {t: f"out.{t}" for t in tasks},
+        "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes", "mean", "std")} for t, s in tasks.items()},
+        "layout": "out.<task>: (1 + len(steps)) * rows x k, the prediction after the prior and after each step, "
+                  "step-major; binary p(1), multiclass probabilities, regression standardized (x std + mean)"}
     identity = {"files": {f: e["sha256"] for f, e in files.items()}, "preprocessing": prep.to_dict(), "tasks": tasks,
                 **({"timeseries": timeseries} if timeseries else {})}
     import onnx
@@ -296,6 +322,7 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
         "modules": manifest_modules,
         "files": files,
         **({"timeseries": timeseries} if timeseries else {}),
+        **({"portable": portable} if portable else {}),
         **({"model_card": card} if card else {}),
     }
     (out / MANIFEST).write_bytes(canonical_json(manifest))

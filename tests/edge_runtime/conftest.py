@@ -50,3 +50,22 @@ def bundle(heart):
 def bundle_copy(heart, tmp_path) -> Path:
     """A private copy of the signed bundle, free to damage."""
     return Path(shutil.copytree(heart.bundle, tmp_path / "bundle"))
+
+
+@dataclass
+class Support2:
+    df: object
+    bundle: Path  # signed with heart's key
+    public_key: Path
+
+
+@pytest.fixture(scope="session")
+def support2(tmp_path_factory, heart) -> Support2:
+    """A small support2 model (binary, multiclass tasks; string missing codes) as a signed bundle."""
+    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
+    from mmn_fed.export import export_bundle
+
+    root = tmp_path_factory.mktemp("support2")
+    df, schema = load_builtin("support2")
+    res = train_centralized(df.iloc[:3000], schema, ModelConfig(dropout=0.0), TrainConfig(epochs=1, patience=1, seed=0))
+    return Support2(df, export_bundle(res.trained, root / "bundle", sign_key=heart.private_key), heart.public_key)

@@ -34,7 +34,8 @@ def test_signed_bundle_loads_and_lists_every_file(heart):
     b = load_bundle(heart.bundle, trust_key=heart.public_key)
     names = set(b.manifest["files"])
     assert names == {p for p in bundle_files(heart.bundle) if p.endswith(".onnx")}
-    assert names == {"init_state.onnx"} | {f"encoders.{m}.onnx" for m in b.order} | {f"decoders.{t}.onnx" for t in b.tasks}
+    assert names == ({"init_state.onnx", "preprocess.onnx", "portable.onnx"} | {f"encoders.{m}.onnx" for m in b.order}
+                     | {f"decoders.{t}.onnx" for t in b.tasks})
     assert b.signed_by and len(b.signed_by) == 16
 
 

@@ -244,8 +244,8 @@ def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]]
     ``init=None`` (streaming, edge_runtime/streaming.py): the state is the input ``mmn.state.in`` (B,
     ``state_size``) instead of the initial state, and the new state is one more output, ``mmn.state.out``.
     ``pre`` (the preprocessing graph, edge_runtime/portable.py): its raw-column inputs are the model's inputs,
-    its ``x.<modality>`` outputs feed the encoders and its ``mask.<modality>`` outputs are the masks, and the
-    batch size is the first column's length: a model that any ONNX Runtime host runs from raw columns.
+    its ``x.<modality>`` outputs feed the encoders and its ``mask.<modality>`` outputs are the masks (and outputs
+    too), and the batch size is the first column's length: a model any ONNX Runtime host runs from raw columns.
     """
     modules = ([pre] if pre is not None else []) + ([init] if init is not None else [])
     modules += [e for _, e, _ in encoders] + [d for _, d, _, _ in decoders]
@@ -292,6 +292,8 @@ def compose(init: ModuleIO | None, encoders: Sequence[tuple[str, ModuleIO, int]]
         nodes.append(node("Concat", states, ["mmn.states"], "mmn.stack", axis=0))
         state = "mmn.states"
     outputs = []
+    if pre is not None:  # which modalities each row had: a host reports rows with none, and the applied steps
+        outputs += [value_info(mask_input(m), BOOL, ["batch", 1]) for m, _, _ in encoders]
     if init is None:
         nodes.append(node("Identity", [state], [STATE_OUTPUT], "mmn.state.out"))
         outputs.append(value_info(STATE_OUTPUT, FLOAT, ["batch", state_size]))

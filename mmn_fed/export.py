@@ -298,9 +298,11 @@ def export_bundle(trained: TrainedModel | str | Path, out_dir: str | Path, sign_
                                     "outputs": [n for x in order for n in (f"x.{x}", f"mask.{x}")], "opset": opset}
     portable = None if timeseries else {
         "file": PORTABLE, "inputs": spec_in, "steps": order, "outputs": {t: f"out.{t}" for t in tasks},
+        "masks": {x: f"mask.{x}" for x in order},
         "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes", "mean", "std")} for t, s in tasks.items()},
         "layout": "out.<task>: (1 + len(steps)) * rows x k, the prediction after the prior and after each step, "
-                  "step-major; binary p(1), multiclass probabilities, regression standardized (x std + mean)"}
+                  "step-major; binary p(1), multiclass probabilities, regression standardized (x std + mean); "
+                  "mask.<modality>: rows x 1, true where the row has the modality (the step applied)"}
     identity = {"files": {f: e["sha256"] for f, e in files.items()}, "preprocessing": prep.to_dict(), "tasks": tasks,
                 **({"timeseries": timeseries} if timeseries else {})}
     import onnx

@@ -71,6 +71,7 @@ def _portable_run(bundle_dir, rows, columns_of):
         v = columns_of[e["column"]]
         feed[e["name"]] = np.asarray(v, dtype=object if e["type"] == "string" else np.float64)
     outs = sess.run(list(spec["outputs"].values()), feed)
+    masks = dict(zip(spec["masks"], sess.run(list(spec["masks"].values()), feed)))
     S, n = len(spec["steps"]) + 1, len(rows)
     res = {}
     for (task, _), o in zip(spec["outputs"].items(), outs):
@@ -81,7 +82,7 @@ def _portable_run(bundle_dir, rows, columns_of):
         elif info["kind"] == "regression":
             o = o[..., 0] * info["std"] + info["mean"]
         res[task] = o
-    return spec, res
+    return spec, res, masks
 
 
 @pytest.mark.parametrize("name", ["heart", "support2"])
@@ -97,7 +98,7 @@ def test_the_portable_model_from_raw_columns_equals_the_python_runtime(name, hea
                     r[c] = None
     expected = b.predict(rows, explain=True)
     parsed = b.preprocessor.parse(table(rows, b.schema.input_columns), on_error="collect")
-    spec, got = _portable_run(path, rows, parsed.columns)
+    spec, got, masks = _portable_run(path, rows, parsed.columns)
     assert spec["steps"] == b.order and [e["column"] for e in spec["inputs"]] == list(b.schema.input_columns)
     ok = expected.ok
     assert ok.sum() > 100
@@ -105,6 +106,8 @@ def test_the_portable_model_from_raw_columns_equals_the_python_runtime(name, hea
         np.testing.assert_allclose(got[t][-1][ok], expected.values[t][ok], atol=1e-6, rtol=0)
         for k, step in enumerate(expected.trajectory):
             np.testing.assert_allclose(got[t][k][ok], step.values[t][ok], atol=1e-6, rtol=0, err_msg=step.name)
+    for m, step in zip(b.order, expected.trajectory[1:]):
+        np.testing.assert_array_equal(masks[m][ok, 0], step.applied[ok])
 
 
 def test_the_portable_model_is_a_valid_onnx_model(heart):

@@ -38,7 +38,7 @@ def build_edge_venv(where: Path, root: Path = ROOT) -> Path:
     The repo is copied first because pip builds in the source tree (build/, *.egg-info)."""
     src = where / "src"
     src.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "node_modules")
     for name in SOURCES:
         path = root / name
         (shutil.copytree(path, src / name, ignore=ignore) if path.is_dir() else shutil.copy2(path, src / name))

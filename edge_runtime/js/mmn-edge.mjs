@@ -7,6 +7,7 @@
 //   const out = await bundle.predict([{ age: "63", sex: "Male", cp: "" }]);
 //   out[0].disease          // binary: p(1); multiclass: [p per class]; regression: the value
 //   out[0].steps.disease    // trajectory: after the prior, then after each modality (bundle.stepNames)
+//   out[0].used             // the modalities the row had (the steps that changed its state)
 //   out[0].error            // set (and every value null) when the row is not predicted
 //
 // Loading fetches manifest.json as bytes, checks its format, and requires manifest.portable (bundles exported
@@ -15,7 +16,9 @@
 // checked against manifest.files before ONNX Runtime sees a byte. The contract with the graph (docs/edge.md,
 // "Other hosts: JavaScript"): one 1-D input per column, in manifest.portable.inputs; "double" columns are
 // float64 with NaN for missing, "string" columns the canonical category text ("" for missing); output
-// out.<task> is float32 [S*n, k] with S = 1 + steps, stacked step-major, block S-1 being the prediction.
+// out.<task> is float32 [S*n, k] with S = 1 + steps, stacked step-major, block S-1 being the prediction
+// (regression: standardized, mapped back here in double with the manifest's mean and std, as Python does);
+// mask.<modality> is bool [n, 1], true where the row has the modality.
 // Value parsing follows edge_runtime/preprocessing.py: a non-numeric value in a numeric column makes the row
 // not predicted, as does a row with no value in any input column.
 
@@ -145,6 +148,8 @@ export class Bundle {
     this.tasks = p.tasks;
     this.outputs = p.outputs;
     this.stepNames = ["prior", ...p.steps.map((x) => `+${x}`)];
+    this.steps = p.steps;
+    this.masks = p.masks || null; // {modality: output name}: which modalities each row had
     const missing = [...p.inputs.map((i) => i.name).filter((x) => !session.inputNames.includes(x)),
                      ...Object.values(p.outputs).filter((x) => !session.outputNames.includes(x))];
     if (missing.length) throw new Error(`${p.file} has no tensor(s) ${missing.join(", ")} named by manifest.portable`);
@@ -179,8 +184,14 @@ export class Bundle {
     }
     const res = await this.session.run(feeds);
     const S = this.stepNames.length;
+    const out = rows.map(() => ({ steps: {}, used: [] }));
+    if (this.masks) { // the graph's own presence per modality: unknown categories and missing codes count as missing
+      seen.fill(false);
+      for (const x of this.steps) { // in step order (the manifest's keys are sorted)
+        res[this.masks[x]].data.forEach((m, i) => { if (m) { seen[i] = true; out[i].used.push(x); } });
+      }
+    }
     seen.forEach((present, i) => { if (!present && !errors[i]) errors[i] = "no value for any input column of the model"; });
-    const out = rows.map(() => ({ steps: {} }));
     for (const [task, spec] of Object.entries(this.tasks)) {
       const t = res[this.outputs[task]];
       const k = t.dims[1];
@@ -188,9 +199,11 @@ export class Bundle {
         throw new Error(`output ${this.outputs[task]} has shape [${t.dims}], expected [${S * n}, k]`);
       }
       const value = (s, i) => (spec.kind === "multiclass" ? Array.from(t.data.subarray((s * n + i) * k, (s * n + i + 1) * k))
-                                                           : t.data[(s * n + i) * k]);
+                               : spec.kind === "regression" ? t.data[(s * n + i) * k] * spec.std + spec.mean // label units
+                               : t.data[(s * n + i) * k]);
       out.forEach((o, i) => {
         if (errors[i]) {
+          o.used = [];
           o[task] = null;
           o.steps[task] = null;
           return;

@@ -53,7 +53,7 @@ def bundle_copy(heart, tmp_path) -> Path:
 
 
 @dataclass
-class Support2:
+class Support2:  # also the weather fixture's type
     df: object
     bundle: Path  # signed with heart's key
     public_key: Path
@@ -68,4 +68,17 @@ def support2(tmp_path_factory, heart) -> Support2:
     root = tmp_path_factory.mktemp("support2")
     df, schema = load_builtin("support2")
     res = train_centralized(df.iloc[:3000], schema, ModelConfig(dropout=0.0), TrainConfig(epochs=1, patience=1, seed=0))
+    return Support2(df, export_bundle(res.trained, root / "bundle", sign_key=heart.private_key), heart.public_key)
+
+
+@pytest.fixture(scope="session")
+def weather(tmp_path_factory, heart) -> Support2:
+    """A small regression model (next-day temperature, nycflights13 weather) as a signed bundle."""
+    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
+    from mmn_fed.export import export_bundle
+
+    root = tmp_path_factory.mktemp("weather")
+    df, schema = load_builtin("nycflights13_weather")
+    df = df.iloc[:2000]
+    res = train_centralized(df, schema, ModelConfig(dropout=0.0), TrainConfig(epochs=1, patience=1, seed=0))
     return Support2(df, export_bundle(res.trained, root / "bundle", sign_key=heart.private_key), heart.public_key)

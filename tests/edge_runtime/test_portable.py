@@ -85,9 +85,10 @@ def _portable_run(bundle_dir, rows, columns_of):
     return spec, res, masks
 
 
-@pytest.mark.parametrize("name", ["heart", "support2"])
-def test_the_portable_model_from_raw_columns_equals_the_python_runtime(name, heart, support2):
-    path, key, df = (heart.bundle, heart.public_key, heart.df) if name == "heart" else (support2.bundle, support2.public_key, support2.df)
+@pytest.mark.parametrize("name", ["heart", "support2", "weather"])
+def test_the_portable_model_from_raw_columns_equals_the_python_runtime(name, request):
+    fx = request.getfixturevalue(name)
+    path, key, df = (fx.bundle, fx.public_key, fx.df)
     b = load_bundle(path, trust_key=key)
     rows = df.sample(120, random_state=2).to_dict("records")
     rng = np.random.default_rng(3)

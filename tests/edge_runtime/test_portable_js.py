@@ -128,8 +128,6 @@ def raw_key(public_key_path: Path) -> list[int]:
 
 
 def require_portable(bundle: Path) -> dict:
-    # NEEDS THE PYTHON SIDE: `mmn-fed export` writing manifest["portable"] and portable.onnx (in progress).
-    # Until it lands this fails here, naming the reason; nothing else in this module depends on it.
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "portable" in manifest, f"{bundle}: export wrote no manifest['portable'] (the portable graph)"
     assert manifest["portable"]["file"] in manifest["files"]
@@ -137,25 +135,6 @@ def require_portable(bundle: Path) -> dict:
 
 
 # ---- bundles -------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def support2(tmp_path_factory):
-    """A small support2 model (2,000 rows, 2 epochs), exported as a signed bundle: (bundle, public key, df)."""
-    import torch
-
-    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
-    from mmn_fed.api import save_trained
-    from mmn_fed.export import export_bundle, generate_keypair
-
-    root = tmp_path_factory.mktemp("support2-js")
-    df, schema = load_builtin("support2")
-    df = df.sample(n=2000, random_state=0).reset_index(drop=True)
-    torch.manual_seed(0)
-    res = train_centralized(df, schema, ModelConfig(dropout=0.0), TrainConfig(epochs=2, patience=2, seed=0))
-    model_path = save_trained(root / "model.pt", res.trained)
-    priv, pub = generate_keypair(root / "keys")
-    return export_bundle(model_path, root / "bundle", sign_key=priv), pub, df
-
 
 def csv_text(v) -> str:
     """A value as a CSV cell holds it: '' for missing; floats keep their decimals ('145.0')."""
@@ -254,6 +233,7 @@ def assert_parity(name: str, manifest: dict, py, js: dict, rows: list[dict]):
             assert all(o[t] is None for t in py.tasks), where
             continue
         assert not o.get("error"), f"{where}: {o.get('error')}"
+        assert o["used"] == [x for x in manifest["portable"]["steps"] if x in py.used[i].split("+")], where
         for t in py.tasks:
             np.testing.assert_allclose(np.asarray(o[t], dtype=float), py.values[t][i], rtol=0, atol=TOL,
                                        err_msg=f"{where}, task {t}")
@@ -264,11 +244,15 @@ def assert_parity(name: str, manifest: dict, py, js: dict, rows: list[dict]):
 
 # ---- tests ---------------------------------------------------------------------------------------------
 
-def test_javascript_host_matches_the_python_runtime(heart, support2, server, browser_page):
+def test_javascript_host_matches_the_python_runtime(heart, support2, weather, server, browser_page):
+    from mmn_fed import load_builtin
+
     page, errors = browser_page
-    s2_bundle, s2_pub, s2_df = support2
+    s2_bundle, s2_pub, s2_df = support2.bundle, support2.public_key, support2.df  # conftest.py
     cases = {"heart": (heart.bundle, heart.public_key, heart_rows(heart)),
-             "support2": (s2_bundle, s2_pub, support2_rows(s2_df))}
+             "support2": (s2_bundle, s2_pub, support2_rows(s2_df)),  # multiclass, string missing codes
+             "weather": (weather.bundle, weather.public_key,  # regression
+                         messy_rows(weather.df, load_builtin("nycflights13_weather")[1], 20, seed=3))}
     manifests = {name: require_portable(b) for name, (b, _, _) in cases.items()}
     jobs = [{"url": server.mount(name, b), "key": raw_key(pub), "rows": rows} for name, (b, pub, rows) in cases.items()]
     results = run_page(page, errors, server, jobs)

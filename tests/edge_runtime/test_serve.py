@@ -546,7 +546,7 @@ def test_slow_clients_hold_no_slot_and_are_cut_off(heart):
     (b'{"patient": {"age": 1' + b"0" * 300 + b"}}", "patient.age"),  # 301 digits: no float
     (b"[" * 100_000 + b"]" * 100_000, "body"),
 ], ids=["5000 digits", "4301 digits, categorical", "explain", "a bare integer", "301 digits", "deep nesting"])
-def test_huge_integers_and_deep_nesting_are_a_400(server, raw, field, caplog):
+def test_huge_integers_and_deep_nesting_are_a_400(server, raw, field):
     code, res = call(server, "/predict", raw=raw)
     assert code == 400 and res["field"] == field, res
     if field and field != "body":

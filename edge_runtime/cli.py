@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_info)
     s = sub.add_parser("serve", help="a local HTTP service (JSON API and a patient form) over a verified bundle")
-    s.add_argument("bundle", help="bundle directory; POST /admin/reload verifies it again and swaps it in")
+    s.add_argument("bundle", help="bundle directory; POST /admin/reload (or SIGHUP) verifies it again and swaps it in")
     s.add_argument("--trust-key", action="append", default=[], help="a signer's public key, or a directory of them "
                                                                      "(*.pub, *.pem); repeat to trust several")
     s.add_argument("--revoked", help="revocation list: key ids (16 hex digits) refused even if trusted, one a line")
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="file holding the access token (Authorization: Bearer <token>)")
     s.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 above)")
     s.add_argument("--max-concurrent", type=int, default=4, help="requests in flight (503 above)")
+    s.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a connection may stay silent, and for a whole request body to arrive (408 after)")
     s.set_defaults(func=_serve)
     return parser
 
@@ -68,7 +70,7 @@ def _serve(args) -> int:
         raise ValueError("pass --trust-key (the signer's public key; repeat for several) or --allow-unsigned")
     cfg = ServeConfig(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                       token=read_token(args.token_file) if args.token_file else None, max_body=args.max_body,
-                      max_concurrent=args.max_concurrent)
+                      max_concurrent=args.max_concurrent, request_timeout=args.request_timeout)
     serve(args.bundle, args.trust_key or None, cfg, revocations=args.revoked, allow_unsigned=args.allow_unsigned)
     return 0
 

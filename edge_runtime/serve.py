@@ -17,7 +17,11 @@ import ipaddress
 import json
 import logging
 import math
+import signal
+import socket
+import socketserver
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +39,10 @@ log = logging.getLogger("mmn-edge.serve")
 
 DEFAULT_MAX_BODY = 1024 * 1024  # bytes per request: ~5,000 patients of heart-sized rows
 DEFAULT_MAX_CONCURRENT = 4  # requests in flight (one predicts, the others wait); more -> 503
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds: a connection's idle time, and the whole body's arrival
+# longer JSON integers are refused naming the field: beyond 4300 digits int() raises inside the JSON decoder, and
+# beyond ~308 digits the value is no float (OverflowError in prediction)
+MAX_INT_DIGITS = 300
 
 
 DRIFT_LIMIT_SD = 1e6  # drift statistics leave out numeric values further than this many training SDs from the mean
@@ -153,8 +161,12 @@ class Service:
         elif isinstance(release, bool) or not isinstance(release, int) or release < 0:
             raise BundleError(f"manifest of {self.path} has release {release!r}; expected an integer >= 0")
         if bundle.manifest.get("timeseries"):
-            raise BundleError("time-series bundles are not served (they keep a state per patient between visits; "
-                              "see docs/timeseries.md)")
+            # /predict takes one row per patient; a time-series model needs the patient's visits in order and a state
+            # kept between them: refused here (at start and on reload) rather than answer from a single row
+            raise BundleError(f"{self.path} is a time-series bundle: time-series bundles are not served. "
+                              "`mmn-edge serve` takes bundles whose /predict input is one row per patient; score "
+                              "visit tables with `mmn-edge predict` (--subjects for long tables) or "
+                              "edge_runtime.streaming (see docs/timeseries.md)")
         return Loaded(bundle, release, InputStats(bundle), notices)
 
     def reload(self, force: bool = False) -> dict[str, Any]:
@@ -204,6 +216,33 @@ class Service:
                 "results": results(p, explain), "notes": notes}
 
 
+class HugeInt(str):
+    """A JSON integer longer than ``MAX_INT_DIGITS`` digits (``int()`` refuses more than 4300, a float more than
+    ~308): kept as its text so that ``parse_request`` can name the field it is in."""
+
+
+def _parse_int(text: str) -> Any:
+    return HugeInt(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+
+
+def _huge(v: Any, at: str) -> RequestError:
+    return RequestError(400, f"{at}: an integer of {len(v.lstrip('-'))} digits; at most {MAX_INT_DIGITS} "
+                             f"are accepted", at)
+
+
+def loads(raw: bytes) -> Any:
+    """A request body as JSON. Raises RequestError 400 (field ``body``) for text that is not JSON, or nested too
+    deeply; integers too long for ``int()`` become ``HugeInt``, refused by ``parse_request`` naming the field."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_parse_int) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON: {e}", "body") from None
+    except RecursionError:
+        raise RequestError(400, "the body is nested too deeply", "body") from None
+    except ValueError as e:  # any other conversion the decoder refuses
+        raise RequestError(400, f"the body is not valid JSON: {type(e).__name__}", "body") from None
+
+
 def parse_request(body: Any, bundle: Bundle) -> tuple[list[dict[str, Any]], bool]:
     """Validate a /predict body at the boundary: its shape, every column name and every value's type (a numeric
     column takes a number, a numeric string or a missing value). Raises RequestError naming the field."""
@@ -217,6 +256,8 @@ def parse_request(body: Any, bundle: Bundle) -> tuple[list[dict[str, Any]], bool
         raise RequestError(400, "give exactly one of 'patients' (a list of objects) or 'patient' (an object)",
                            "patients")
     explain = body.get("explain", True)
+    if isinstance(explain, HugeInt):
+        raise _huge(explain, "explain")
     if not isinstance(explain, bool):
         raise RequestError(400, f"'explain' must be true or false, got {type(explain).__name__}", "explain")
     patients = body["patients"] if "patients" in body else [body["patient"]]
@@ -231,6 +272,8 @@ def parse_request(body: Any, bundle: Bundle) -> tuple[list[dict[str, Any]], bool
         if not isinstance(row, dict):
             raise RequestError(400, f"{at} must be an object of column -> value, got {type(row).__name__}", at)
         for c, v in row.items():
+            if isinstance(v, HugeInt):
+                raise _huge(v, f"{at}.{c}")
             if c not in known:
                 raise RequestError(400, f"{at}: unknown column '{c}'; the model's columns are "
                                         f"{ {x: list(cs) for x, cs in schema.modalities.items()} }", f"{at}.{c}")
@@ -281,10 +324,16 @@ class ServeConfig:
     tls_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+
+
+def _bare(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    host = _bare(host)
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -305,6 +354,8 @@ def check_config(cfg: ServeConfig) -> None:
                              f"Listen on 127.0.0.1 (the default) or give both")
     if cfg.max_body < 1 or cfg.max_concurrent < 1:
         raise ServeError("--max-body and --max-concurrent must be >= 1")
+    if not (isinstance(cfg.request_timeout, (int, float)) and 0 < cfg.request_timeout <= 3600):
+        raise ServeError("--request-timeout must be a number of seconds > 0 (at most 3600)")
 
 
 def read_token(path: str | Path) -> str:
@@ -325,7 +376,10 @@ class Server(ThreadingHTTPServer):
         self.service = service
         self.cfg = cfg
         self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
-        super().__init__((cfg.host, cfg.port), Handler)
+        host = _bare(cfg.host)
+        # an IPv6 address (e.g. ::1) needs an AF_INET6 socket; names (localhost) and IPv4 addresses take AF_INET
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, cfg.port), Handler)
         if cfg.tls_cert:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -333,9 +387,23 @@ class Server(ThreadingHTTPServer):
             # the handshake runs in the request's thread (first read), not in the accepting loop
             self.socket = ctx.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's fully qualified name (socket.getfqdn), which can wait on DNS
+        # for seconds; the service does not use it
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = port
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # the default prints a traceback to stderr, whose frames could quote a patient's value: the kind only
+        exc = sys.exc_info()[1]
+        log.error("internal error on a connection: %s", type(exc).__name__ if exc else "unknown")
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
         return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{port}"
 
 
@@ -347,7 +415,12 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
     server_version = "mmn-edge"
-    timeout = 30  # seconds a connection may idle (a slow or silent client does not hold a thread forever)
+
+    def setup(self) -> None:
+        # seconds a connection may stay silent (headers, body, keep-alive): a slow or silent client does not
+        # hold a thread forever. It holds no concurrency slot meanwhile: a slot is taken once the body is read
+        self.timeout = self.server.cfg.request_timeout
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # path and status only: never a body or a value
         log.info("%s %s", self.address_string(), format % args)
@@ -392,19 +465,54 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read
             raise RequestError(413, f"the body is {n} bytes; this service takes at most {self.server.cfg.max_body} "
                                     f"(split the patients over several requests)", "Content-Length")
-        raw = self.rfile.read(n)
+        return loads(self._read(n))
+
+    def _read(self, n: int) -> bytes:
+        """``n`` bytes of body, all within --request-timeout (a client trickling a byte at a time is cut off too)."""
+        limit = self.server.cfg.request_timeout
+        deadline = time.monotonic() + limit
+        chunks, got = [], 0
         try:
-            return json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the body is not valid JSON: {e}", "body") from None
+            while got < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(n - got, 65536))
+                if not chunk:
+                    self.close_connection = True
+                    raise RequestError(400, f"the body ended after {got} of {n} bytes", "body")
+                chunks.append(chunk)
+                got += len(chunk)
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            raise RequestError(408, f"the body did not arrive within {limit:g} s ({got} of {n} bytes)",
+                               "body") from None
+        finally:
+            try:
+                self.connection.settimeout(limit)
+            except OSError:
+                pass
+        return b"".join(chunks)
+
+    def _internal(self, path: str, e: BaseException) -> None:
+        # answer 500 and log the kind only: a message or a traceback could quote a patient's value
+        if isinstance(e, (ConnectionError, TimeoutError)):  # the client went away or stalled: nothing to answer
+            self.close_connection = True
+            log.info("%s %s: connection lost (%s)", self.address_string(), path, type(e).__name__)
+            return
+        log.error("internal error on %s: %s", path, type(e).__name__)
+        try:
+            self._error(500, f"internal error ({type(e).__name__}); the service log has no details of the request")
+        except Exception:  # noqa: BLE001 - the connection is gone or the answer cannot be built
+            self.close_connection = True
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             self._get(path)
-        except Exception as e:  # noqa: BLE001 - as for POST: answer 500, log the kind only
-            log.error("internal error on %s: %s", path, type(e).__name__)
-            self._error(500, f"internal error ({type(e).__name__}); the service log has no details of the request")
+        except Exception as e:  # noqa: BLE001
+            self._internal(path, e)
 
     def _get(self, path: str) -> None:
         if path == "/health":
@@ -414,28 +522,39 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/":
             from .serve_page import page
 
-            return self._send(200, page(self.server.service.info(), self.server.cfg.token is not None).encode(),
+            # with a token, the page holds nothing about the model: it asks for the token, then fetches /info
+            token = self.server.cfg.token is not None
+            return self._send(200, page(None if token else self.server.service.info()).encode(),
                               "text/html; charset=utf-8")
-        if path == "/info":
-            if self._authorized():
-                self._json(200, self.server.service.info())
+        if not self._authorized():
             return
+        if path == "/info":
+            return self._json(200, self.server.service.info())
         self._error(404, f"no such endpoint {path}; see GET /, /health, /info, POST /predict, /admin/reload")
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        try:
+            self._post(path)
+        except Exception as e:  # noqa: BLE001
+            self._internal(path, e)
+
+    def _post(self, path: str) -> None:
+        if not self._authorized():
+            return
         if path not in ("/predict", "/admin/reload"):
             return self._error(404, f"no such endpoint {path}; POST goes to /predict or /admin/reload")
         if path == "/admin/reload" and self.server.cfg.token is None:
             return self._error(403, "reload is disabled: start the service with --token-file to enable "
                                     "POST /admin/reload", "Authorization")
-        if not self._authorized():
-            return
+        try:
+            body = self._body()  # read before a slot is taken: a slow client holds no slot
+        except RequestError as e:
+            return self._error(e.status, str(e), e.field)
         if not self.server.slots.acquire(blocking=False):
             self.close_connection = True
             return self._error(503, "the service is saturated; retry shortly")
         try:
-            body = self._body()
             if path == "/predict":
                 self._json(200, self.server.service.predict(body))
             else:
@@ -450,11 +569,35 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e.status, str(e), e.field)
         except DataError as e:
             self._error(400, str(e))
-        except Exception as e:  # noqa: BLE001 - answer 500 and log the kind only: a message could quote a value
-            log.error("internal error on %s: %s", path, type(e).__name__)
-            self._error(500, f"internal error ({type(e).__name__}); the service log has no details of the request")
         finally:
             self.server.slots.release()
+
+
+_NO_SIGHUP = object()
+
+
+def reload_on_sighup(service: Service) -> Any:
+    """POSIX: SIGHUP reloads the bundle as POST /admin/reload does without ``force`` (verified again, a lower
+    release refused), in a thread; the outcome is logged and a refused bundle leaves the running model.
+    Returns the previous handler, or ``_NO_SIGHUP`` where there is no SIGHUP (Windows) or outside the main
+    thread (signal handlers can only be set there)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return _NO_SIGHUP
+
+    def run() -> None:
+        try:
+            r = service.reload(force=False)
+            log.warning("SIGHUP: reloaded, serving model %s release %s", r["model_id"], r["release"])
+            for n in r["notices"]:
+                log.warning("notice: %s", n)
+        except BundleError as e:  # includes UntrustedBundleError
+            log.error("SIGHUP: bundle refused, the running model stays (release %s): %s",
+                      service.current.release, e)
+        except Exception as e:  # noqa: BLE001 - e.g. the directory is being rewritten; the model stays
+            log.error("SIGHUP: reload failed (%s: %s), the running model stays (release %s)",
+                      type(e).__name__, e, service.current.release)
+
+    return signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=run, daemon=True).start())
 
 
 def serve(bundle: str | Path, trust_keys: Any, cfg: ServeConfig, revocations: str | Path | None = None,
@@ -466,18 +609,22 @@ def serve(bundle: str | Path, trust_keys: Any, cfg: ServeConfig, revocations: st
     cur = service.current
     for n in cur.notices:
         log.warning("notice: %s", n)
-    log.warning("serving model %s release %s (signed by %s) at %s", cur.bundle.manifest.get("model_id"),
-                cur.release, cur.bundle.signed_by, server.url)
+    previous = reload_on_sighup(service)
+    hup = previous is not _NO_SIGHUP
+    log.warning("serving model %s release %s (signed by %s) at %s%s", cur.bundle.manifest.get("model_id"),
+                cur.release, cur.bundle.signed_by, server.url, " (SIGHUP reloads the bundle)" if hup else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if hup:
+            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
 
 
 __all__ = ["InputStats", "RequestError", "ServeConfig", "ServeError", "Server", "Service", "check_config",
-           "make_server", "parse_request", "serve"]
+           "loads", "make_server", "parse_request", "reload_on_sighup", "serve"]
 
 
 def _finite(obj: Any) -> Any:

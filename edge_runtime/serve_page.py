@@ -1,7 +1,12 @@
 """The page `mmn-edge serve` shows at ``/``: a patient form generated from the bundle's manifest (one section
 per modality, any may stay empty), the probability per task and the per-step explanation chart (the paper's
 cumulative prediction: the prediction after the prior and after each encoder step). One self-contained HTML
-document: inline CSS and JS, no external resource (the Content-Security-Policy forbids any)."""
+document: inline CSS and JS, no external resource (the Content-Security-Policy forbids any).
+
+The script builds the form from the model's description (``Service.info()`` minus the drift statistics). Without
+an access token it is embedded in the page. With one, the page holds nothing about the model: it asks for the
+token, fetches ``/info`` with it (``Authorization: Bearer``) and sends it with every ``/predict``.
+"""
 from __future__ import annotations
 
 import html
@@ -27,10 +32,11 @@ section.out{background:#fff;border:1px solid #c9d3de;border-radius:.5rem;padding
 """
 
 _JS = r"""
-const INFO = JSON.parse(document.getElementById('info').textContent);
+let INFO = null;
 const form = document.getElementById('patient');
 const out = document.getElementById('results');
 const errBox = document.getElementById('error');
+const tok = document.getElementById('token');
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
   for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
@@ -42,6 +48,54 @@ function svg(tag, attrs, text) {
   for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
   if (text !== undefined) e.textContent = text;
   return e;
+}
+function headers() {
+  const h = {'Content-Type': 'application/json'};
+  if (tok && tok.value) h['Authorization'] = 'Bearer ' + tok.value.trim();
+  return h;
+}
+function field(c, spec) {
+  const label = el('label', {}, c);
+  let f;
+  if (spec.kind === 'numeric') {
+    f = el('input', {type: 'number', step: 'any', inputmode: 'decimal', name: c, 'data-column': c,
+      'data-kind': 'numeric', placeholder: 'mean ' + Number(spec.mean.toPrecision(4))});
+  } else {
+    f = el('select', {name: c, 'data-column': c, 'data-kind': 'categorical'});
+    f.appendChild(el('option', {value: ''}, ''));
+    for (const k of spec.categories) f.appendChild(el('option', {value: String(k)}, String(k)));
+  }
+  label.appendChild(f);
+  return label;
+}
+function build(info) {
+  INFO = info;
+  document.title = `mmn-edge · ${info.model_id}`;
+  document.getElementById('model-line').textContent =
+    `model ${info.model_id} · release ${info.release} · fill any modalities; empty ones are skipped`;
+  const sections = document.getElementById('sections');
+  sections.replaceChildren();
+  for (const x of info.order) {
+    const fs = el('fieldset', {'data-modality': x});
+    fs.appendChild(el('legend', {}, x));
+    const d = el('div', {class: 'fields'});
+    for (const c of info.modalities[x].columns) d.appendChild(field(c, info.columns[c]));
+    fs.appendChild(d);
+    sections.appendChild(fs);
+  }
+  const card = info.model_card;
+  if (card && typeof card === 'object' && Object.keys(card).length) {
+    const sec = el('section', {class: 'out card', id: 'model-card'});
+    sec.appendChild(el('h2', {}, 'Model card'));
+    const dl = el('dl');
+    for (const k in card) {
+      dl.appendChild(el('dt', {}, k));
+      dl.appendChild(el('dd', {}, typeof card[k] === 'string' ? card[k] : JSON.stringify(card[k])));
+    }
+    sec.appendChild(dl);
+    document.getElementById('side').appendChild(sec);
+  }
+  form.hidden = false;
 }
 function patient() {
   const p = {};
@@ -105,11 +159,8 @@ function show(res) {
 form.addEventListener('submit', async (ev) => {
   ev.preventDefault();
   errBox.textContent = ''; out.setAttribute('aria-busy', 'true');
-  const headers = {'Content-Type': 'application/json'};
-  const tok = document.getElementById('token');
-  if (tok && tok.value) headers['Authorization'] = 'Bearer ' + tok.value;
   try {
-    const resp = await fetch('predict', {method: 'POST', headers,
+    const resp = await fetch('predict', {method: 'POST', headers: headers(),
       body: JSON.stringify({patient: patient(), explain: true})});
     const res = await resp.json();
     if (!resp.ok) { errBox.textContent = res.error; out.replaceChildren(); }
@@ -118,50 +169,54 @@ form.addEventListener('submit', async (ev) => {
   out.setAttribute('aria-busy', 'false'); out.dataset.done = String(Date.now());
 });
 document.getElementById('clear').addEventListener('click', () => { form.reset(); out.replaceChildren(); });
+const access = document.getElementById('access');
+if (access) {
+  access.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    errBox.textContent = '';
+    try {
+      const resp = await fetch('info', {headers: headers()});
+      const res = await resp.json();
+      if (!resp.ok) { errBox.textContent = res.error; return; }
+      build(res);
+      document.getElementById('unlock').hidden = true;
+    } catch (e) { errBox.textContent = 'request failed: ' + e; }
+  });
+} else {
+  build(JSON.parse(document.getElementById('info').textContent));
+}
 """
 
 
-def _field(column: str, spec: dict[str, Any]) -> str:
-    c = html.escape(column)
-    if spec["kind"] == "numeric":
-        return (f'<label>{c}<input type="number" step="any" inputmode="decimal" name="{c}" data-column="{c}" '
-                f'data-kind="numeric" placeholder="mean {spec["mean"]:.4g}"></label>')
-    options = "".join(f'<option value="{html.escape(str(k))}">{html.escape(str(k))}</option>'
-                      for k in spec["categories"])
-    return (f'<label>{c}<select name="{c}" data-column="{c}" data-kind="categorical"><option value=""></option>'
-            f'{options}</select></label>')
+def page(info: dict[str, Any] | None) -> str:
+    """The HTML page. ``info`` (``Service.info()``) is embedded when no token is configured; ``None`` (a token
+    is configured) gives a page that holds nothing about the model and asks for the token first."""
+    if info is None:
+        access = ('<form id="access" autocomplete="off"><fieldset><legend>access</legend><label>access token'
+                  '<input type="password" id="token" autocomplete="off" required></label></fieldset>'
+                  '<div class="actions"><button type="submit" id="unlock">Unlock</button></div></form>')
+        data, title, line = "", "mmn-edge", "enter the access token to load the model"
+    else:
+        access = ""
+        from .serve import _finite
 
-
-def _card(card: Any) -> str:
-    if not isinstance(card, dict) or not card:
-        return ""
-    items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(v if isinstance(v, str) else json.dumps(v))}</dd>"
-                    for k, v in card.items())
-    return f'<section class="out card" id="model-card"><h2>Model card</h2><dl>{items}</dl></section>'
-
-
-def page(info: dict[str, Any], token_required: bool) -> str:
-    """The HTML page for ``info`` (``Service.info()``)."""
-    sections = []
-    for x in info["order"]:
-        fields = "".join(_field(c, info["columns"][c]) for c in info["modalities"][x]["columns"])
-        sections.append(f'<fieldset data-modality="{html.escape(x)}"><legend>{html.escape(x)}</legend>'
-                        f'<div class="fields">{fields}</div></fieldset>')
-    token = ('<fieldset><legend>access</legend><label>access token<input type="password" id="token" '
-             'autocomplete="off"></label></fieldset>' if token_required else "")
-    # only what the page needs; '</' escaped so the JSON cannot close the script element
-    data = json.dumps({"tasks": info["tasks"], "order": info["order"]}).replace("</", "<\\/")
-    model = f"model {info['model_id']} · release {info['release']}"
+        shown = {k: info[k] for k in ("model_id", "release", "order", "modalities", "tasks", "columns",
+                                      "model_card")}
+        # '<' escaped so the JSON cannot close the script element
+        data = ('<script type="application/json" id="info">'
+                + json.dumps(_finite(shown), allow_nan=False).replace("<", "\\u003c") + "</script>")
+        title = f"mmn-edge · {info['model_id']}"
+        line = f"model {info['model_id']} · release {info['release']} · fill any modalities; empty ones are skipped"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>mmn-edge · {html.escape(str(info['model_id']))}</title><style>{_CSS}</style></head>
+<title>{html.escape(str(title))}</title><style>{_CSS}</style></head>
 <body><header><h1>MultiModN prediction</h1>
-<p>{html.escape(model)} · fill any modalities; empty ones are skipped</p></header>
-<main><form id="patient" autocomplete="off">{token}{''.join(sections)}
+<p id="model-line">{html.escape(line)}</p></header>
+<main><div>{access}<form id="patient" autocomplete="off" hidden><div id="sections"></div>
 <div class="actions"><button type="submit" id="submit">Predict</button>
-<button type="button" class="secondary" id="clear">Clear</button></div></form>
-<div><section class="out" aria-live="polite"><h2>Prediction</h2><p class="err" id="error"></p>
+<button type="button" class="secondary" id="clear">Clear</button></div></form></div>
+<div id="side"><section class="out" aria-live="polite"><h2>Prediction</h2><p class="err" id="error"></p>
 <div id="results"><p class="muted">No prediction yet. Values stay in this page and the local service;
-nothing is stored.</p></div></section>{_card(info.get('model_card'))}</div></main>
-<script type="application/json" id="info">{data}</script><script>{_JS}</script></body></html>
+nothing is stored.</p></div></section></div></main>
+{data}<script>{_JS}</script></body></html>
 """

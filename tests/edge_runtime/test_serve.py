@@ -1,7 +1,11 @@
 """`mmn-edge serve`: the JSON API against the Python runtime, its refusals, hot swap, trust and drift.
-Every server listens on 127.0.0.1, port 0, in a thread, and is shut down by its fixture."""
+Every server listens on 127.0.0.1 (one test: ::1), port 0, in a thread, and is shut down by its fixture."""
 import json
+import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -22,8 +26,8 @@ PATIENTS = [
 
 
 @contextmanager
-def running(service, **cfg):
-    server = make_server(service, ServeConfig(host="127.0.0.1", port=0, **cfg))
+def running(service, host="127.0.0.1", **cfg):
+    server = make_server(service, ServeConfig(host=host, port=0, **cfg))
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
@@ -130,6 +134,13 @@ def test_cli_refuses_non_loopback_without_tls(heart, capsys):
 
     assert main(["serve", str(heart.bundle), "--trust-key", str(heart.public_key), "--host", "192.0.2.1"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_cli_request_timeout_must_be_positive(heart, capsys):
+    from edge_runtime.cli import main
+
+    assert main(["serve", str(heart.bundle), "--trust-key", str(heart.public_key), "--request-timeout", "0"]) == 2
+    assert "--request-timeout must be" in capsys.readouterr().err
 
 
 def test_token_guards_the_api(heart):
@@ -348,7 +359,8 @@ def test_model_card_is_signed_and_shown(heart, tmp_path, capsys):
     with running(service) as server:
         with urllib.request.urlopen(server.url + "/", timeout=20) as r:
             page = r.read().decode()
-    assert 'id="model-card"' in page and "not validated under 30 years" in page
+    shown = json.loads(re.search(r'<script type="application/json" id="info">(.*?)</script>', page).group(1))
+    assert shown["model_card"]["limits"][0] == "not validated under 30 years"  # the script shows it (#model-card)
     (tmp_path / "bad.toml").write_text('intendeduse = "typo"\n' + CARD)
     with pytest.raises(ExportError, match=r"\['intendeduse'\] are not known"):
         export_bundle(heart.model_path, tmp_path / "bad", model_card=tmp_path / "bad.toml")
@@ -356,10 +368,6 @@ def test_model_card_is_signed_and_shown(heart, tmp_path, capsys):
 
 def test_mmn_edge_serve_command_serves_and_stops(heart):
     """The command line end to end: `mmn-edge serve` in a subprocess on 127.0.0.1, port 0; terminated by the test."""
-    import re
-    import subprocess
-    import sys
-
     proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", str(heart.bundle), "--trust-key",
                              str(heart.public_key), "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
@@ -403,3 +411,289 @@ def test_trust_store_refuses_what_it_cannot_read(heart, tmp_path):
     (tmp_path / "revoked.txt").write_text("# none yet\n\n0123456789ABCDEF  # old laptop\n")
     assert read_revocations(tmp_path / "revoked.txt") == {"0123456789abcdef"}
     assert len(load_trusted_keys([heart.public_key, heart.other_public_key])) == 2
+
+
+# ---- the page and the token ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def carded(heart, tmp_path_factory):
+    """The heart model exported with a model card."""
+    from mmn_fed.export import export_bundle
+
+    d = tmp_path_factory.mktemp("carded")
+    (d / "card.toml").write_text(CARD)
+    return export_bundle(heart.model_path, d / "bundle", sign_key=heart.private_key, model_card=d / "card.toml")
+
+
+def get_text(server, path):
+    with urllib.request.urlopen(server.url + path, timeout=20) as r:
+        return r.status, r.read().decode()
+
+
+def test_with_a_token_the_page_holds_nothing_about_the_model_and_every_endpoint_but_health_needs_it(heart, carded):
+    token = "t" * 32
+    model_id = load_bundle(carded, trust_key=heart.public_key).manifest["model_id"]
+    with running(Service(carded, heart.public_key), token=token) as server:
+        status, page = get_text(server, "/")
+        assert status == 200 and 'id="token"' in page
+        for secret in (model_id, "not validated under 30 years", "Cleveland", "trestbps", "chol", "demographics",
+                       "disease", "severity", "release 1"):
+            assert secret not in page, secret
+        assert call(server, "/info")[0] == 401
+        assert call(server, "/no-such-thing")[0] == 401  # not even which endpoints exist
+        assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 401
+        assert call(server, "/health")[0] == 200
+        assert call(server, "/no-such-thing", token=token)[0] == 404
+    with running(Service(carded, heart.public_key)) as server:  # no token (loopback): the page embeds the model
+        assert model_id in get_text(server, "/")[1]
+
+
+def test_the_page_with_a_token_in_a_headless_browser(heart, carded, browser_page):
+    """The page asks for the token, fetches /info with it (a wrong one is told), then builds the form and the model
+    card and predicts with the token."""
+    page, errors = browser_page
+    token = "t" * 32
+    bundle = load_bundle(carded, trust_key=heart.public_key)
+    with running(Service(carded, heart.public_key), token=token) as server:
+        page.goto(server.url + "/")
+        assert page.eval_on_selector_all("fieldset[data-modality]", "fs => fs.length") == 0
+        page.fill("#token", "wrong" * 8)
+        page.click("#unlock")
+        page.wait_for_selector("#error:has-text('access token')")  # the 401's message
+        page.fill("#token", token)
+        page.click("#unlock")
+        page.wait_for_selector("fieldset[data-modality]")
+        sections = page.eval_on_selector_all("fieldset[data-modality]", "fs => fs.map(f => f.dataset.modality)")
+        assert sections == bundle.order
+        assert "not validated under 30 years" in page.text_content("#model-card")
+        page.fill("input[data-column=age]", "58")
+        page.click("#submit")
+        page.wait_for_selector("#results [data-task=disease][data-value]")
+        shown = float(page.get_attribute("#results div[data-task=disease]", "data-value"))
+    assert [e for e in errors if "/info" not in e] == []  # the refused /info (401) is the only failed request
+    assert shown == pytest.approx(float(bundle.predict([{"age": 58}]).values["disease"][0]), abs=1e-6)
+
+
+# ---- slow clients ----------------------------------------------------------------------------------------
+
+def _raw(server, data: bytes) -> socket.socket:
+    s = socket.create_connection(server.server_address[:2], timeout=20)
+    s.sendall(data)
+    return s
+
+
+def _answer(s: socket.socket) -> bytes:
+    """What the server sends until it closes the connection."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def _head(n: int) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {n}\r\n\r\n"
+            .encode())
+
+
+def test_slow_clients_hold_no_slot_and_are_cut_off(heart):
+    """Clients that send the headers and then nothing (or a part of the body, or a part of the headers) hold no
+    concurrency slot: a normal /predict still succeeds. The socket timeout then closes their connections."""
+    with running(Service(heart.bundle, heart.public_key), max_concurrent=2, request_timeout=60) as server:
+        stalled = [_raw(server, _head(1000) + b'{"pat'), _raw(server, _head(1000)), _raw(server, _head(50)),
+                   _raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Le")]
+        try:
+            assert call(server, "/health")[0] == 200  # their headers have been read by now (in practice)
+            threading.Event().wait(0.2)
+            for _ in range(3):
+                code, res = call(server, "/predict", {"patient": PATIENTS[0]})
+                assert code == 200, res
+        finally:
+            for s in stalled:
+                s.close()
+    with running(Service(heart.bundle, heart.public_key), request_timeout=0.5) as server:
+        body_stalled = _raw(server, _head(1000) + b'{"pat')
+        head_stalled = _raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        trickle = _raw(server, _head(1000))
+        try:
+            answer = _answer(body_stalled).decode()  # within the socket's 20 s, not the server's 30 of before
+            assert answer.startswith("HTTP/1.1 408") and '"field": "body"' in answer
+            assert head_stalled.recv(4096) == b""  # closed
+            trickle.settimeout(0.1)
+            answer = b""
+            for _ in range(200):  # a byte every 0.1 s: each read is in time, the whole body is not
+                try:
+                    trickle.send(b" ")
+                    answer = trickle.recv(4096)
+                    break
+                except socket.timeout:
+                    continue
+                except OSError:  # the server closed it
+                    break
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+        finally:
+            for s in (body_stalled, head_stalled, trickle):
+                s.close()
+        assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 200
+
+
+# ---- malformed bodies and internal errors ----------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"patients": [{"age": 50}, {"age": 1' + b"0" * 5000 + b'}]}', "patients[1].age"),
+    (b'{"patient": {"sex": -' + b"9" * 4301 + b'}}', "patient.sex"),
+    (b'{"patient": {"age": 50}, "explain": ' + b"1" * 5000 + b"}", "explain"),
+    (b"1" * 5000, None),
+    (b'{"patient": {"age": 1' + b"0" * 300 + b"}}", "patient.age"),  # 301 digits: no float
+    (b"[" * 100_000 + b"]" * 100_000, "body"),
+], ids=["5000 digits", "4301 digits, categorical", "explain", "a bare integer", "301 digits", "deep nesting"])
+def test_huge_integers_and_deep_nesting_are_a_400(server, raw, field):
+    code, res = call(server, "/predict", raw=raw)
+    assert code == 400 and res["field"] == field, res
+    if field and field != "body":
+        assert "digits" in res["error"]
+    assert call(server, "/predict", raw=b'{"patient": {"age": 1' + b"0" * 299 + b"}}")[0] == 200  # 300 digits
+
+
+def test_internal_errors_on_get_and_outside_the_handlers_leak_no_value(server, monkeypatch, caplog, capsys):
+    import logging
+
+    def boom(*a, **k):
+        raise RuntimeError("age=77.777")
+
+    with caplog.at_level(logging.INFO, logger="mmn-edge.serve"):
+        monkeypatch.setattr(server.service, "info", boom)
+        code, res = call(server, "/info")
+        assert code == 500 and "RuntimeError" in res["error"] and "77.777" not in json.dumps(res)
+        try:
+            raise RuntimeError("age=77.777")
+        except RuntimeError:
+            server.handle_error(None, ("127.0.0.1", 1))  # what socketserver calls for an escaped exception
+    err = capsys.readouterr().err
+    assert "RuntimeError" in caplog.text and "77.777" not in caplog.text and "77.777" not in err
+
+
+# ---- addresses -------------------------------------------------------------------------------------------
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_loopback_names():
+    from edge_runtime.serve import check_config, is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "[::1]", "localhost", "LOCALHOST", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.0.2.1", "example.org", "localhost.example"))
+    check_config(ServeConfig(host="::1"))  # no TLS, no token needed
+    with pytest.raises(ServeError, match="request-timeout"):
+        check_config(ServeConfig(request_timeout=0))
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine cannot bind the IPv6 loopback ::1")
+def test_serves_on_ipv6_loopback(heart):
+    with running(Service(heart.bundle, heart.public_key), host="::1") as server:
+        assert server.url.startswith("http://[::1]:")
+        assert call(server, "/health")[0] == 200
+        assert call(server, "/predict", {"patient": PATIENTS[0]})[0] == 200
+
+
+def test_serves_on_localhost(heart):
+    with running(Service(heart.bundle, heart.public_key), host="localhost") as server:
+        assert call(server, "/health")[0] == 200
+
+
+# ---- SIGHUP ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_reloads_the_bundle_like_admin_reload(heart, tmp_path):
+    """`mmn-edge serve` in a subprocess: SIGHUP after a higher release swaps it in; after a lower one the running
+    model stays and the refusal is logged. No token is needed (the signal comes from the machine's owner)."""
+    import queue
+    import signal
+    import time
+
+    live = _export(heart, tmp_path / "live", release=1)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", str(live), "--trust-key",
+                             str(heart.public_key), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+
+    def wait_for(pattern):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                assert proc.poll() is None, "the service stopped"
+                continue
+            m = re.search(pattern, line)
+            if m:
+                return m
+        raise AssertionError(f"no log line matching {pattern!r}")
+
+    try:
+        url = wait_for(r"at (http://127\.0\.0\.1:\d+) \(SIGHUP reloads").group(1)
+
+        def info():
+            with urllib.request.urlopen(url + "/info", timeout=20) as r:
+                return json.loads(r.read())
+
+        assert info()["release"] == 1
+        _export(heart, live, release=2)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(r"SIGHUP: reloaded, serving model \S+ release 2")
+        assert info()["release"] == 2
+        _export(heart, live, release=1)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(r"SIGHUP: bundle refused, the running model stays \(release 2\).*lower than the running release")
+        assert info()["release"] == 2
+        onnx = next(live.glob("encoders.*.onnx"))  # tampered: refused, the model stays
+        _export(heart, live, release=3)
+        onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(r"SIGHUP: bundle refused, the running model stays \(release 2\)")
+        assert info()["release"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+# ---- time-series bundles ---------------------------------------------------------------------------------
+
+def _as_timeseries(heart, out):
+    """The heart bundle with a `timeseries` section in its signed manifest: what the exporter writes for a
+    time-series model (`mmn-edge predict` then scores visits with a state per patient)."""
+    from edge_runtime.trust import MANIFEST, canonical_json
+    from mmn_fed.export import load_private_key, sign_bundle
+
+    b = _export(heart, out, release=5)
+    m = json.loads((b / MANIFEST).read_text())
+    m["timeseries"] = {"id": "id", "time": "day", "modalities": ["rest"]}
+    (b / MANIFEST).write_bytes(canonical_json(m))
+    sign_bundle(b, load_private_key(heart.private_key))
+    return b
+
+
+def test_time_series_bundles_are_refused_at_start_and_on_reload(heart, tmp_path, capsys):
+    from edge_runtime.cli import main
+    from edge_runtime.trust import BundleError
+
+    ts = _as_timeseries(heart, tmp_path / "ts")
+    with pytest.raises(BundleError, match="time-series bundles are not served.*one row per patient.*mmn-edge predict"):
+        Service(ts, heart.public_key)
+    assert main(["serve", str(ts), "--trust-key", str(heart.public_key), "--port", "0"]) == 3
+    assert "time-series bundles are not served" in capsys.readouterr().err
+    live = _export(heart, tmp_path / "live", release=1)
+    token = "t" * 32
+    with running(Service(live, heart.public_key), token=token) as server:
+        shutil.rmtree(live)
+        shutil.copytree(ts, live)
+        code, res = call(server, "/admin/reload", {}, token=token)
+        assert code == 409 and "time-series" in res["error"]
+        assert call(server, "/predict", {"patient": PATIENTS[0]}, token=token)[1]["release"] == 1

@@ -13,6 +13,7 @@ batch runs the union of its patterns with ``where(mask, new, state)`` per encode
 from __future__ import annotations
 
 import csv
+import gc
 import itertools
 import math
 import os
@@ -30,7 +31,7 @@ import onnxruntime as ort
 from .compose import (BATCH_INPUT, ModuleGraph, ModuleIO, WireError, compose, feature_output, mask_input,
                       output_name)
 from .portable import PREPROCESS, column_input, input_spec, preprocess_graph, preprocess_module
-from .preprocessing import DataError, EncodedInputs, Preprocessor
+from .preprocessing import DataError, EncodedInputs, Preprocessor, TextColumn
 from .trust import BundleError, VerifiedBundle, read_manifest, verify_bundle
 
 DEFAULT_CHUNK = 1024  # rows per session call: bounds memory (~25 MB of working set) for any input size
@@ -111,10 +112,13 @@ class Predictions:
     def to_columns(self, explain: bool = False) -> list[list[str]]:
         """The output as columns of strings, in the order of ``columns()``: what the CLI writes (built column by
         column: one list per output column, no dict per row)."""
-        ok = self.ok.tolist()
+        ok = np.asarray(self.ok, dtype=bool)
 
-        def numbers(values: np.ndarray, shown: list[bool]) -> list[str]:
-            return [_fmt(v) if s else "" for v, s in zip(values.tolist(), shown)]
+        def numbers(values: np.ndarray, shown: np.ndarray) -> list[str]:
+            text = list(map(_FORMAT, values.tolist()))  # _fmt's text, without a Python call per value
+            for i in np.flatnonzero(~shown | ~np.isfinite(values)).tolist():
+                text[i] = ""
+            return text
 
         out: list[list[str]] = []
         for t, spec in self.tasks.items():
@@ -126,7 +130,7 @@ class Predictions:
                 out.append(numbers(v, ok))
         if explain and self.trajectory:
             for s in self.trajectory:
-                shown = ok if s.name == "prior" else [o and a for o, a in zip(ok, s.applied.astype(bool).tolist())]
+                shown = ok if s.name == "prior" else ok & s.applied.astype(bool)
                 for t, spec in self.tasks.items():
                     v = np.asarray(s.values[t])
                     if spec["kind"] == "multiclass":
@@ -155,8 +159,11 @@ class Predictions:
                    [w for p in parts for w in p.warnings], [u for p in parts for u in p.used], notes, traj)
 
 
+_FORMAT = "{:.8g}".format
+
+
 def _fmt(v: float) -> str:
-    return "" if not math.isfinite(v) else format(float(v), ".8g")
+    return "" if not math.isfinite(v) else _FORMAT(float(v))
 
 
 @dataclass
@@ -401,7 +408,7 @@ class Bundle:
         output = check_output(output, input)
         summary: dict[str, Any] = {"rows": 0, "predicted": 0, "notes": [], "problems": [],
                                    "verified": self.signed_by is not None}
-        with atomic_output(output) as f:
+        with atomic_output(output) as f, _cyclic_gc_paused():
             writer = None
             for cols, pre, notes in read_csv_chunks(input, chunk_size,
                                                     lambda h, n: self.column_notes(h, n, keep=keep)):
@@ -511,6 +518,20 @@ class Bundle:
         names = {int(k): "+".join(x for j, x in enumerate(order) if k >> j & 1) for k in np.unique(code)}
         used = [names[k] if good else "" for k, good in zip(code.tolist(), ok.tolist())]
         return Predictions(self.tasks, values, ok, reasons, warnings, used, notes, traj)
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Streaming a CSV allocates millions of short-lived lists (records, columns), none in a reference cycle:
+    reference counting frees each chunk, and the cyclic collector's passes over them cost ~20% of the time of a
+    1M-row file and free nothing (benchmarks/bench_edge_rows.py). Paused for the stream, restored after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _decoders(modules: Mapping[str, ModuleIO], tasks: Mapping[str, Mapping[str, Any]]) -> list:
@@ -654,9 +675,7 @@ def csv_records(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     A file that cannot be split into records is a DataError naming the line, before anything is predicted:
     a quote that is never closed (the csv module would otherwise read the rest of the file as one value, and
     every later row would vanish), text after a closing quote, a field longer than the csv module's limit."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    path = _input_file(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, strict=True)  # reader.line_num counts the file's lines (no Python per line)
         header: list[str] = []
@@ -671,6 +690,37 @@ def csv_records(path: str | Path) -> Iterator[tuple[int, list[str]]]:
             if row:
                 header = header or row
                 yield start, row
+
+
+def _input_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    return path
+
+
+def csv_blocks(path: str | Path, size: int) -> Iterator[list[list[str]]]:
+    """The records of ``csv_records`` without their line numbers, in lists: the header alone first, then up to
+    ``size`` records at a time (blank lines skipped), read by the csv module without a Python step per record.
+    A file that is not valid CSV is read again by ``csv_records``, whose DataError names the record's line."""
+    path = _input_file(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for row in reader:
+                if row:
+                    yield [row]
+                    break
+            while True:
+                block = list(itertools.islice(reader, size))
+                if not block:
+                    return
+                yield [r for r in block if r] if not all(block) else block
+        except csv.Error:
+            pass
+    for _ in csv_records(path):  # raises the DataError naming the line
+        pass
+    raise DataError(f"{path} is not valid CSV")  # unreachable when csv_records finds the same problem
 
 
 def _line(path: Path, number: int) -> str:
@@ -754,16 +804,15 @@ def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
     A row with more or fewer fields than the header is not predicted (its reason says so); a file that is not
     valid CSV is a DataError naming the line (``csv_records``)."""
     path = Path(path)
-    records = csv_records(path)
-    first_record = next(records, None)
+    blocks = csv_blocks(path, chunk_size)
+    first_record = next(blocks, None)
     if first_record is None:
         raise DataError(f"input CSV {path} is empty: expected a header row naming the model's input columns")
-    header = [h.strip() for h in first_record[1]]
+    header = [h.strip() for h in first_record[0]]
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise DataError(f"input CSV {path} has duplicate column(s) {dup}")
     width = len(header)
-    buf: list[list[str]] = []
     first = True
     notes: list[str] = []
 
@@ -778,25 +827,22 @@ def read_csv_chunks(path: str | Path, chunk_size: int = DEFAULT_CHUNK,
 
     def emit(block: list[list[str]]):
         if block and min(map(len, block)) == max(map(len, block)) == width:  # all rows whole: transpose in C
-            return dict(zip(header, map(list, zip(*block)))), [""] * len(block)
+            return dict(zip(header, map(TextColumn, zip(*block)))), [""] * len(block)
         pre = [problem(r) for r in block]
         cols = {h: [r[j] if j < len(r) else None for r in block] for j, h in enumerate(header)}
         return cols, pre
 
-    for _, row in records:
-        buf.append(row)
-        if len(buf) >= chunk_size:
-            cols, pre = emit(buf)
-            if first:
-                notes = notes_for(header, len(buf)) if notes_for else []
-                first = False
-            yield cols, pre, notes
-            buf = []
-    if buf or first:
-        cols, pre = emit(buf)
+    for block in blocks:
+        if not block:  # blank lines only
+            continue
+        cols, pre = emit(block)
         if first:
-            notes = notes_for(header, len(buf)) if notes_for else []
+            notes = notes_for(header, len(block)) if notes_for else []
+            first = False
         yield cols, pre, notes
+    if first:
+        cols, pre = emit([])
+        yield cols, pre, notes_for(header, 0) if notes_for else []
 
 
 def load_bundle(path: str | Path, trust_key: Any = None, allow_unsigned: bool = False) -> Bundle:

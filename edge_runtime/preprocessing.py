@@ -93,28 +93,27 @@ def table_length(table: Mapping[str, Sequence]) -> int:
 
 # ---- column parsing ---------------------------------------------------------------------
 
-FAST_PATH_CHARS = 16_000_000  # values x longest value: above it (64 MB of numpy strings) the general path runs
+class TextColumn(list):
+    """A list that holds only str: a column read from a CSV file (so ``_distinct_strings`` need not check)."""
+
+    __slots__ = ()
 
 
 def _distinct_strings(values: Sequence) -> tuple[list[str], np.ndarray] | None:
     """(distinct values, each value's index into them) when every value is a string (a CSV column), else None.
-    The factorization runs in numpy (sorting), so the per-value rules below run once per distinct value:
-    the same results as applying them value by value, at C speed on large columns."""
-    if isinstance(values, np.ndarray):
-        arr = values if values.dtype.kind == "U" else None
-    elif isinstance(values, list) and values and set(map(type, values)) == {str}:  # only str (no numbers, None)
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-        if int(lengths.max()) * len(values) > FAST_PATH_CHARS:  # one very long value: numpy would pad every one
+    A list is factorized with a dict (hashing at C speed, exact for any string), a numpy string array with
+    np.unique; so the per-value rules below run once per distinct value: the same results as applying them
+    value by value, at C speed on large columns."""
+    if type(values) is TextColumn or (isinstance(values, list) and set(map(type, values)) == {str}):  # only str
+        if not values:
             return None
-        arr = np.asarray(values)
-        if not np.array_equal(np.char.str_len(arr), lengths):  # numpy drops trailing NULs: keep them exact
-            return None
-    else:
-        arr = None
-    if arr is None or len(arr) == 0:
-        return None
-    uniq, inverse = np.unique(arr, return_inverse=True)
-    return uniq.tolist(), inverse.reshape(-1)
+        uniq = list(dict.fromkeys(values))
+        position = {v: j for j, v in enumerate(uniq)}
+        return uniq, np.fromiter(map(position.__getitem__, values), dtype=np.intp, count=len(values))
+    if isinstance(values, np.ndarray) and values.dtype.kind == "U" and len(values):
+        uniq, inverse = np.unique(values, return_inverse=True)
+        return uniq.tolist(), inverse.reshape(-1)
+    return None
 
 
 MEMO_LIMIT = 65536  # distinct raw values remembered per column across chunks (then forgotten): bounded memory

@@ -296,6 +296,7 @@ class Bundle:
             "opset": m.get("opset"),
             "provenance": m.get("provenance", {}),
             "model_card": m.get("model_card"),
+            "portable": "portable" in m,  # portable.onnx: the whole model from raw columns (docs/edge.md)
         }
 
     # ---- composed sessions --------------------------------------------------------------------------

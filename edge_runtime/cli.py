@@ -149,7 +149,8 @@ def _info(args) -> int:
              "tasks": {t: {k: v for k, v in s.items() if k in ("kind", "classes")} for t, s in m["tasks"].items()},
              "files": {f: e["bytes"] for f, e in m["files"].items()},
              "total_bytes": sum(e["bytes"] for e in m["files"].values()), "opset": m.get("opset"),
-             "provenance": m.get("provenance", {}), "model_card": m.get("model_card")}
+             "provenance": m.get("provenance", {}), "model_card": m.get("model_card"),
+             "portable": "portable" in m}
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -165,6 +166,8 @@ def _info(args) -> int:
     for t, spec in d["tasks"].items():
         extra = f" classes {spec['classes']}" if spec["kind"] == "multiclass" else ""
         print(f"  {t:<16} {spec['kind']}{extra}")
+    print("portable: " + ("yes (portable.onnx: preprocessing inside the graph, for any ONNX Runtime host)"
+                          if d["portable"] else "no (re-export with a current `mmn-fed export` to run it on other hosts)"))
     print(f"files: {len(d['files'])}, {d['total_bytes'] / 1024:.1f} KiB")
     for f, n in d["files"].items():
         print(f"  {f:<36} {n:>8} B")

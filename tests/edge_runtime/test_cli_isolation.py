@@ -82,10 +82,11 @@ def test_info(heart, capsys):
     assert edge_main(["info", str(heart.bundle)]) == 0
     out = capsys.readouterr().out
     assert "NOT verified" in out and "imaging" in out and "severity" in out and "multiclass" in out
+    assert "portable: yes" in out
     assert edge_main(["info", str(heart.bundle), "--trust-key", str(heart.public_key), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["verified"] and d["order"][0] == "demographics" and d["total_bytes"] > 0
-    assert d["tasks"]["disease"]["kind"] == "binary"
+    assert d["tasks"]["disease"]["kind"] == "binary" and d["portable"] is True
 
 
 def test_fed_keygen_and_export_commands(heart, tmp_path, capsys):

@@ -43,7 +43,7 @@ def du(path: Path) -> dict[str, int]:
 
 def copy_sources(dst: Path) -> Path:
     dst.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "node_modules")
     for name in SOURCES:
         path = ROOT / name
         shutil.copytree(path, dst / name, ignore=ignore) if path.is_dir() else shutil.copy2(path, dst / name)

@@ -33,6 +33,7 @@ import numpy as np
 
 from .bundle import Bundle, Predictions
 from .preprocessing import DataError, parse_numeric
+from .serve_page import finite as _finite
 from .trust import BundleError, read_revocations, verify_bundle
 
 log = logging.getLogger("mmn-edge.serve")
@@ -520,7 +521,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"status": "ok", "model_id": cur.bundle.manifest.get("model_id"),
                                     "release": cur.release})
         if path == "/":
-            from .serve_page import page
+            from .serve_page import page  # only when the page is asked for
 
             # with a token, the page holds nothing about the model: it asks for the token, then fetches /info
             token = self.server.cfg.token is not None
@@ -627,12 +628,3 @@ __all__ = ["InputStats", "RequestError", "ServeConfig", "ServeError", "Server", 
            "loads", "make_server", "parse_request", "reload_on_sighup", "serve"]
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no inf or NaN: such numbers are reported as null (a statistic that cannot be computed)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from typing import Any
 
 _CSS = """
@@ -198,13 +199,11 @@ def page(info: dict[str, Any] | None) -> str:
         data, title, line = "", "mmn-edge", "enter the access token to load the model"
     else:
         access = ""
-        from .serve import _finite
-
         shown = {k: info[k] for k in ("model_id", "release", "order", "modalities", "tasks", "columns",
                                       "model_card")}
         # '<' escaped so the JSON cannot close the script element
         data = ('<script type="application/json" id="info">'
-                + json.dumps(_finite(shown), allow_nan=False).replace("<", "\\u003c") + "</script>")
+                + json.dumps(finite(shown), allow_nan=False).replace("<", "\\u003c") + "</script>")
         title = f"mmn-edge · {info['model_id']}"
         line = f"model {info['model_id']} · release {info['release']} · fill any modalities; empty ones are skipped"
     return f"""<!doctype html>
@@ -220,3 +219,14 @@ def page(info: dict[str, Any] | None) -> str:
 nothing is stored.</p></div></section></div></main>
 {data}<script>{_JS}</script></body></html>
 """
+
+
+def finite(obj: Any) -> Any:
+    """JSON has no inf or NaN: such numbers are reported as null (a statistic that cannot be computed)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

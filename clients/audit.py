@@ -320,6 +320,17 @@ def _read_head(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _find_seq(lines: list[bytes], seq: int) -> int | None:
+    """1-based index in ``lines`` of the first line whose entry is number ``seq`` (None if none)."""
+    for j, raw in enumerate(lines, start=1):
+        try:
+            if json.loads(raw).get("seq") == seq:
+                return j
+        except (ValueError, AttributeError):
+            continue
+    return None
+
+
 def verify(log: str | Path, head: str | Path | None = None, key: Any = None, require_head: bool = True) -> Verdict:
     """Check every line's hash, number and link to the line before, then the signed head (count and last
     hash, so cut lines show), its signature, and with ``key`` (a trusted public key: path, PEM or key object)
@@ -350,8 +361,13 @@ def verify(log: str | Path, head: str | Path | None = None, key: Any = None, req
                            line=i)
         seq = entry.get("seq")
         if seq != i:
-            what = (f"entries {i}..{seq - 1} removed before it" if isinstance(seq, int) and seq > i else
-                    f"entry {seq} out of place (inserted, duplicated or reordered)")
+            later = _find_seq(lines[i:], i)
+            if not isinstance(seq, int) or seq < i:
+                what = f"entry {seq} again or out of place (a line inserted, duplicated or moved)"
+            elif later is not None:
+                what = f"out of order: entry {i} is at line {i + later} (lines reordered)"
+            else:
+                what = f"entries {i}..{seq - 1} removed before it"
             return Verdict(False, i - 1, problem=f"sequence number {seq}, expected {i}: {what}", line=i)
         if entry.get("prev") != prev:
             return Verdict(False, i - 1, problem=f"chain broken: does not follow line {i - 1} (a line inserted, removed "

@@ -226,14 +226,17 @@ ALLOWED = {"v", "seq", "time", "site", "dir", "run", "node", "round", "type", "m
            "modules", "bytes", "error", "prev", "hash"}
 
 
-def test_a_federation_leaves_a_verified_log_at_each_site(tmp_path):
+@pytest.mark.parametrize("engine", ["inprocess", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_federation_leaves_a_verified_log_at_each_site(tmp_path, engine):
+    """In-process and on Flower's simulation engine (Ray: the ClientApp runs in worker processes)."""
     from mmn_fed import load_builtin
     from server.engines import run_federation
 
     df, schema = load_builtin("heart")
     schema = schema.subset(tasks=["disease"])
     sites = {n: g.reset_index(drop=True).iloc[:60] for n, g in df.groupby("dataset") if n in ("Cleveland", "Hungary")}
-    res = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "run", local_epochs=1, state_size=8, hidden=8)
+    res = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "run", local_epochs=1, state_size=8, hidden=8,
+                         engine=engine)
     sent = {m: p.shape for m, p in res.trained.model.state_dict().items()}
     for name in sites:
         directory = tmp_path / "run" / "data" / "audit" / name

@@ -253,7 +253,8 @@ def message_fields(msg: Any, direction: str, round_: int | None = None) -> dict:
 def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[Path | None, str]:
     """(audit directory or None when off, site name). Node config ``audit-dir`` wins (``off`` turns the log
     off); a deployed site (``data-path``) logs in ``<data dir>/mmn-fed-audit/<site>/``; a simulated site of a
-    ``data-dir`` in ``<data-dir>/audit/<site>/``; a simulated site of a built-in dataset keeps no log."""
+    ``data-dir`` logs in ``<data-dir>/audit/<site>/`` when the run config says ``site-audit = true`` (simulations
+    are not hospitals: off by default); a simulated site of a built-in dataset keeps no log."""
     name = str(node_config.get("site-name") or "")
     if node_config.get("data-path"):
         name = name or Path(str(node_config["data-path"])).stem
@@ -268,9 +269,13 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tup
         return (None if value.strip().lower() in OFF else Path(value)), name or "site"
     if node_config.get("data-path"):
         return Path(str(node_config["data-path"])).resolve().parent / DEPLOYMENT_SUBDIR / _safe(name), name
-    if "partition-id" in node_config and run_config.get("data-dir"):
+    if "partition-id" in node_config and run_config.get("data-dir") and _on(run_config.get("site-audit", False)):
         return Path(str(run_config["data-dir"])) / SIMULATION_SUBDIR / _safe(name), name
     return None, name
+
+
+def _on(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 def _safe(name: str) -> str:

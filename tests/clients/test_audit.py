@@ -180,12 +180,16 @@ def test_appends_from_many_processes_keep_one_valid_chain(tmp_path):
     assert v.count == 300 and len({e["message_id"] for e in v.entries}) == 300
 
 
-def test_where_the_log_lives():
+def test_where_the_log_lives(tmp_path):
     loc = A.locate
     assert loc({"data-path": "/data/h/site_a.csv", "site-name": "A"}, {}) == (A.Path("/data/h/mmn-fed-audit/A"), "A")
     assert loc({"data-path": "/data/h/site_a.csv", "audit-dir": "/var/audit"}, {}) == (A.Path("/var/audit"), "site_a")
     assert loc({"data-path": "/data/h/site_a.csv", "audit-dir": "off"}, {})[0] is None
     assert loc({"partition-id": 0, "num-partitions": 2}, {"dataset": "heart"})[0] is None  # built-in: no log
+    (tmp_path / "sites.json").write_text(json.dumps({"sites": [{"name": "Basel", "file": "site_0.csv"}]}))
+    sim = {"partition-id": 0, "num-partitions": 1}
+    assert loc(sim, {"data-dir": str(tmp_path)})[0] is None  # simulations: off unless asked for
+    assert loc(sim, {"data-dir": str(tmp_path), "site-audit": True}) == (tmp_path / "audit" / "Basel", "Basel")
 
 
 def test_the_cli_verifies_and_shows(log, capsys):
@@ -236,7 +240,7 @@ def test_a_federation_leaves_a_verified_log_at_each_site(tmp_path, engine):
     schema = schema.subset(tasks=["disease"])
     sites = {n: g.reset_index(drop=True).iloc[:60] for n, g in df.groupby("dataset") if n in ("Cleveland", "Hungary")}
     res = run_federation(sites, schema, rounds=2, run_dir=tmp_path / "run", local_epochs=1, state_size=8, hidden=8,
-                         engine=engine)
+                         site_audit=True, engine=engine)
     sent = {m: p.shape for m, p in res.trained.model.state_dict().items()}
     for name in sites:
         directory = tmp_path / "run" / "data" / "audit" / name

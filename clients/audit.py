@@ -268,9 +268,9 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tup
         value = str(node_config["audit-dir"])
         return (None if value.strip().lower() in OFF else Path(value)), name or "site"
     if node_config.get("data-path"):
-        return Path(str(node_config["data-path"])).resolve().parent / DEPLOYMENT_SUBDIR / _safe(name), name
+        return Path(str(node_config["data-path"])).resolve().parent / DEPLOYMENT_SUBDIR / safe_name(name), name
     if "partition-id" in node_config and run_config.get("data-dir") and _on(run_config.get("site-audit", False)):
-        return Path(str(run_config["data-dir"])) / SIMULATION_SUBDIR / _safe(name), name
+        return Path(str(run_config["data-dir"])) / SIMULATION_SUBDIR / safe_name(name), name
     return None, name
 
 
@@ -278,7 +278,7 @@ def _on(value: Any) -> bool:
     return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "site"
 
 

@@ -277,3 +277,25 @@ def test_a_federation_leaves_a_verified_log_at_each_site(tmp_path, engine):
         v = A.verify(directory)
         assert not v.ok and v.line == 6
         assert A.main(["site", "audit", "verify", str(directory)]) == 1
+
+
+def test_secure_aggregation_rounds_are_logged_with_the_masked_reply(tmp_path):
+    """The audit mod is outermost: it logs the secure-aggregation queries and the train reply as it leaves
+    (masked), not the plaintext update."""
+    from mmn_fed import load_builtin
+    from server.engines import run_federation
+
+    df, schema = load_builtin("heart")
+    schema = schema.subset(tasks=["disease"])
+    sites = {n: g.reset_index(drop=True).iloc[:50] for n, g in df.groupby("dataset") if n != "Switzerland"}
+    run_federation(sites, schema, rounds=1, run_dir=tmp_path / "run", local_epochs=1, state_size=8, hidden=8,
+                   secure_aggregation=True, site_audit=True)
+    for name in sites:
+        v = A.verify(tmp_path / "run" / "data" / "audit" / A.safe_name(name))  # "VA Long Beach" -> VA_Long_Beach
+        assert v.ok, v.message()
+        types = {(e["type"], e["dir"]) for e in v.entries}
+        assert {("query.secagg_keys", "in"), ("query.secagg_shares", "out"), ("query.secagg_unmask", "out")} <= types
+        train_out = next(e for e in v.entries if e["type"] == "train" and e["dir"] == "out")
+        assert "arrays" not in train_out["records"] and all(
+            t.startswith("uint64") for r in train_out["records"].values() if r["kind"] == "arrays"
+            for t in r["tensors"].values()), train_out["records"]

@@ -299,3 +299,25 @@ def test_secure_aggregation_rounds_are_logged_with_the_masked_reply(tmp_path):
         assert "arrays" not in train_out["records"] and all(
             t.startswith("uint64") for r in train_out["records"].values() if r["kind"] == "arrays"
             for t in r["tensors"].values()), train_out["records"]
+
+
+@pytest.mark.slow
+def test_deployed_sites_log_by_default_across_flowers_per_message_processes(tmp_path):
+    """Flower's deployment engine starts one ClientApp process per message: each site's log beside its data
+    (node config data-path, no audit setting) holds one verified chain of every message."""
+    from mmn_fed import load_builtin
+    from server.engines.deployment import run_deployment
+
+    df, _ = load_builtin("heart")
+    two = {n: g.reset_index(drop=True).iloc[:60] for n, g in df.groupby("dataset") if n in ("Cleveland", "Hungary")}
+    rc = {"num-server-rounds": 1, "local-epochs": 1, "state-size": 8, "hidden": 8, "tasks": "disease",
+          "dataset": "heart", "seed": 0, "run-dir": str(tmp_path / "run")}
+    run_deployment(two, rc, tmp_path / "deploy", tls=False, auth=False)
+    for name in two:
+        directory = tmp_path / "deploy" / "site_data" / A.DEPLOYMENT_SUBDIR / name
+        v = A.verify(directory, key=directory / A.PUB)
+        assert v.ok, v.message()
+        kinds = [(e["type"], e["dir"]) for e in v.entries]
+        for t in ("query.summary", "query.profile", "train", "evaluate"):
+            assert kinds.count((t, "in")) == 1 and kinds.count((t, "out")) == 1, (name, kinds)
+        assert len({e["run"] for e in v.entries}) == 1 and v.entries[0]["run"] != 1  # Flower's own run id

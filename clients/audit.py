@@ -92,6 +92,9 @@ def site_key(directory: Path):
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise AuditError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
+        if not (directory / PUB).exists():
+            _atomic_write(directory / PUB, key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return key
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -159,8 +162,12 @@ class AuditLog:
                 raise AuditError(f"{self.path} ends in a partial line (a crash mid-write?): run "
                                  "`mmn-fed site audit verify` and keep the file; new entries are refused")
             if last:
-                prev_entry = json.loads(last)
-                seq, prev = int(prev_entry["seq"]) + 1, str(prev_entry["hash"])
+                try:
+                    prev_entry = json.loads(last)
+                    seq, prev = int(prev_entry["seq"]) + 1, str(prev_entry["hash"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise AuditError(f"the last line of {self.path} is unreadable ({e}): run `mmn-fed site audit "
+                                     "verify` and keep the file; new entries are refused") from None
             else:
                 seq, prev = 1, GENESIS
             entry = {"v": VERSION, "seq": seq, "time": _now(), "site": self.site, **fields, "prev": prev}

@@ -132,6 +132,9 @@ def test_lines_after_the_signed_head_and_a_partial_line_are_caught(log):
     assert not v.ok and v.line == 11 and "partial" in v.problem
     with pytest.raises(A.AuditError, match="partial line"):  # and nothing more is appended to it
         log.append(entry(11))
+    write(log, ls[:-1] + [b"not json\n"])
+    with pytest.raises(A.AuditError, match="unreadable"):  # a site whose log was tampered with stops
+        log.append(entry(11))
 
 
 def test_a_forged_head_is_caught(log, tmp_path):

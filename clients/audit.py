@@ -170,7 +170,7 @@ class AuditLog:
                                      "verify` and keep the file; new entries are refused") from None
             else:
                 seq, prev = 1, GENESIS
-            entry = {"v": VERSION, "seq": seq, "time": _now(), "site": self.site, **fields, "prev": prev}
+            entry = {**fields, "v": VERSION, "seq": seq, "time": _now(), "site": self.site, "prev": prev}
             entry["hash"] = entry_hash(entry)
             os.write(fd, canonical(entry) + b"\n")
             os.fsync(fd)

@@ -103,6 +103,9 @@ class RunSettings:
                             fingerprint=False)
     run_dir: str = setting("runs/federated", "where the server writes the model, metrics, history and checkpoint",
                            scope=SERVER, fingerprint=False)
+    site_audit: bool = setting(False, "simulated sites keep the audit log of every message too, in data-dir/audit/ "
+                                      "(deployed sites always do unless their node config says audit-dir=off)",
+                               scope=SERVER, fingerprint=False)
     # ---- aggregation at the server
     server_optimizer: str = setting("none", "server optimizer on the averaged update", scope=SERVER,
                                     choices=("none", "fedavgm", "fedadam"))

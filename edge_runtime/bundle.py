@@ -224,7 +224,7 @@ class Bundle:
                                       f"{self.dims[x]} for modality '{x}'")
             self._modules[name] = io
         self._pre_graph, self.preprocess_shipped = self._preprocess_graph(verified)
-        self._pre: _Composed | None = None  # its session, made on first use
+        self._pre: _Composed | None = None  # its session (made below, once the options are set)
         self._kinds = {t: s["kind"] for t, s in self.tasks.items()}
         self._task_names = list(self.tasks)
         self._batch: dict[int, np.ndarray] = {}  # the int64 batch-size input, reused per size
@@ -232,6 +232,7 @@ class Bundle:
         self._sessions: OrderedDict[tuple, _Composed] = OrderedDict()
         known = set(self.schema.input_columns) | {t.column for t in self.schema.tasks.values()}
         self._expected_other = known | ({self.schema.site_column} if self.schema.site_column else set())
+        self._pre_session()  # at load: a graph this onnxruntime cannot run is a refusal, not a failing predict
 
     def _preprocess_graph(self, verified: VerifiedBundle) -> tuple[bytes, bool]:
         """The bundle's preprocessing graph (portable.py) and whether the bundle ships it. A bundle exported
@@ -260,19 +261,33 @@ class Bundle:
         if n == 0:
             return EncodedInputs({x: np.zeros((0, self.dims[x]), np.float32) for x in self.order},
                                  {x: np.zeros(0, dtype=bool) for x in self.order}, parsed.issues, parsed.valid)
+        pre = self._pre_session()
+        feed = {}
+        for name, c in zip(pre.x_names, self.schema.input_columns):
+            v = parsed.columns[c]
+            if c in parsed.slots:  # categories: the graph gets the known ones only (the host reported the others)
+                v = np.where(parsed.slots[c] >= 0, v, "")
+            feed[name] = v
+        outs = (pre.run if self.use_binding else pre.session.run)(pre.outputs, feed)  # made at load: binding now
+        features = {x: outs[2 * k] for k, x in enumerate(self.order)}
+        present = {x: outs[2 * k + 1].reshape(n) for k, x in enumerate(self.order)}
+        return EncodedInputs(features, present, parsed.issues, parsed.valid)
+
+    def _pre_session(self) -> _Composed:
         pre = self._pre
         if pre is None:
             try:
                 sess = ort.InferenceSession(self._pre_graph, self._options, providers=["CPUExecutionProvider"])
-            except (RuntimeError, ValueError) as e:
-                raise BundleError(f"the preprocessing graph of {self.path} does not load: {e}") from None
+            except Exception as e:  # onnxruntime's InvalidGraph / Fail are not RuntimeErrors
+                raise BundleError(f"the preprocessing graph of {self.path} does not load in onnxruntime "
+                                  f"{ort.__version__}: {e}") from None
             names = [n for x in self.order for n in (feature_output(x), mask_input(x))]
+            missing = sorted(set(names) - {o.name for o in sess.get_outputs()})
+            if missing:
+                raise BundleError(f"the preprocessing graph of {self.path} has no output(s) {missing[:6]}")
             pre = self._pre = _Composed(sess, tuple(column_input(c) for c in self.schema.input_columns), names)
             pre.run = session_runner(sess, self.use_binding)
-        outs = pre.run(pre.outputs, {name: parsed.columns[c] for name, c in zip(pre.x_names, self.schema.input_columns)})
-        features = {x: outs[2 * k] for k, x in enumerate(self.order)}
-        present = {x: outs[2 * k + 1].reshape(n) for k, x in enumerate(self.order)}
-        return EncodedInputs(features, present, parsed.issues, parsed.valid)
+        return pre
 
     def portable_model(self) -> bytes:
         """One ONNX model for any host: raw columns in (``col.<column>``), the prediction after the prior and
@@ -309,7 +324,7 @@ class Bundle:
         try:
             sess = ort.InferenceSession(self._compose_bytes(steps, masked, trajectory), self._options,
                                         providers=["CPUExecutionProvider"])
-        except (WireError, RuntimeError, ValueError) as e:  # onnxruntime raises RuntimeError subclasses
+        except Exception as e:  # WireError, and onnxruntime's errors (InvalidGraph, Fail: not RuntimeErrors)
             raise BundleError(f"the modules of {self.path} do not compose for modalities {list(steps)}: {e}") from None
         c = _Composed(sess, tuple(self._modules[f"encoders.{x}"].inputs[1] for x in steps),
                       [output_name(t) for t in self.tasks])

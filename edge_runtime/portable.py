@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from .compose import (BOOL, DOUBLE, FLOAT, INT64, STRING, ModuleGraph, ModuleIO, feature_output, mask_input,
                       model_bytes, node, tensor, value_info)
 from .preprocessing import Preprocessor
+from .schema import canonical_category
 
 PREPROCESS = "preprocess"  # the preprocessing graph's module name in the manifest (file preprocess.onnx)
 PORTABLE = "portable.onnx"  # the whole model from raw columns, for other hosts (manifest key "portable")
@@ -42,9 +43,16 @@ def column_input(column: str) -> str:
 
 def input_spec(prep: Preprocessor, modalities: Sequence[str]) -> list[dict[str, str]]:
     """The graph's inputs as the manifest lists them: name, column and element type ('double' or 'string')."""
-    return [{"name": column_input(c), "column": c,
-             "type": "string" if prep.columns[c]["kind"] == "categorical" else "double"}
-            for m in modalities for c in prep.schema.modalities[m]]
+    out = []
+    for m in modalities:
+        for c in prep.schema.modalities[m]:
+            e = {"name": column_input(c), "column": c,
+                 "type": "string" if prep.columns[c]["kind"] == "categorical" else "double"}
+            words = sorted({canonical_category(v) for v in prep.schema.missing_codes.get(c, ()) if not _number(v)})
+            if e["type"] == "double" and words:  # text codes the host reads as missing (numeric codes: the graph)
+                e["missing"] = words
+            out.append(e)
+    return out
 
 
 def _double(name: str, values: Sequence[float], dims: Sequence[int] = ()) -> tuple[int, bytes]:
@@ -58,6 +66,11 @@ def _int64(name: str, values: Sequence[int], dims: Sequence[int]) -> tuple[int, 
 def preprocess_graph(prep: Preprocessor, modalities: Sequence[str], opset: int, ir_version: int = DEFAULT_IR) -> bytes:
     """The ONNX model of the preprocessing of ``modalities`` (see the module docstring)."""
     nodes: list[bytes] = []
+
+    def unsqueeze(x: str, out: str) -> bytes:  # axes became an input in opset 13
+        return (node("Unsqueeze", [x, "pre.axis1"], [out], out) if opset >= 13
+                else node("Unsqueeze", [x], [out], out, axes=[1]))
+
     inits: list[tuple[int, bytes]] = [_double("pre.zero", [0.0]), _int64("pre.axis1", [1], [1]),
                                       _int64("pre.minus1", [-1], [])]
     inputs, outputs = [], []
@@ -75,7 +88,7 @@ def preprocess_graph(prep: Preprocessor, modalities: Sequence[str], opset: int, 
                 nodes.append(node("LabelEncoder", [col], [f"{p}.slot"], f"{p}.slot", domain=ML_DOMAIN,
                                   keys_strings=cats, values_int64s=list(range(len(cats))), default_int64=-1))
                 inits.append(_int64(f"{p}.range", list(range(len(cats))), [1, len(cats)]))
-                nodes += [node("Unsqueeze", [f"{p}.slot", "pre.axis1"], [f"{p}.slot2"], f"{p}.slot2"),
+                nodes += [unsqueeze(f"{p}.slot", f"{p}.slot2"),
                           node("Equal", [f"{p}.slot2", f"{p}.range"], [f"{p}.hot"], f"{p}.hot"),
                           node("Cast", [f"{p}.hot"], [f"{p}.x"], f"{p}.x", to=FLOAT),
                           node("Greater", [f"{p}.slot", "pre.minus1"], [f"{p}.present"], f"{p}.present")]
@@ -96,21 +109,29 @@ def preprocess_graph(prep: Preprocessor, modalities: Sequence[str], opset: int, 
                           node("Div", [f"{p}.c", f"{p}.std"], [f"{p}.z"], f"{p}.z"),
                           node("Where", [missing, "pre.zero", f"{p}.z"], [f"{p}.filled"], f"{p}.filled"),
                           node("Cast", [f"{p}.filled"], [f"{p}.f"], f"{p}.f", to=FLOAT),
-                          node("Unsqueeze", [f"{p}.f", "pre.axis1"], [f"{p}.x"], f"{p}.x"),
+                          unsqueeze(f"{p}.f", f"{p}.x"),
                           node("Not", [missing], [f"{p}.present"], f"{p}.present")]
             blocks.append(f"{p}.x")
             presents.append(f"{p}.present")
-        if not blocks:
-            raise ValueError(f"modality '{m}' has no feature to encode (no category of its columns was seen in "
-                             "fitting); it cannot be exported")
         x, mask = feature_output(m), mask_input(m)
+        if not blocks:  # no category of its columns was seen in fitting: no features, never present
+            q = f"pre.{m}"
+            inits.append(_int64(f"{q}.zero", [0], [1]))
+            nodes += [node("Shape", [column_input(prep.schema.modalities[m][0])], [f"{q}.n"], f"{q}.n"),
+                      node("Concat", [f"{q}.n", f"{q}.zero"], [f"{q}.shape0"], f"{q}.shape0", axis=0),
+                      node("ConstantOfShape", [f"{q}.shape0"], [x], f"{q}.x"),  # float zeros (B, 0)
+                      node("Concat", [f"{q}.n", "pre.axis1"], [f"{q}.shape1"], f"{q}.shape1", axis=0),
+                      node("ConstantOfShape", [f"{q}.shape1"], [f"{q}.zeros"], f"{q}.zeros"),
+                      node("Cast", [f"{q}.zeros"], [mask], f"{q}.mask", to=BOOL)]
+            outputs += [value_info(x, FLOAT, ["batch", 0]), value_info(mask, BOOL, ["batch", 1])]
+            continue
         nodes.append(node("Concat", blocks, [x], f"pre.{m}.x", axis=1) if len(blocks) > 1
                      else node("Identity", blocks, [x], f"pre.{m}.x"))
         seen = presents[0]
         for j, q in enumerate(presents[1:]):
             nodes.append(node("Or", [seen, q], [f"pre.{m}.seen{j}"], f"pre.{m}.seen{j}"))
             seen = f"pre.{m}.seen{j}"
-        nodes.append(node("Unsqueeze", [seen, "pre.axis1"], [mask], f"pre.{m}.mask"))
+        nodes.append(unsqueeze(seen, mask))
         outputs += [value_info(x, FLOAT, ["batch", prep.modality_dims[m]]), value_info(mask, BOOL, ["batch", 1])]
     return model_bytes(ir_version, [("", opset), (ML_DOMAIN, ML_OPSET)], "mmn_preprocessing", nodes, inits,
                        inputs, outputs)

@@ -164,11 +164,12 @@ export class Bundle {
     const seen = new Array(n).fill(false);
     const feeds = {};
     for (const inp of this.inputs) {
-      const values = rows.map((r) => (r == null ? undefined : r[inp.column]));
+      const values = rows.map((r) => (r != null && Object.hasOwn(r, inp.column) ? r[inp.column] : undefined));
       if (inp.type === "double") {
         const data = new Float64Array(n);
+        const words = new Set(inp.missing || []); // text missing codes of this numeric column (canonical)
         values.forEach((v, i) => {
-          const [f, problem] = parseDouble(v);
+          const [f, problem] = words.size && words.has(canonicalCategory(v)) ? [NaN, null] : parseDouble(v);
           data[i] = f;
           if (problem) errors[i] ||= `column '${inp.column}': ${problem} (value ${JSON.stringify(v)})`;
           else if (!Number.isNaN(f)) seen[i] = true;

@@ -82,3 +82,28 @@ def weather(tmp_path_factory, heart) -> Support2:
     df = df.iloc[:2000]
     res = train_centralized(df, schema, ModelConfig(dropout=0.0), TrainConfig(epochs=1, patience=1, seed=0))
     return Support2(df, export_bundle(res.trained, root / "bundle", sign_key=heart.private_key), heart.public_key)
+
+
+@pytest.fixture(scope="session")
+def odd(tmp_path_factory, heart) -> Support2:
+    """Heart with odd corners, exported at opset 12 (Unsqueeze takes axes as an attribute there): a modality
+    whose one categorical column was never observed (no features), a text missing code ('unk') in the numeric
+    column age, and column names with spaces, dots, quotes, commas and accents."""
+    import numpy as np
+
+    from edge_runtime.schema import Schema
+    from mmn_fed import ModelConfig, TrainConfig, load_builtin, train_centralized
+    from mmn_fed.export import export_bundle
+
+    root = tmp_path_factory.mktemp("odd")
+    df, schema = load_builtin("heart")
+    d = schema.to_dict()
+    df = df.rename(columns={"age": "age (yrs).1", "sex": 'sëx, "q"'}).assign(never=np.nan)
+    d["modalities"][0]["columns"] = ["age (yrs).1", 'sëx, "q"']
+    d["modalities"].append({"name": "extra", "columns": ["never"]})
+    d["columns"]["categorical"] = [c if c != "sex" else 'sëx, "q"' for c in d["columns"]["categorical"]] + ["never"]
+    d["columns"]["missing_codes"]["age (yrs).1"] = ["unk", -1]
+    schema = Schema.from_dict(d)
+    res = train_centralized(df, schema, ModelConfig(dropout=0.0), TrainConfig(epochs=1, patience=1, seed=0))
+    return Support2(df, export_bundle(res.trained, root / "bundle", sign_key=heart.private_key, opset=12),
+                    heart.public_key)

@@ -85,7 +85,7 @@ def _portable_run(bundle_dir, rows, columns_of):
     return spec, res, masks
 
 
-@pytest.mark.parametrize("name", ["heart", "support2", "weather"])
+@pytest.mark.parametrize("name", ["heart", "support2", "weather", "odd"])
 def test_the_portable_model_from_raw_columns_equals_the_python_runtime(name, request):
     fx = request.getfixturevalue(name)
     path, key, df = (fx.bundle, fx.public_key, fx.df)
@@ -155,3 +155,21 @@ def test_a_preprocessing_graph_for_other_columns_is_refused(heart, tmp_path):
     _resign(bad, m, heart.private_key)
     with pytest.raises(BundleError, match="modules.preprocess"):
         load_bundle(bad, trust_key=heart.public_key)
+
+
+def test_odd_corners_predict_as_training_encodes(odd):
+    """Opset 12, a modality without features, a text missing code in a numeric column, a lone surrogate."""
+    b = load_bundle(odd.bundle, trust_key=odd.public_key)
+    assert b.dims["extra"] == 0 and b.manifest["opset"] == 12
+    spec = {e["column"]: e for e in b.manifest["portable"]["inputs"]}
+    assert spec["age (yrs).1"]["missing"] == ["unk"]  # for other hosts: text that means missing
+    rows = [{"age (yrs).1": "unk", 'sëx, "q"': "Male", "never": "x"}, {"age (yrs).1": -1, "cp": "asymptomatic"},
+            {'sëx, "q"': "\ud800", "age (yrs).1": 50}, {"never": "seen now"}]
+    t = table(rows, b.schema.input_columns)
+    want, got = b.preprocessor.encode(t, on_error="collect"), b.encode(t)
+    for m in b.order:
+        np.testing.assert_array_equal(got.features[m], want.features[m])
+        np.testing.assert_array_equal(got.present[m], want.present[m])
+    p = b.predict(rows)
+    assert p.ok.tolist() == [True, True, True, False]  # the last: an unknown category only, nothing present
+    assert "unknown category" in p.warnings[2] and p.used[0] == "demographics"

@@ -244,7 +244,15 @@ def assert_parity(name: str, manifest: dict, py, js: dict, rows: list[dict]):
 
 # ---- tests ---------------------------------------------------------------------------------------------
 
-def test_javascript_host_matches_the_python_runtime(heart, support2, weather, server, browser_page):
+def odd_rows(odd) -> list[dict]:
+    crafted = [{"age (yrs).1": "unk", 'sëx, "q"': "Male", "cp": "asymptomatic"},  # a text missing code
+               {"age (yrs).1": " UNK ", "thalch": "150"}, {"age (yrs).1": "-1", "chol": "200", "never": "x"},
+               {"never": "seen now", "constructor": "1"}]  # nothing known: refused
+    return crafted + [{c: csv_text(v) for c, v in r.items() if c != "never"}
+                      for r in odd.df.sample(12, random_state=4).to_dict("records")]
+
+
+def test_javascript_host_matches_the_python_runtime(heart, support2, weather, odd, server, browser_page):
     from mmn_fed import load_builtin
 
     page, errors = browser_page
@@ -252,7 +260,8 @@ def test_javascript_host_matches_the_python_runtime(heart, support2, weather, se
     cases = {"heart": (heart.bundle, heart.public_key, heart_rows(heart)),
              "support2": (s2_bundle, s2_pub, support2_rows(s2_df)),  # multiclass, string missing codes
              "weather": (weather.bundle, weather.public_key,  # regression
-                         messy_rows(weather.df, load_builtin("nycflights13_weather")[1], 20, seed=3))}
+                         messy_rows(weather.df, load_builtin("nycflights13_weather")[1], 20, seed=3)),
+             "odd": (odd.bundle, odd.public_key, odd_rows(odd))}  # opset 12, no-feature modality, odd names
     manifests = {name: require_portable(b) for name, (b, _, _) in cases.items()}
     jobs = [{"url": server.mount(name, b), "key": raw_key(pub), "rows": rows} for name, (b, pub, rows) in cases.items()]
     results = run_page(page, errors, server, jobs)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import edge_runtime.bundle as bundle_mod
 from edge_runtime import BundleError, UntrustedBundleError, load_bundle
-from edge_runtime.trust import MANIFEST, SIGNATURE, canonical_json
+from edge_runtime.trust import MANIFEST, SIGNATURE, canonical_json, verify_bundle
 from mmn_fed.export import ExportError, export_bundle, generate_keypair, load_private_key, sign_bundle
 
 
@@ -73,7 +73,7 @@ def test_first_and_last_byte_of_every_file(heart, bundle_copy, no_sessions):
             with pytest.raises(UntrustedBundleError):
                 load_bundle(bundle_copy, trust_key=heart.public_key)
         (bundle_copy / name).write_bytes(original)
-    load_bundle(bundle_copy, trust_key=heart.public_key)  # restored: loads again
+    verify_bundle(bundle_copy, trust_key=heart.public_key)  # restored: verifies again (loading makes a session)
     assert not no_sessions
 
 
@@ -125,6 +125,11 @@ def test_unsigned_bundle_needs_explicit_opt_in(heart, no_sessions):
         load_bundle(heart.unsigned)
     with pytest.raises(UntrustedBundleError, match="no trust key"):
         load_bundle(heart.bundle)  # a signed bundle still needs a key, or the opt-in
+    assert not no_sessions  # nothing was run from the refused bundles
+    no_sessions.clear()
+
+
+def test_unsigned_bundle_loads_with_the_opt_in(heart):
     b = load_bundle(heart.unsigned, allow_unsigned=True)
     assert b.signed_by is None
 

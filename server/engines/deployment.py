@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from mmn_fed.settings import SETTINGS, RunSettings, add_flags
 
 from ..credentials import make_node_key, make_tls
-from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
+from ..processes import (APP_DIR, child_preexec, flower_bin, flower_env, free_port, sigterm_as_interrupt, stop_tree,
+                         toml_config)
 from .results import FederationResult, read_result, write_site_data
 
 if TYPE_CHECKING:
@@ -61,9 +64,11 @@ class LocalDeployment:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        # own process group: stopping it also stops the flwr-serverapp/flwr-clientapp children
+        # own session (Ctrl-C in a terminal reaches us, not it: we stop it, its group and its descendants);
+        # SIGTERM from the kernel when we die, even by SIGKILL (Linux: processes.child_preexec)
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=child_preexec)
+        log.close()  # the child holds its own copy
         self.procs.append(p)
         return p
 
@@ -138,10 +143,12 @@ class LocalDeployment:
             raise DeploymentError(f"the run failed; see {self.logs / 'flwr_run.log'}:\n{res.stdout[-3000:]}")
         return res
 
-    def stop(self) -> None:
-        """Stop every process started here and all their descendants (SuperExecs, flwr-serverapp and
-        flwr-clientapp processes run in sessions of their own, so a process group is not enough)."""
-        self.stopped_pids = stop_tree([p.pid for p in self.procs])
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every process started here, their process groups and all their descendants (SuperExecs,
+        flwr-serverapp and flwr-clientapp processes run in sessions of their own, so a process group is not
+        enough): SIGTERM, ``timeout`` s, then SIGKILL. Runs on exit from the ``with`` block, also after
+        Ctrl-C or SIGTERM (``mmn-fed deploy-local``: ``processes.sigterm_as_interrupt``)."""
+        self.stopped_pids = stop_tree([p.pid for p in self.procs], timeout)
         for p in self.procs:
             try:
                 p.wait(timeout=5)
@@ -236,7 +243,13 @@ def _deploy_local(args) -> int:
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
           f"; logs in {out / 'logs'}", flush=True)
-    res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does
+            res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "signum", signal.SIGINT)
+        print(f"deploy-local: stopped by {sig.name}; every process it started was stopped", file=sys.stderr, flush=True)
+        return 128 + int(sig)
     last = res.history[-1] if res.history else {}
     print(json.dumps({"run_dir": str(res.run_dir), "seconds": round(res.seconds, 1), "rounds": len(res.history),
                       "federated_eval": last.get("federated_eval", {})}, indent=1))

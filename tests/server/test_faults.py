@@ -83,3 +83,137 @@ def test_deploy_local_stopped_by_a_signal_stops_every_process_it_started(sig, tm
         if parent.poll() is None:
             parent.kill()
         parent.wait()
+
+
+# ---- a site with broken data is excluded by name; the others federate; the quorum decides when to stop --------
+
+from server.engines import read_result, write_site_data  # noqa: E402
+from server.engines.inprocess import InProcessGrid, run_inprocess, server_context  # noqa: E402
+
+SMALL = {"num-server-rounds": 1, "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0, "state-size": 8,
+         "hidden": 8, "seed": 0}
+GOOD, BAD = ("Cleveland", "Hungary"), "VA Long Beach"
+
+
+def break_rows(kind: str, df, schema):
+    """A copy of ``df`` broken in one way (the CSV as written, or None for a file written by ``break_file``)."""
+    df = df.copy()
+    if kind == "zero rows":
+        return df.iloc[:0]
+    if kind == "label column missing":
+        return df.drop(columns=[schema.tasks["disease"].column])
+    if kind == "some columns of a modality missing":
+        return df.drop(columns=[schema.modalities["rest"][0]])
+    if kind == "string in a numeric column":
+        df["age"] = df["age"].astype(object)
+        df.loc[3, "age"] = "forty"
+        return df
+    return df
+
+
+def break_file(kind: str, path: Path) -> None:
+    if kind == "unreadable file":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" + os.urandom(256))
+    if kind == "empty file":
+        path.write_bytes(b"")
+
+
+def federate(tmp_path, sites, schema, broken_files=None, client=None, **settings):
+    """The in-process engine over ``sites`` (ServerApp and ClientApp as on every engine); ``broken_files``:
+    site index -> kind for ``break_file``. Returns the result, or raises the run's FederationError."""
+    data = write_site_data(tmp_path / "data", sites, schema)
+    for i, kind in (broken_files or {}).items():
+        break_file(kind, data / f"site_{i}.csv")
+    rc = {**SMALL, "data-dir": str(data), "run-dir": str(tmp_path / "run"), **settings}
+    if client is None:
+        run_inprocess(rc, len(sites))
+    else:
+        from server.app import app as server_app
+        grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))], rc)
+        server_app(grid, server_context(rc))
+    return read_result(tmp_path / "run")
+
+
+@pytest.fixture
+def flwr_log():
+    """What the ServerApp logs (Flower's logger does not propagate to the root logger)."""
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    h = Keep()
+    logging.getLogger("flwr").addHandler(h)
+    yield records
+    logging.getLogger("flwr").removeHandler(h)
+
+
+REASONS = {"zero rows": "no data rows", "label column missing": "'num' (task disease) not in the data",
+           "some columns of a modality missing": "(modality rest) not in the data",
+           "string in a numeric column": "value 'forty'", "unreadable file": "site_2.csv as a CSV table (UnicodeDecodeError",
+           "empty file": "site_2.csv as a CSV table (EmptyDataError"}
+
+
+@pytest.mark.parametrize("kind", list(REASONS))
+def test_a_site_with_broken_data_is_excluded_by_name_and_the_others_federate(kind, heart_sites, tmp_path, flwr_log):
+    sites, schema = heart_sites
+    chosen = {n: sites[n].iloc[:60].reset_index(drop=True) for n in GOOD}
+    chosen[BAD] = break_rows(kind, sites[BAD].iloc[:60].reset_index(drop=True), schema)
+    res = federate(tmp_path, chosen, schema, broken_files={2: kind})
+    assert list(res.extra["excluded"]) == [BAD]  # by its name, not its node id
+    assert REASONS[kind] in res.extra["excluded"][BAD]
+    assert sorted(res.extra["profile"]) == sorted(GOOD)  # the others federated, the broken site took no part
+    assert len(res.history) == 1 and {c["site"] for c in res.comm} == set(GOOD)
+    assert res.trained.metadata["provenance"]["excluded"] == res.extra["excluded"]
+    assert any(f"site '{BAD}' excluded" in m and REASONS[kind] in m for m in flwr_log)
+
+
+def test_a_site_without_any_column_of_a_modality_federates_without_that_modality(heart_sites, tmp_path, flwr_log):
+    """Not broken: MultiModN's point. The site trains every other module; it never receives the imaging encoder."""
+    sites, schema = heart_sites
+    chosen = {n: sites[n].iloc[:60].reset_index(drop=True) for n in GOOD}
+    chosen[BAD] = sites[BAD].iloc[:60].drop(columns=list(schema.modalities["imaging"])).reset_index(drop=True)
+    res = federate(tmp_path, chosen, schema)
+    assert res.extra["excluded"] == {}
+    assert res.extra["profile"][BAD].get("encoders.imaging", 0) == 0 and res.extra["profile"][BAD]["encoders.rest"] > 0
+    assert not any(m.startswith("encoders.imaging") for c in res.comm if c["site"] == BAD for m in c["modules"])
+    assert any(f"site '{BAD}' holds no column of modality(ies) imaging" in m for m in flwr_log)
+
+
+def test_fewer_valid_sites_than_the_quorum_stop_the_run_naming_the_excluded_sites(heart_sites, tmp_path):
+    from server.app import FederationError
+
+    sites, schema = heart_sites
+    chosen = {"Cleveland": sites["Cleveland"].iloc[:60], "Hungary": sites["Hungary"].iloc[:0],
+              BAD: break_rows("label column missing", sites[BAD].iloc[:60], schema)}
+    with pytest.raises(FederationError) as e:
+        federate(tmp_path, chosen, schema, quorum=2)
+    msg = str(e.value)
+    assert "before round 1: 1 valid site(s), fewer than quorum = 2" in msg
+    assert "'Hungary': " in msg and "no data rows" in msg and f"'{BAD}': " in msg and "'num' (task disease)" in msg
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # stopped before round 1
+    # the same sites with quorum 1 (the default): Cleveland federates alone
+    res = federate(tmp_path / "q1", chosen, schema)
+    assert sorted(res.extra["excluded"]) == ["Hungary", BAD] and list(res.extra["profile"]) == ["Cleveland"]
+
+
+def test_a_round_with_fewer_updates_than_the_quorum_stops_the_run(heart_sites, tmp_path):
+    from clients.app import app as client_app
+    from server.app import FederationError
+
+    sites, schema = heart_sites
+    chosen = {n: sites[n].iloc[:40].reset_index(drop=True) for n in (*GOOD, BAD)}
+
+    def one_site_fails_training(msg, ctx):
+        if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 2:
+            raise RuntimeError("disk full")
+        return client_app(msg, ctx)
+
+    res = federate(tmp_path / "q2", chosen, schema, client=one_site_fails_training, quorum=2)  # 2 of 3: goes on
+    assert [f["site"] for f in res.extra["failures"]] == [BAD]
+    with pytest.raises(FederationError, match=r"round 1: 2 site\(s\) returned an update, fewer than quorum = 3; "
+                                              r"failures: \{'VA Long Beach': 'RuntimeError: disk full'\}"):
+        federate(tmp_path / "q3", chosen, schema, client=one_site_fails_training, quorum=3)

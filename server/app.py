@@ -112,8 +112,8 @@ def send(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, A
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
                     group_id="0") for n in nodes]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
-    failed = {n: (replies[n].error.reason if n in replies else "no reply") for n in nodes
-              if n not in replies or replies[n].has_error()}
+    failed = {n: ("no reply" if n not in replies else replies[n].error.reason if replies[n].has_error() else
+                  "an empty reply") for n in nodes if n not in replies or not replies[n].has_content()}
     return {n: r for n, r in replies.items() if n not in failed}, failed
 
 

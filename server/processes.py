@@ -78,6 +78,68 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+MARK = "MMN_FED_DEPLOYMENT"  # environment variable every process of one deployment inherits (its id)
+
+
+def marked(mark: str, exclude: int | None = None) -> list[int]:
+    """Live processes whose environment holds ``MARK=mark``: all of a deployment's processes, also those whose
+    parent died (Flower's flwr-serverapp / flwr-clientapp run in sessions of their own)."""
+    needle = f"{MARK}={mark}".encode()
+    out = []
+    for pid in _all_pids():
+        if pid in (os.getpid(), exclude):
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and _alive(pid):
+            out.append(pid)
+    return out
+
+
+# The reaper: a small process that outlives us. It waits for EOF on its stdin (our end of the pipe closes when
+# we exit, however we exit, SIGKILL included), then stops every process carrying the deployment's mark.
+_REAPER = r"""
+import os, signal, sys, time
+sys.stdin.buffer.read()
+needle = ("%s=" + sys.argv[1]).encode()
+def marked():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        with open(f"/proc/{d}/stat") as g:
+                            if g.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                                out.append(int(d))
+            except OSError:
+                pass
+    return out
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    pids = marked()
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + wait
+    while pids and time.monotonic() < end and marked():
+        time.sleep(0.2)
+""" % MARK
+
+
+def start_reaper(mark: str) -> "subprocess.Popen":
+    """Start the reaper of deployment ``mark`` (Linux /proc): when this process dies or closes the reaper's
+    stdin, every process carrying the mark gets SIGTERM, then SIGKILL after 5 s."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != MARK}
+    return subprocess.Popen([sys.executable, "-c", _REAPER, mark], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

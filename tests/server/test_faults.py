@@ -217,3 +217,42 @@ def test_a_round_with_fewer_updates_than_the_quorum_stops_the_run(heart_sites, t
     with pytest.raises(FederationError, match=r"round 1: 2 site\(s\) returned an update, fewer than quorum = 3; "
                                               r"failures: \{'VA Long Beach': 'RuntimeError: disk full'\}"):
         federate(tmp_path / "q3", chosen, schema, client=one_site_fails_training, quorum=3)
+
+
+# ---- the coordinator crashes mid-run on the deployment engine; `deploy-local` again resumes ----------------------
+
+@pytest.mark.slow
+def test_deploy_local_killed_after_a_round_resumes_from_its_checkpoint(tmp_path):
+    """The coordinator's machine dies (SIGKILL to `deploy-local`: the SuperLink, ServerApp and SuperNodes go with
+    it) once round 1's checkpoint is written; the same command again resumes after round 1 and finishes."""
+    import json
+
+    tag = f"MMN_FED_FAULT_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), tag.split("=")[0]: tag.split("=")[1]}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mmn_fed.cli", "deploy-local", "--sites", "2", "--rounds", "2", "--insecure",
+           "--tasks", "disease", "--patience-rounds", "0", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        ckpt = out / "run" / "checkpoint.pt"
+        assert wait_for(lambda: ckpt.exists() or first.poll() is not None, 400, 1.0) and first.poll() is None, \
+            (first.stdout.read().decode()[-3000:] if first.poll() is not None else "no checkpoint")
+        first.kill()
+        first.wait(timeout=20)
+        assert wait_for(lambda: not tagged(tag), 20) is True, f"left running: {tagged(tag)}"
+        assert not (out / "run" / "model.pt").exists()  # killed mid-run
+        again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        history = json.loads((out / "run" / "history.json").read_text())
+        assert [e["round"] for e in history] == [1, 2]
+        log = (out / "logs" / "flwr_run.log").read_text()
+        assert "resuming" in log and "after round 1" in log
+    finally:
+        for pid in tagged(tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if first.poll() is None:
+            first.kill()
+        first.wait()

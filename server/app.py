@@ -111,8 +111,13 @@ def send(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, A
     """One message to each node: (node -> reply, node -> why it failed: its error, or no reply)."""
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
                     group_id="0") for n in nodes]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
-    failed = {n: ("no reply" if n not in replies else replies[n].error.reason if replies[n].has_error() else
+    got = list(grid.send_and_receive(msgs, timeout=timeout))
+    # the SuperLink answers for a node it lost (Flower's NODE_UNAVAILABLE) with an error reply whose sender is
+    # not that node: keep only the nodes' own replies, and say what the SuperLink said about the others
+    replies = {r.metadata.src_node_id: r for r in got if r.metadata.src_node_id in nodes}
+    stray = sorted({r.error.reason for r in got if r.metadata.src_node_id not in nodes and r.has_error()})
+    lost = "no reply" + (f" (the SuperLink: {'; '.join(stray)})" if stray else "")
+    failed = {n: (lost if n not in replies else replies[n].error.reason if replies[n].has_error() else
                   "an empty reply") for n in nodes if n not in replies or not replies[n].has_content()}
     return {n: r for n, r in replies.items() if n not in failed}, failed
 

@@ -57,10 +57,10 @@ def test_deploy_local_stopped_by_a_signal_stops_every_process_it_started(sig, tm
            "--tasks", "disease", "--out", str(tmp_path / "out")]
     parent = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        def up():  # the SuperLink, both SuperNodes, and the run submitted (`flwr run`)
+        def up():  # the SuperLink, both SuperNodes, and the run started (its `flwr-serverapp` process)
             procs = tagged(tag).values()
             return (sum("flower-superlink" in c for c in procs) == 1 and sum("flower-supernode" in c for c in procs) == 2
-                    and any(" run " in c and "flwr" in c for c in procs))
+                    and any("flwr-serverapp" in c for c in procs))
         assert wait_for(up, 90), f"deployment not up: {tagged(tag)}\n{parent.stdout.read1(20000).decode() if parent.poll() is not None else ''}"
         before = tagged(tag)
         parent.send_signal(sig)

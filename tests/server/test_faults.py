@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from server.engines import read_result, write_site_data
+from server.engines.inprocess import InProcessGrid, run_inprocess, server_context
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,9 +89,6 @@ def test_deploy_local_stopped_by_a_signal_stops_every_process_it_started(sig, tm
 
 
 # ---- a site with broken data is excluded by name; the others federate; the quorum decides when to stop --------
-
-from server.engines import read_result, write_site_data  # noqa: E402
-from server.engines.inprocess import InProcessGrid, run_inprocess, server_context  # noqa: E402
 
 SMALL = {"num-server-rounds": 1, "val-fraction": 0.0, "keep-best": False, "patience-rounds": 0, "state-size": 8,
          "hidden": 8, "seed": 0}

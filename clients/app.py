@@ -77,12 +77,20 @@ def _site_record(site: Site) -> ConfigRecord:
 
 
 def summary(msg: Message, context: Context) -> Message:
-    """Mergeable preprocessing summary of this site's training rows."""
+    """Mergeable preprocessing summary of this site's training rows. A site whose data cannot be used (file
+    unreadable, no rows, a column of the schema missing, a value that does not parse) replies with its name
+    and the reason instead (``P.SITE["error"]``): the server excludes it by name and the others federate."""
     config, settings = _unpack(msg)
-    site = _site(context)
-    schema = Schema.from_dict(json.loads(str(config["schema"])))
-    content = RecordDict({P.SITE: _site_record(site), P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings)),
-                          P.AUDIT_RECORD: R.json_record(site.audit_counts(schema, settings))})
+    name = site_source(context.node_config, context.run_config).name
+    try:
+        site = _site(context)
+        schema = Schema.from_dict(json.loads(str(config["schema"])))
+        content = RecordDict({P.SUMMARY_RECORD: R.json_record(site.summary(schema, settings)),
+                              P.AUDIT_RECORD: R.json_record(site.audit_counts(schema, settings))})
+    except Exception as e:  # any failure to read or summarize the rows is this site's data problem
+        return Message(RecordDict({P.SITE: ConfigRecord({"name": name, "rows": 0, "error": f"{type(e).__name__}: {e}"})}),
+                       reply_to=msg)
+    content[P.SITE] = ConfigRecord({"name": site.name, "rows": len(site.rows), "absent": ",".join(site.absent)})
     return Message(content, reply_to=msg)
 
 

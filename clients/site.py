@@ -91,7 +91,10 @@ def load_rows(src: SiteSource) -> pd.DataFrame:
         p = Path(src.path)
         if not p.exists():
             raise SiteDataError(f"site '{src.name}': data file {p} not found")
-        return _read(str(p), p.stat().st_mtime)
+        try:
+            return _read(str(p), p.stat().st_mtime)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise SiteDataError(f"site '{src.name}': cannot read {p} as a CSV table ({type(e).__name__}: {e})") from e
     return _builtin_site(src.dataset, src.name)
 
 
@@ -114,6 +117,7 @@ class Site:
     def __init__(self, name: str, rows: pd.DataFrame):
         self.name = name
         self.rows = rows
+        self.absent: tuple[str, ...] = ()  # modalities ``hold`` found without any column
         self._encoded: dict[tuple, tuple[TensorData, TensorData]] = {}
         self._keep: dict[tuple, tuple[dict, TensorData | None]] = {}
         self._seqs: dict[tuple, tuple] = {}
@@ -125,6 +129,7 @@ class Site:
         below 10 subjects); the step table is built once per schema and split."""
         key = (json.dumps(ts.to_dict(), sort_keys=True), settings.val_fraction, settings.seed)
         if key not in self._seqs:
+            self.absent = tuple(self.hold(ts))
             all_seqs = seq.build_sequences(ts, self.rows)
             fraction = settings.val_fraction if len(all_seqs.ids) >= 10 else 0.0
             keep, val = all_seqs.holdout(ts.timeseries, fraction, settings.seed)
@@ -155,11 +160,30 @@ class Site:
             self._keep = {key: (keep, val)}
         return self._keep[key]
 
+    def hold(self, schema: Schema) -> list[str]:
+        """Make the rows fit ``schema`` where a site legitimately differs: a modality none of whose columns are
+        in the file is one this site does not hold (its columns are added, empty, so that its rows train every
+        other module). Returns those modalities. A modality with only some of its columns missing is left to
+        the schema check (a typo, or a broken export). No rows at all raises ``SiteDataError``."""
+        if self.rows.empty:
+            where = self.rows.attrs.get("source")
+            raise SiteDataError(f"site '{self.name}': no data rows" + (f" in {where}" if where else ""))
+        absent = [m for m, cols in schema.modalities.items() if cols and not any(c in self.rows.columns for c in cols)]
+        if absent:
+            rows = self.rows.copy()  # the rows are shared by the read cache
+            for m in absent:
+                for c in schema.modalities[m]:
+                    rows[c] = np.nan
+            self.rows = rows
+        return sorted(set(absent) | set(self.absent))
+
     def splits(self, schema: Schema, settings: SiteSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+        self.absent = tuple(self.hold(schema))
         return split_site(schema, self.rows, settings.val_fraction, settings.seed)
 
     def summary(self, schema: Schema, settings: SiteSettings) -> dict:
         """Mergeable preprocessing summary of the local training rows (never rows)."""
+        self.absent = tuple(self.hold(schema))
         if schema.timeseries is not None:  # the step rows of the training subjects
             train_seqs, _ = self.sequences(schema, settings)
             return site_summary(seq.row_schema(schema), train_seqs.steps)

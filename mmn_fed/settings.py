@@ -131,6 +131,9 @@ class RunSettings:
     min_nodes: int = setting(0, "wait until this many nodes are connected (0: take those connected)", scope=SERVER,
                              minimum=0, fingerprint=False)
     node_wait: float = setting(120.0, "seconds to wait for min-nodes", scope=SERVER, minimum=0.0, fingerprint=False)
+    quorum: int = setting(1, "fewest sites a run goes on with: sites whose data is unusable are excluded before "
+                             "round 1 (by name, with the reason); fewer valid sites, or fewer sites returning an update "
+                             "in a round, stop the run", scope=SERVER, minimum=1, fingerprint=False)
     timeout: float = setting(3600.0, "seconds to wait for the replies of one round's messages", scope=SERVER,
                              above=0.0, fingerprint=False)
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -106,26 +106,78 @@ def wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
         time.sleep(1.0)
 
 
-def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, Any], timeout: float) -> dict[int, Message]:
+def send(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, Any],
+         timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+    """One message to each node: (node -> reply, node -> why it failed: its error, or no reply)."""
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
                     group_id="0") for n in nodes]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
-    failed = {n: (replies[n].error.reason if n in replies else "no reply") for n in nodes
-              if n not in replies or replies[n].has_error()}
+    got = list(grid.send_and_receive(msgs, timeout=timeout))
+    # the SuperLink answers for a node it lost (Flower's NODE_UNAVAILABLE) with an error reply whose sender is
+    # not that node: keep only the nodes' own replies, and say what the SuperLink said about the others
+    replies = {r.metadata.src_node_id: r for r in got if r.metadata.src_node_id in nodes}
+    stray = sorted({r.error.reason for r in got if r.metadata.src_node_id not in nodes and r.has_error()})
+    lost = "no reply" + (f" (the SuperLink: {'; '.join(stray)})" if stray else "")
+    failed = {n: (lost if n not in replies else replies[n].error.reason if replies[n].has_error() else
+                  "an empty reply") for n in nodes if n not in replies or not replies[n].has_content()}
+    return {n: r for n, r in replies.items() if n not in failed}, failed
+
+
+def query(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, Any], timeout: float) -> dict[int, Message]:
+    replies, failed = send(grid, nodes, message_type, config, timeout)
     if failed:
         raise FederationError(f"{message_type} failed on node(s): {failed}")
     return replies
 
 
-def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
-                            cfg: FederationConfig) -> tuple[Preprocessor, AuditResult, dict[str, str]]:
+@dataclass
+class Summaries:
+    """The sites' answers to the summary query: usable replies (node -> reply) and the sites excluded
+    (site name -> reason; ``node <id>`` when a node failed before it could say its name)."""
+
+    replies: dict[int, Message]
+    excluded: dict[str, str]
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(self.replies)
+
+
+def check_quorum(valid: int, excluded: Mapping[str, str], cfg: FederationConfig, when: str) -> None:
+    """Stop the run when fewer than ``quorum`` sites are usable (``when``: before round 1, in round k)."""
+    if valid < cfg.quorum:
+        why = f"; excluded: {dict(excluded)}" if excluded else ""
+        raise FederationError(f"{when}: {valid} valid site(s), fewer than quorum = {cfg.quorum}{why}")
+
+
+def collect_summaries(grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> Summaries:
+    """Ask every node for its summary. A site whose data is unusable (it replies with its name and the
+    reason; ``clients.app.summary``) or whose node fails is excluded and logged with the reason; the run goes
+    on with the others if at least ``quorum`` remain (else ``FederationError`` naming the excluded)."""
+    replies, failed = send(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
+                           cfg.timeout)
+    excluded = {f"node {n}": reason for n, reason in failed.items()}
+    ok = {}
+    for n, r in replies.items():
+        site = r.content[P.SITE]
+        if "error" in site:
+            excluded[str(site["name"])] = str(site["error"])
+        else:
+            ok[n] = r
+            if site.get("absent"):
+                log(INFO, "site '%s' holds no column of modality(ies) %s: it trains the other modules", site["name"],
+                    site["absent"])
+    for name, reason in sorted(excluded.items()):
+        log(WARNING, "site '%s' excluded: %s", name, reason)
+    check_quorum(len(ok), excluded, cfg, "before round 1")
+    return Summaries(ok, excluded)
+
+
+def federated_preprocessing(found: Summaries, schema: Schema) -> tuple[Preprocessor, AuditResult, dict[str, str]]:
     """Sites send mergeable summaries and missingness-audit counts of their training rows (never rows); the
-    server merges the summaries and tests each site's presence-vs-label tables (``mmn_fed.audit``). Also
-    returns a digest of each site's summary (site name -> sha256), which tells a resumed run whether a site's
-    data changed."""
-    replies = query(grid, nodes, P.SUMMARY, {"schema": json.dumps(schema.to_dict()), P.SETTINGS: cfg.site_record()},
-                    cfg.timeout)
-    ordered = sorted(replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
+    server merges the summaries of the usable sites (``collect_summaries``) and tests each site's
+    presence-vs-label tables (``mmn_fed.audit``). Also returns a digest of each site's summary (site name ->
+    sha256), which tells a resumed run whether a site's data changed."""
+    ordered = sorted(found.replies.values(), key=lambda r: str(r.content[P.SITE]["name"]))
     summaries = {str(r.content[P.SITE]["name"]): R.from_json_record(r.content[P.SUMMARY_RECORD]) for r in ordered}
     merged = merge_summaries(list(summaries.values()))
     rows = row_schema(schema) if schema.timeseries is not None else schema  # time series: the step table's schema
@@ -137,7 +189,7 @@ def federated_preprocessing(grid: Grid, nodes: list[int], schema: Schema,
     return prep, found, digests
 
 
-def check_site_data(run_dir: Path, grid: Grid, nodes: list[int], schema: Schema, cfg: FederationConfig) -> None:
+def check_site_data(run_dir: Path, found: Summaries, schema: Schema) -> None:
     """Before resuming: each site that answers must summarize the same training rows as when the run began
     (``run_dir/site_data.json``); a changed site is refused by name (the checkpoint, audit and preprocessing
     were computed from the old rows). A site that is absent now is not compared."""
@@ -145,7 +197,7 @@ def check_site_data(run_dir: Path, grid: Grid, nodes: list[int], schema: Schema,
     if not path.exists():  # a run directory from before this check
         return
     before = json.loads(path.read_text())
-    _, _, now = federated_preprocessing(grid, nodes, schema, cfg)
+    _, _, now = federated_preprocessing(found, schema)
     changed = sorted(n for n, d in now.items() if before.get(n) != d)
     if changed:
         raise FederationError(
@@ -194,18 +246,20 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     schema = load_schema(cfg)
     ts = schema if schema.timeseries is not None else None  # sites train sequences; a time-series encoder
-    nodes = wait_for_nodes(grid, cfg)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
     strategy = cfg.strategy()
+    summaries = collect_summaries(grid, wait_for_nodes(grid, cfg), schema, cfg)  # sites with unusable data excluded
+    nodes = summaries.nodes
+    _write_json(run_dir / "excluded.json", summaries.excluded)
     if ckpt:
         prep_json, params, start, history = ckpt["prep"], ckpt["params"], ckpt["round"] + 1, json.loads(ckpt["history"])
         best = (ckpt["best"]["score"], ckpt["best"]["round"], ckpt["best"]["params"])
         strategy.load_state(ckpt["strategy"])
         torch.set_rng_state(ckpt["rng"])
-        check_site_data(run_dir, grid, nodes, schema, cfg)
+        check_site_data(run_dir, summaries, schema)
         log(INFO, "resuming %s after round %d", run_dir, ckpt["round"])
     else:
-        fitted, found, digests = federated_preprocessing(grid, nodes, schema, cfg)
+        fitted, found, digests = federated_preprocessing(summaries, schema)
         _write_json(run_dir / "site_data.json", digests)
         prep_json = json.dumps(fitted.to_dict(), sort_keys=True)
         torch.manual_seed(cfg.seed)
@@ -227,7 +281,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     for rnd in range(start, cfg.num_server_rounds + 1):
         if stopped:
             break
-        params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout)
+        params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout, cfg.quorum)
         if tests:
             entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
                              held_out_records(params, prep, cfg, tests, per_combination=False, ts=ts)
@@ -256,17 +310,24 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         log(INFO, "final model: round %d (best federated validation score %.4f)", best[1], best[0])
         params = best[2]
         selection["final_round"] = best[1]
-    return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan, ts)
+    return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan, ts, summaries.excluded)
 
 
 def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
-              timeout: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train (each site its modules), aggregate per module, evaluate per site. Returns (params, history entry)."""
+              timeout: float, quorum: int = 1) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train (each site its modules), aggregate per module, evaluate per site. Returns (params, history entry).
+    Fewer than ``quorum`` accepted updates stop the run (``FederationError`` with the round's failures)."""
     t0 = time.perf_counter()
-    replies = grid.send_and_receive(strategy.configure_train(rnd, R.to_arrayrecord(params), config, grid), timeout=timeout)
+    replies = list(grid.send_and_receive(strategy.configure_train(rnd, R.to_arrayrecord(params), config, grid),
+                                         timeout=timeout))
+    received = sum(1 for r in replies if not r.has_error())
     arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     if arrays is None:
         raise FederationError(f"round {rnd}: no site returned an update; failures: {strategy.round_failures(rnd)}")
+    if received < quorum:  # updates rejected by validation count: the site is up (docs/federation.md, "Faults")
+        failures = {f["site"]: f["reason"] for f in strategy.round_failures(rnd) if f["phase"] != "validation"}
+        raise FederationError(f"round {rnd}: {received} site(s) returned an update, fewer than quorum = {quorum}; "
+                              f"failures: {failures}")
     params = R.from_arrayrecord(arrays)
     replies = grid.send_and_receive(strategy.configure_evaluate(rnd, R.to_arrayrecord(params), config, grid), timeout=timeout)
     eval_metrics = strategy.aggregate_evaluate(rnd, replies)
@@ -340,10 +401,11 @@ def held_out_records(params, prep: Preprocessor, cfg: FederationConfig, tests: M
 
 def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, strategy: ModularFedAvg,
            history: list[dict], tests: Mapping[str, pd.DataFrame], selection: Mapping[str, Any],
-           plan: Mapping[str, Any], ts: Schema | None = None) -> dict[str, Any]:
+           plan: Mapping[str, Any], ts: Schema | None = None, excluded: Mapping[str, str] | None = None) -> dict[str, Any]:
     model = global_model(params, prep, cfg, ts)
     save_model(run_dir / "model.pt", model, prep, cfg.model_config(ts),
                {"federated": asdict(cfg)}, {"training": "federated", "sites": sorted(s.name for s in strategy.sites.values()),
+                                            "excluded": dict(excluded or {}),
                                             "rounds": selection["rounds_run"], "final_round": selection["final_round"],
                                             "seed": cfg.seed, "missingness": dict(plan)},
                extra={"timeseries_schema": ts.to_dict()} if ts is not None else None)

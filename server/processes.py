@@ -4,6 +4,8 @@ loopback ports, stopping a process tree, and TOML values for ``--run-config`` / 
 Linux only where it reads /proc (finding a listener, a process's descendants)."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml's [tool.flwr.app]
 
@@ -33,6 +35,109 @@ def flower_bin(name: str) -> str:
     """A Flower console script (``flwr``, ``flower-superlink``, ...) next to this interpreter (falls back to PATH)."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+try:  # resolved here, not between fork and exec
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def child_preexec() -> None:
+    """``preexec_fn`` of every long-running Flower process we start (in its own session): on Linux, ask the
+    kernel to send it SIGTERM when its parent dies, so that a SIGKILLed ``mmn-fed deploy-local`` does not leave
+    a SuperLink or SuperNodes behind (SIGTERM, not SIGKILL: Flower then stops its own children). Elsewhere a
+    no-op. Runs between fork and exec: no Python objects beyond this call."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received inside ``sigterm_as_interrupt``: handled wherever Ctrl-C is."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a supervisor, ``timeout``, ``kill``) raises ``Terminated``, a
+    KeyboardInterrupt, in the main thread, as Ctrl-C does: the same clean shutdown (every ``with
+    LocalDeployment`` stops what it started). The previous handler is restored afterwards. Main thread only
+    (elsewhere: a no-op)."""
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+MARK = "MMN_FED_DEPLOYMENT"  # environment variable every process of one deployment inherits (its id)
+
+
+def marked(mark: str, exclude: int | None = None) -> list[int]:
+    """Live processes whose environment holds ``MARK=mark``: all of a deployment's processes, also those whose
+    parent died (Flower's flwr-serverapp / flwr-clientapp run in sessions of their own)."""
+    needle = f"{MARK}={mark}".encode()
+    out = []
+    for pid in _all_pids():
+        if pid in (os.getpid(), exclude):
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and _alive(pid):
+            out.append(pid)
+    return out
+
+
+# The reaper: a small process that outlives us. It waits for EOF on its stdin (our end of the pipe closes when
+# we exit, however we exit, SIGKILL included), then stops every process carrying the deployment's mark.
+_REAPER = r"""
+import os, signal, sys, time
+sys.stdin.buffer.read()
+needle = ("%s=" + sys.argv[1]).encode()
+def marked():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        with open(f"/proc/{d}/stat") as g:
+                            if g.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                                out.append(int(d))
+            except OSError:
+                pass
+    return out
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    pids = marked()
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + wait
+    while pids and time.monotonic() < end and marked():
+        time.sleep(0.2)
+""" % MARK
+
+
+def start_reaper(mark: str) -> "subprocess.Popen":
+    """Start the reaper of deployment ``mark`` (Linux /proc): when this process dies or closes the reaper's
+    stdin, every process carrying the mark gets SIGTERM, then SIGKILL after 5 s."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != MARK}
+    return subprocess.Popen([sys.executable, "-c", _REAPER, mark], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True)
 
 
 def free_port() -> int:
@@ -119,8 +224,13 @@ def terminate(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def stop_tree(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """Stop the processes ``pids`` and all their descendants; returns every pid stopped (sorted)."""
-    tree = sorted({d for p in pids for d in descendants(p)})
+    """Stop the processes ``pids`` and all their descendants, and the process groups ``pids`` lead (a member
+    whose parent already died is no longer a descendant): SIGTERM to all, wait up to ``timeout`` s, SIGKILL
+    what is left. Returns every pid stopped (sorted)."""
+    tree = {d for p in pids for d in descendants(p)}
+    leaders = [p for p in pids if _pgid(p) == p]
+    tree |= {q for q in _all_pids() if _pgid(q) in leaders}
+    tree = sorted(tree)
     terminate(tree, timeout)
     return tree
 
@@ -131,6 +241,17 @@ def stop_listener(port: int, timeout: float = 10.0) -> None:
     pid = listener_pid(port)
     if pid is not None:
         stop_tree([pid], timeout)
+
+
+def _all_pids() -> list[int]:
+    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _alive(pid: int) -> bool:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -19,7 +22,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from mmn_fed.settings import SETTINGS, RunSettings, add_flags
 
 from ..credentials import make_node_key, make_tls
-from ..processes import APP_DIR, flower_bin, flower_env, free_port, stop_tree, toml_config
+from ..processes import (APP_DIR, MARK, child_preexec, flower_bin, flower_env, free_port, marked, sigterm_as_interrupt,
+                         start_reaper, stop_tree, terminate, toml_config)
 from .results import FederationResult, read_result, write_site_data
 
 if TYPE_CHECKING:
@@ -54,23 +58,33 @@ class LocalDeployment:
         self.workdir = Path(self.workdir).resolve()
         self.home = self.workdir / "flwr_home"
         self.logs = self.workdir / "logs"
+        self.mark = uuid.uuid4().hex  # in every process's environment: processes.marked finds them all
+        self.reaper: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return flower_env(self.home)
+        return flower_env(self.home, **{MARK: self.mark})
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
-        # own process group: stopping it also stops the flwr-serverapp/flwr-clientapp children
+        # own session (Ctrl-C in a terminal reaches us, not it: we stop it, its group and its descendants);
+        # SIGTERM from the kernel when we die, even by SIGKILL (Linux: processes.child_preexec)
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=child_preexec)
+        log.close()  # the child holds its own copy
         self.procs.append(p)
         return p
 
     def start(self) -> "LocalDeployment":
+        if self.reaper is None and sys.platform.startswith("linux"):
+            self.reaper = start_reaper(self.mark)  # stops everything marked if we die, even by SIGKILL
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        # a fresh SuperLink state: the nodes of an earlier (crashed) deployment in this directory are gone; the
+        # run itself resumes from run-dir's checkpoint (docs/federation.md, "Faults")
+        for f in self.workdir.glob("superlink.db*"):
+            f.unlink()
         creds = self.workdir / "credentials"
         link = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
@@ -122,7 +136,7 @@ class LocalDeployment:
     def flwr(self, args: list[str], timeout: float = 600, log_name: str | None = None) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment; raise with its output on failure."""
         res = subprocess.run([flower_bin("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
-                             text=True, timeout=timeout)
+                             text=True, timeout=timeout, preexec_fn=child_preexec)  # dies with us, as the nodes do
         if log_name:
             (self.logs / log_name).write_text(res.stdout + res.stderr)
         if res.returncode != 0:
@@ -138,10 +152,23 @@ class LocalDeployment:
             raise DeploymentError(f"the run failed; see {self.logs / 'flwr_run.log'}:\n{res.stdout[-3000:]}")
         return res
 
-    def stop(self) -> None:
-        """Stop every process started here and all their descendants (SuperExecs, flwr-serverapp and
-        flwr-clientapp processes run in sessions of their own, so a process group is not enough)."""
-        self.stopped_pids = stop_tree([p.pid for p in self.procs])
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every process started here, their process groups and all their descendants (SuperExecs,
+        flwr-serverapp and flwr-clientapp processes run in sessions of their own, so a process group is not
+        enough): SIGTERM, ``timeout`` s, then SIGKILL. Runs on exit from the ``with`` block, also after
+        Ctrl-C or SIGTERM (``mmn-fed deploy-local``: ``processes.sigterm_as_interrupt``)."""
+        self.stopped_pids = stop_tree([p.pid for p in self.procs], timeout)
+        left = marked(self.mark, exclude=self.reaper.pid if self.reaper else None)  # orphans of a dead parent
+        if left:
+            terminate(left, timeout)
+            self.stopped_pids = sorted(set(self.stopped_pids) | set(left))
+        if self.reaper is not None:
+            self.reaper.stdin.close()  # nothing left for it to do: it exits
+            try:
+                self.reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.reaper.kill()
+            self.reaper = None
         for p in self.procs:
             try:
                 p.wait(timeout=5)
@@ -236,7 +263,13 @@ def _deploy_local(args) -> int:
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
           f"; logs in {out / 'logs'}", flush=True)
-    res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does
+            res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "signum", signal.SIGINT)
+        print(f"deploy-local: stopped by {sig.name}; every process it started was stopped", file=sys.stderr, flush=True)
+        return 128 + int(sig)
     last = res.history[-1] if res.history else {}
     print(json.dumps({"run_dir": str(res.run_dir), "seconds": round(res.seconds, 1), "rounds": len(res.history),
                       "federated_eval": last.get("federated_eval", {})}, indent=1))

@@ -26,7 +26,8 @@ class FederationResult:
     run_dir: Path
     seconds: float = 0.0
     # "failures" (failed sites, rejected updates), "secagg" (per round), "selection" (rounds run, early stop,
-    # the round the final model is: server/app.py), "profile" (site -> module -> the count it is weighted by)
+    # the round the final model is: server/app.py), "profile" (site -> module -> the count it is weighted by),
+    # "excluded" (site -> why its data could not be used: it took no part)
     extra: dict = field(default_factory=dict)
 
 
@@ -49,6 +50,6 @@ def write_site_data(data_dir: Path, sites: Mapping[str, pd.DataFrame], schema: S
 def read_result(run_dir: Path, seconds: float = 0.0) -> FederationResult:
     run_dir = Path(run_dir)
     load = lambda name: json.loads((run_dir / name).read_text())  # noqa: E731
-    extra = {name: load(f"{name}.json") for name in ("failures", "secagg", "selection", "profile") if (run_dir / f"{name}.json").exists()}
+    extra = {name: load(f"{name}.json") for name in ("failures", "secagg", "selection", "profile", "excluded") if (run_dir / f"{name}.json").exists()}
     return FederationResult(load_model(run_dir / "model.pt"), load("history.json"), read_metrics(run_dir / "metrics.json"),
                             load("comm.json"), load("evaluation.json"), run_dir, seconds, extra)

@@ -142,9 +142,14 @@ def test_missing_data_file_is_named(heart, make_message, tmp_path):
     from flwr.app import Context
 
     ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path / "nope.csv")}, state=RecordDict(), run_config={})
-    with pytest.raises(SiteDataError, match="nope.csv"):
-        client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
-            {"schema": "{}", P.SETTINGS: SiteSettings().to_record()})})), ctx)
+    # the summary query replies with the site's name and the reason (the server excludes the site by name)
+    reply = client_app(make_message(P.SUMMARY, RecordDict({"config": ConfigRecord(
+        {"schema": "{}", P.SETTINGS: SiteSettings().to_record()})})), ctx)
+    assert reply.content[P.SITE]["name"] == "nope"
+    assert reply.content[P.SITE]["error"].startswith("SiteDataError: ") and "nope.csv" in reply.content[P.SITE]["error"]
+    with pytest.raises(SiteDataError, match="nope.csv"):  # the other handlers raise
+        client_app(make_message(P.PROFILE, RecordDict({"config": ConfigRecord(
+            {"prep": "{}", "model-config": "{}", P.SETTINGS: SiteSettings().to_record()})})), ctx)
 
 
 def test_the_correction_reaches_local_training_and_is_computed_once(heart, monkeypatch):

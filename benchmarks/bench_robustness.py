@@ -16,6 +16,21 @@ its train replies carry ``global + k * (its honest update - global)`` (k = -1 si
 "mean without validation" row. Prints the pooled test AUROC (mean and 95% t-interval over seeds) per rule and
 attack, and per run how many of the attacker's updates validation rejected (and how many honest ones): the
 figures quoted in docs/security.md.
+
+Calibration of the norm check (``--calibration``): false rejections and detection rates per cohort.
+
+    python benchmarks/bench_robustness.py --calibration                      # heart, support2, pbcseq x 5 seeds
+    python benchmarks/bench_robustness.py --calibration --cohorts heart --seeds 0
+
+Per cohort and seed, one honest federation (``run_federation``, default settings: up to 100 rounds, stopped by
+patience) on 4 sites: heart's hospitals (70% of each, ``holdout_split``), support2's rows and pbcseq's subjects
+drawn into 4 IID sites (the seed). Every round's replies go through the real validation as they arrive (false
+rejections: honest site-rounds rejected, of all); then, for each site in turn as the attacker, its reply is
+replaced by ``simulations.attacks.attacked_update`` (``global + k * (honest - global)`` for k = 3, 5, 10 and
+-10, or NaN) and the round's replies are validated again (detection: attacked site-rounds rejected, of all).
+That is the per-round question "would this attack, by this site, in this round, be caught", on the honest
+trajectory (a caught attack leaves the trajectory honest). Also prints the largest honest norm ratios (whole
+update and per module), the margin of the cuts.
 """
 from __future__ import annotations
 
@@ -30,8 +45,12 @@ import pandas as pd
 from scipy import stats
 
 from mmn_fed import load_builtin
+import server.strategy as strategy
+from server.aggregation import SiteUpdate
 from server.engines import run_federation
-from simulations.attacks import attacking_client_app, holdout_split
+from server.validation import validate_updates
+from simulations.attacks import attacked_update, attacking_client_app, holdout_split
+from simulations.sites import iid
 
 RULES = ("mean", "trimmed-mean", "median")
 
@@ -83,17 +102,101 @@ def t_interval(values) -> str:
     return f"{x.mean():.3f} [{x.mean() - half:.3f}, {x.mean() + half:.3f}]"
 
 
+COHORTS = ("heart", "support2", "pbcseq")
+CALIBRATION_ATTACKS = {"x3": ("scale", 3.0), "x5": ("scale", 5.0), "x10": ("scale", 10.0),
+                       "flip x10": ("scale", -10.0), "NaN": ("nan", 0.0)}
+
+
+def cohort_sites(name: str, seed: int):
+    """(schema, {site: rows}) for the calibration: heart's hospitals (70%), else 4 IID sites (subjects for pbcseq)."""
+    df, schema = load_builtin(name)
+    if name == "heart":
+        schema = schema.subset(tasks=["disease"])
+        return schema, holdout_split(df, schema.site_column, 0.3, seed)[0]
+    if schema.timeseries is not None:  # a subject's visits stay at one site
+        ids = df[schema.timeseries.id].unique()
+        site_of = dict(zip(ids, iid(len(ids), 4, seed)))
+        site = df[schema.timeseries.id].map(site_of).to_numpy()
+    else:
+        site = iid(len(df), 4, seed)
+    return schema, {str(s): df[site == s].reset_index(drop=True) for s in sorted(set(site))}
+
+
+def calibration_rows(cohorts, seeds, workdir: Path | None = None, **settings) -> list[dict]:
+    """One row per cohort, seed, round and site: rejected when honest, and caught under each attack."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for name in cohorts:
+            for seed in seeds:
+                schema, sites = cohort_sites(name, seed)
+                rounds: list[tuple] = []
+
+                def recording(global_params, updates, sent=None, max_counts=None, **kw):
+                    report = validate_updates(global_params, updates, sent=sent, max_counts=max_counts, **kw)
+                    rounds.append((dict(global_params), list(updates), sent, max_counts, report))
+                    return report
+
+                t0 = time.perf_counter()
+                strategy.validate_updates = recording
+                try:
+                    run_federation(sites, schema, seed=seed, run_dir=Path(tmp) / f"{name}-{seed}", **settings)
+                finally:
+                    strategy.validate_updates = validate_updates
+                for rnd, (g, updates, sent, max_counts, report) in enumerate(rounds, 1):
+                    for i, u in enumerate(updates):
+                        row = {"cohort": name, "seed": seed, "round": rnd, "site": u.site,
+                               "honest rejected": u.site in report.rejected,
+                               "site ratio": report.site_ratios.get(u.site, np.nan),
+                               "module ratio": max([n[u.site] / np.median(list(n.values()))
+                                                    for m, n in report.norms.items() if u.site in n
+                                                    and m in report.zscores] or [np.nan])}
+                        for label, (kind, k) in CALIBRATION_ATTACKS.items():
+                            received = {p: g[p] for p in u.params}
+                            bad = SiteUpdate(u.site, attacked_update(received, u.params, kind, k), u.counts)
+                            attacked = updates[:i] + [bad] + updates[i + 1:]
+                            row[label] = u.site in validate_updates(g, attacked, sent=sent, max_counts=max_counts).rejected
+                        rows.append(row)
+                print(f"  {name} seed {seed}: {len(rounds)} rounds, {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
+def calibration_table(rows: list[dict]) -> pd.DataFrame:
+    """Per cohort: false-rejection rate over honest site-rounds, detection rate per attack, largest honest ratios."""
+    df = pd.DataFrame(rows)
+    out = {}
+    for name, g in df.groupby("cohort", sort=False):
+        r = {"seeds": ",".join(str(s) for s in sorted(g["seed"].unique())), "site-rounds": len(g),
+             "false rejection": f"{int(g['honest rejected'].sum())}/{len(g)}"}
+        r.update({label: f"{g[label].mean():.1%}" for label in CALIBRATION_ATTACKS})
+        r["max honest ratio (update)"] = f"{g['site ratio'].max():.2f}"
+        r["max honest ratio (module)"] = f"{g['module ratio'].max():.2f}"
+        out[name] = r
+    return pd.DataFrame(out).T
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    ap.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2; --calibration: 0,1,2,3,4)")
     ap.add_argument("--attacker", default="Cleveland")
     ap.add_argument("--attacks", default="none,-1,-10,10,nan", help="comma list: none, nan or a factor k")
     ap.add_argument("--rules", default=",".join(RULES), help="comma list of aggregation rules")
+    ap.add_argument("--calibration", action="store_true",
+                    help="false-rejection and detection rates of the norm check per cohort (see the docstring)")
+    ap.add_argument("--cohorts", default=",".join(COHORTS), help="--calibration: comma list of built-in cohorts")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # every rejection is logged; the table counts them
     t0 = time.perf_counter()
+    if args.calibration:
+        seeds = [int(s) for s in (args.seeds or "0,1,2,3,4").split(",")]
+        rows = calibration_rows([c.strip() for c in args.cohorts.split(",")], seeds)
+        print(f"\nnorm check, seeds {','.join(map(str, seeds))}: honest federations (default settings, 4 sites, every "
+              "round); detection = each site in turn attacking, every round (attacked_update), validation rerun")
+        print(calibration_table(rows).to_string())
+        print(f"{time.perf_counter() - t0:.0f} s")
+        return 0
+    args.seeds = args.seeds or "0,1,2"
     attacks = [parse_attack(a.strip()) for a in args.attacks.split(",")]
     rows = robustness_rows([int(s) for s in args.seeds.split(",")], args.rounds, args.attacker, attacks,
                            [r.strip() for r in args.rules.split(",")])

@@ -130,3 +130,72 @@ def test_honest_replies_of_the_real_federation_are_all_accepted(tmp_path):
         report = validate_updates(g, updates, sent={s: {module_of(k) for k in p} for s, p in sent.items()},
                                   max_counts=profiles)
         assert report.rejected == {} and len(report.accepted) == 4
+
+
+# ---- calibration of the norm check (issue 13, item 5): no honest site rejected, boosted updates still are ----
+# A round shaped like the real ones: a small init_state (a state-size vector, norms ~0.03) beside encoders and a
+# decoder with hundreds of parameters (norms ~0.5); 4 sites, honest norms within ~1.3x of each other.
+R = {
+    "init_state": np.zeros(16, np.float32),
+    "encoders.a.net.0.weight": np.zeros((32, 16), np.float32),
+    "encoders.b.net.0.weight": np.zeros((32, 16), np.float32),
+    "decoders.y.0.weight": np.zeros((2, 32), np.float32),
+}
+R_COUNTS = {"init_state": 100, "encoders.a": 100, "encoders.b": 100, "decoders.y": 100}
+R_NORMS = {"init_state": 0.03, "encoders.a": 0.5, "encoders.b": 0.5, "decoders.y": 0.3}
+
+
+def round_site(site: str, seed: int, scale: float = 1.0, module_scale=None) -> SiteUpdate:
+    """An honest-looking reply: per module a random direction with norm R_NORMS x scale (x module_scale)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for k, v in R.items():
+        m = k.split(".net")[0].split(".0.")[0]
+        d = rng.normal(size=v.shape)
+        norm = R_NORMS[m] * scale * (module_scale or {}).get(m, 1.0)
+        params[k] = (v + d / np.linalg.norm(d) * norm).astype(np.float32)
+    return SiteUpdate(site, params, dict(R_COUNTS))
+
+
+def honest_round() -> list[SiteUpdate]:
+    return [round_site(s, i, sc) for i, (s, sc) in enumerate(zip(["A", "B", "C", "D"], [0.9, 1.0, 1.1, 1.25]))]
+
+
+def test_small_site_with_a_3x_init_state_update_and_robust_z_7_4_is_accepted():
+    """The reported false rejection (unseen ICU cohort, no attack): a small site's init_state update at x3.0 the
+    round's median, robust z 7.4 (4 sites: the MAD at its floor), its other modules ordinary."""
+    updates = honest_round()[:3] + [round_site("small", 7, 1.05, {"init_state": 3.01})]
+    report = validate_updates(R, updates)
+    ratio = report.norms["init_state"]["small"] / np.median(list(report.norms["init_state"].values()))
+    assert ratio == pytest.approx(3.0, abs=0.02) and report.zscores["init_state"]["small"] == pytest.approx(7.4, abs=0.1)
+    assert report.rejected == {} and len(report.accepted) == 4
+    # the former rule (one 3x cut per module) rejected it
+    old = validate_updates(R, updates, policy=ValidationPolicy(min_ratio=3.0, module_ratio=3.0))
+    assert list(old.rejected) == ["small"] and "init_state" in old.rejected["small"][0]
+
+
+@pytest.mark.parametrize("attack,k", [("scale", 10.0), ("scale", -10.0), ("nan", 0.0)])
+@pytest.mark.parametrize("attacker", ["A", "D"])  # the smallest and the largest honest step
+def test_boosted_flipped_and_nan_updates_are_rejected(attack, k, attacker):
+    from simulations.attacks import attacked_update
+
+    updates = [u if u.site != attacker else SiteUpdate(u.site, attacked_update(R, u.params, attack, k), u.counts)
+               for u in honest_round()]
+    report = validate_updates(R, updates)
+    assert list(report.rejected) == [attacker], report.rejected
+    assert validate_updates(R, honest_round()).rejected == {}  # the same round, honest: all accepted
+
+
+def test_whole_update_check_catches_a_x3_boost_that_no_module_shows_alone():
+    """Every module x3 (below the per-module x5): the whole update is x3 the round's and is rejected."""
+    updates = honest_round()[:3] + [round_site("boost", 9, 3.0)]
+    report = validate_updates(R, updates)
+    assert list(report.rejected) == ["boost"] and "whole update" in report.rejected["boost"][0]
+    cut = ValidationPolicy().min_ratio
+    assert report.site_ratios["boost"] > cut > max(v for s, v in report.site_ratios.items() if s != "boost")
+
+
+def test_one_boosted_module_is_rejected_by_the_per_module_check():
+    updates = honest_round()[:3] + [round_site("dec", 9, 1.0, {"decoders.y": 10.0})]
+    report = validate_updates(R, updates)
+    assert list(report.rejected) == ["dec"] and any("module 'decoders.y'" in r for r in report.rejected["dec"])

@@ -57,7 +57,7 @@ NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 SUPERNODE_NOT_ADMITTED = 305  # Flower's exit code when the SuperLink refuses a SuperNode
 
 
-class ConsortiumError(RuntimeError):
+class ConsortiumError(ValueError):
     """A consortium directory, startup kit, site name or public key that cannot be used (the message says why)."""
 
 
@@ -739,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConsortiumError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConsortiumError is a ValueError (mmn_fed.cli reports those too)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,7 @@ The coordinator keeps a consortium directory (``mmn-fed consortium init DIR``)::
     state/superlink.db       the SuperLink's database (registered keys survive a restart)
 
 A site receives its kit (``ca.pem``, ``site.toml``, ``START.txt``), generates its key pair there
-(``mmn-fed site keygen KIT``, or on the first ``mmn-fed site start``), and sends back only
+(``mmn-fed site keygen KIT``, or on the first ``mmn-fed site start``: clients/kit.py), and sends back only
 ``keys/site.key.pub``; the coordinator records it (``mmn-fed consortium enrol DIR NAME PUBKEY``). The
 SuperLink always runs with TLS and ``--enable-supernode-auth`` (``mmn-fed coordinator start DIR``): on start,
 and on every enrol / revoke while it runs, the enrolled keys are registered with it (``flwr supernode
@@ -37,14 +37,13 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .credentials import make_node_key
 from .processes import APP_DIR, flower_bin, flower_env, stop_tree, toml_config
 
 FILE = "consortium.toml"
@@ -54,7 +53,14 @@ DEFAULT_PORT = 9091
 SUPERNODE_PORT = 9094  # the SuperNode's local Runtime API port (Flower's default)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
-SUPERNODE_NOT_ADMITTED = 305  # Flower's exit code when the SuperLink refuses a SuperNode
+
+
+def _run_flags() -> tuple[str, ...]:
+    """The settings `mmn-fed run` takes as flags: deploy-local's (server/engines/deployment.py DEPLOY_FLAGS),
+    computed here because that module imports pandas and `mmn-fed -h` must not (tests/mmn_fed/test_cli.py)."""
+    from mmn_fed.settings import SETTINGS
+
+    return tuple(s.name for s in SETTINGS if s.name not in ("data-dir", "run-dir", "min-nodes"))
 
 
 class ConsortiumError(ValueError):
@@ -340,27 +346,6 @@ def start_text(con: Consortium, name: str) -> str:
 """
 
 
-def _kit(kit: Path | str) -> tuple[Path, dict]:
-    kit = Path(kit).resolve()
-    path = kit / KIT_FILE
-    if not path.is_file():
-        raise ConsortiumError(f"{kit} is not a startup kit (no {KIT_FILE}); the coordinator makes one with "
-                              "`mmn-fed consortium add-site DIR NAME`")
-    try:
-        return kit, tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConsortiumError(f"{path}: {e}") from e
-
-
-def site_keygen(kit: Path | str) -> tuple[Path, Path]:
-    """The site's key pair in ``KIT/keys`` (``site.key`` mode 0600, ``site.key.pub``); refuses to overwrite."""
-    kit, _ = _kit(kit)
-    if (kit / "keys" / "site.key").exists():
-        raise ConsortiumError(f"{kit / 'keys' / 'site.key'} exists already; the coordinator enrolled (or will) "
-                              "its public key: keep it (delete it only to replace a compromised key, then enrol again)")
-    return make_node_key(kit / "keys", "site.key")  # (keys/site.key, keys/site.key.pub)
-
-
 def read_public_key(path_or_text: Path | str) -> str:
     """The one-line OpenSSH public key of a file (or the text itself), checked to be an EC key on a NIST
     curve; PEM public keys are converted. A clear ``ConsortiumError`` otherwise."""
@@ -525,52 +510,6 @@ def coordinator_start(directory: Path | str, wait: float = 60) -> int:
     return _foreground(con.superlink_command(), flower_env(con.home), con.directory, after_start=after)
 
 
-def supernode_command(kit: Path, cfg: Mapping, data: str, port: int | None) -> list[str]:
-    node_config = {"site-name": cfg["site"], **{k: v for k, v in cfg.get("node-config", {}).items() if v != "" and k != "schema"},
-                   "data-path": data}
-    return [flower_bin("flower-supernode"), "--superlink", cfg["superlink"], "--root-certificates",
-            str(kit / "ca.pem"), "--auth-supernode-private-key", str(kit / "keys" / "site.key"),
-            "--port", str(port or cfg.get("supernode-port", SUPERNODE_PORT)), "--node-config", toml_config(node_config)]
-
-
-def site_start(kit: Path | str, data: str | None = None, port: int | None = None,
-               extra_args: Sequence[str] = ()) -> int:
-    """Run the site's SuperNode in the foreground with the kit's CA and address, its own key (generated now
-    if absent: then send keys/site.key.pub to the coordinator) and node config (site name, data path)."""
-    kit, cfg = _kit(kit)
-    if fingerprint((kit / "ca.pem").read_bytes()) != cfg.get("ca-fingerprint"):
-        raise ConsortiumError(f"{kit / 'ca.pem'} is not the consortium's CA (its fingerprint differs from "
-                              f"{KIT_FILE}'s ca-fingerprint): ask the coordinator for the kit again")
-    data = data or cfg.get("node-config", {}).get("data-path") or ""
-    if not data:
-        raise ConsortiumError(f"no data file: pass --data PATH or set [node-config] data-path in {kit / KIT_FILE}")
-    if not Path(data).is_file():
-        raise ConsortiumError(f"data file {data} not found")
-    data = str(Path(data).resolve())
-    schema = cfg.get("node-config", {}).get("schema")
-    if schema:
-        _check_data(data, schema)
-    if not (kit / "keys" / "site.key").exists():
-        _, pub = site_keygen(kit)
-        print(f"site: generated this site's key pair; send {pub} to the coordinator "
-              f"(mmn-fed consortium enrol DIR {cfg['site']} site.key.pub) before it can join", flush=True)
-    cmd = supernode_command(kit, cfg, data, port) + list(extra_args)
-    print(f"site: '{cfg['site']}' joining {cfg['superlink']} (consortium '{cfg['consortium']}'); Ctrl-C stops it",
-          flush=True)
-    rc = _foreground(cmd, flower_env(kit / "flwr_home"), kit)
-    if rc == SUPERNODE_NOT_ADMITTED:
-        print(f"site: the SuperLink refused this site: its key is not enrolled (send {kit / 'keys' / 'site.key.pub'} "
-              "to the coordinator) or it was revoked", file=sys.stderr)
-    return rc
-
-
-def _check_data(data: str, schema_path: str) -> None:
-    from mmn_fed.data import check_table, load_dataset
-
-    df, schema = load_dataset(data, schema_path)
-    check_table(schema, df)
-
-
 # ---- a federation on the consortium ---------------------------------------------------------
 
 def run(directory: Path | str, run_config: Mapping[str, object], timeout: float = 24 * 3600,
@@ -657,11 +596,9 @@ def _cmd_revoke(a) -> int:
 def _cmd_run(a) -> int:
     from mmn_fed.settings import RunSettings
 
-    from .engines.deployment import DEPLOY_FLAGS
-
-    settings = RunSettings.from_args(a, DEPLOY_FLAGS, run_dir=a.out or "")
+    settings = RunSettings.from_args(a, _run_flags(), run_dir=a.out or "")
     settings.check()
-    rc = {k: v for k, v in settings.to_run_config().items() if k in DEPLOY_FLAGS or k == "run-dir"}
+    rc = {k: v for k, v in settings.to_run_config().items() if k in _run_flags() or k == "run-dir"}
     if a.min_nodes:
         rc["min-nodes"] = a.min_nodes
     res = run(a.directory, rc, timeout=a.run_timeout)
@@ -670,11 +607,9 @@ def _cmd_run(a) -> int:
 
 
 def register(subparsers) -> None:
-    """``mmn-fed consortium {init,add-site,enrol,revoke,status}``, ``mmn-fed coordinator start``,
-    ``mmn-fed site {keygen,start}``, ``mmn-fed run``."""
+    """``mmn-fed consortium {init,add-site,enrol,revoke,status}``, ``mmn-fed coordinator start``, ``mmn-fed run``
+    (the site's ``mmn-fed site keygen | start`` are in clients/kit.py)."""
     from mmn_fed.settings import add_flags
-
-    from .engines.deployment import DEPLOY_FLAGS
 
     p = subparsers.add_parser("consortium", help="provision a consortium: CA, SuperLink certificate, site kits, "
                                                  "enrolment (docs/federation.md)")
@@ -710,30 +645,18 @@ def register(subparsers) -> None:
     q.add_argument("directory")
     q.set_defaults(func=lambda a: coordinator_start(a.directory))
 
-    p = subparsers.add_parser("site", help="a site's side: its key pair and its SuperNode (from a startup kit)")
-    sub = p.add_subparsers(dest="action", required=True)
-    q = sub.add_parser("keygen", help="generate the site's key pair in KIT/keys (send site.key.pub only)")
-    q.add_argument("kit")
-    q.set_defaults(func=lambda a: print("private: %s (stays here)\npublic: %s (send to the coordinator)"
-                                        % site_keygen(a.kit)) or 0)
-    q = sub.add_parser("start", help="start the site's SuperNode, foreground; Ctrl-C / SIGTERM stop it")
-    q.add_argument("kit")
-    q.add_argument("--data", help="the site's CSV (default: site.toml's [node-config] data-path)")
-    q.add_argument("--port", type=int, help="the SuperNode's local port (default: site.toml's supernode-port)")
-    q.set_defaults(func=lambda a: site_start(a.kit, a.data, a.port))
-
     p = subparsers.add_parser("run", help="start a federation on a consortium (flwr run); prints the run id and "
                                           "where the model lands", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("directory", help="the consortium directory (its coordinator must be running)")
     p.add_argument("--out", help="run directory (default: DIR/runs/<UTC time>)")
     p.add_argument("--min-nodes", type=int, default=0, help="sites to wait for (0: every enrolled site)")
     p.add_argument("--run-timeout", type=float, default=24 * 3600, help="seconds before `flwr run` is given up")
-    add_flags(p, DEPLOY_FLAGS, aliases={"num-server-rounds": "--rounds"})
+    add_flags(p, _run_flags(), aliases={"num-server-rounds": "--rounds"})
     p.set_defaults(func=_cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.consortium {consortium,coordinator,site,run} ...`` (the same commands as ``mmn-fed``)."""
+    """``python -m server.consortium {consortium,coordinator,run} ...`` (the same commands as ``mmn-fed``)."""
     parser = argparse.ArgumentParser(prog="python -m server.consortium", description=__doc__.split("\n")[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
-"""A consortium (server/consortium.py): provisioning, site kits, enrolment, and (slow) a federation from `init`
-to a trained model over three SuperNodes on loopback."""
+"""A consortium: provisioning, site kits and enrolment (server/consortium.py), the site's side (clients/kit.py),
+and (slow) a federation from `init` to a trained model over three SuperNodes on loopback."""
 import datetime as dt
 import ipaddress
 import os
@@ -15,8 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.consortium import (Consortium, ConsortiumError, add_site, enrol_site, fingerprint, init, main,
-                               revoke_site, site_keygen, site_start, supernode_command)
+from clients.kit import KitError, keygen as site_keygen, start as site_start, supernode_command
+from server.consortium import Consortium, ConsortiumError, add_site, enrol_site, fingerprint, init, main, revoke_site
 from server.processes import descendants, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_site_keygen_then_enrol_records_only_the_public_key(con):
     kit = add_site(con.directory, "Geneva")
     priv, pub = site_keygen(kit)
     assert _mode(priv) == 0o600 and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
-    with pytest.raises(ConsortiumError, match="exists already"):
+    with pytest.raises(KitError, match="exists already"):
         site_keygen(kit)
     site = enrol_site(con.directory, "Geneva", pub)
     assert site["status"] == "enrolled" and site["public-key"] == pub.read_text().strip()
@@ -161,20 +161,30 @@ def test_site_start_uses_the_kit_and_refuses_a_foreign_ca_or_missing_data(con, t
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(kit / "keys" / "site.key")
     assert cmd[cmd.index("--node-config") + 1] == f'site-name="Geneva" data-path="{data}"'
     assert "--insecure" not in cmd
-    with pytest.raises(ConsortiumError, match="no data file"):
+    with pytest.raises(KitError, match="no data file"):
         site_start(kit)
-    with pytest.raises(ConsortiumError, match="not found"):
+    with pytest.raises(KitError, match="not found"):
         site_start(kit, data=str(tmp_path / "missing.csv"))
     other = init(tmp_path / "other", address="127.0.0.1:9")
     (kit / "ca.pem").write_bytes((other.directory / "ca" / "ca.pem").read_bytes())
-    with pytest.raises(ConsortiumError, match="not the consortium's CA"):
+    with pytest.raises(KitError, match="not the consortium's CA"):
         site_start(kit, data=str(data))
     assert not (kit / "keys").exists()  # nothing was generated or started
+
+
+def test_run_takes_the_settings_deploy_local_takes():
+    from server.consortium import _run_flags
+    from server.engines.deployment import DEPLOY_FLAGS
+
+    assert _run_flags() == DEPLOY_FLAGS
 
 
 # ---- end to end on loopback: init -> kits -> keys -> enrol -> coordinator -> 3 sites -> run -> model ---------
 
 def _cli(*args) -> list[str]:
+    """The coordinator's commands (server/consortium.py) or, for `site ...`, the site's (clients/kit.py)."""
+    if args[0] == "site":
+        return [sys.executable, "-m", "clients.kit", *map(str, args[1:])]
     return [sys.executable, "-m", "server.consortium", *map(str, args)]
 
 

@@ -1,4 +1,4 @@
-"""A consortium on Flower's deployment engine: provisioning, enrolment and the coordinator's and sites' processes.
+"""A consortium on Flower's deployment engine, the coordinator's side: provisioning, enrolment, its SuperLink, runs.
 
 The coordinator keeps a consortium directory (``mmn-fed consortium init DIR``)::
 
@@ -346,10 +346,10 @@ def start_text(con: Consortium, name: str) -> str:
 """
 
 
-def read_public_key(path_or_text: Path | str) -> str:
-    """The one-line OpenSSH public key of a file (or the text itself), checked to be an EC key on a NIST
-    curve; PEM public keys are converted. A clear ``ConsortiumError`` otherwise."""
-    p = Path(str(path_or_text))
+def read_public_key(path: Path | str) -> str:
+    """The one-line OpenSSH public key in file ``path``, checked to be an EC key on a NIST curve (PEM public
+    keys are converted). A ``ConsortiumError`` saying why otherwise."""
+    p = Path(str(path))
     if not p.is_file():
         raise ConsortiumError(f"public key file {p} not found")
     if p.stat().st_size > 16384:

@@ -460,6 +460,9 @@ def table(entries: Iterable[Mapping[str, Any]]) -> str:
 def register(subparsers) -> None:
     site = subparsers.add_parser("site", help="site-side tools: the audit log of every message in and out")
     sub = site.add_subparsers(dest="site_command", required=True)
+    from .kit import register_kit  # mmn-fed site keygen | start: a consortium's site (clients/kit.py)
+
+    register_kit(sub)
     audit = sub.add_parser("audit", help="the site's hash-chained audit log (docs/federation.md)")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     v = asub.add_parser("verify", help="check the chain and the signed head; exit 1 naming the first bad line")

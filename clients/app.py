@@ -27,6 +27,7 @@ from mmn_fed.model import ModelConfig
 from mmn_fed.settings import SiteSettings
 
 from .audit import audit_mod
+from .policy import policy_mod
 from .privacy import privacy_mod
 from .secagg import register_handlers, secagg_mod
 from .site import Site, load_rows, site_source
@@ -137,8 +138,11 @@ def build_app(train_mods: Sequence[Mod] = ()) -> ClientApp:
     """The site's ClientApp: the handlers above plus the secure-aggregation queries. The train handler runs
     inside ``privacy_mod`` inside ``secagg_mod`` (both pass through unless the server switched them on);
     ``train_mods`` go between the two: they see the plaintext reply after DP and before masking. ``audit_mod``
-    (``clients.audit``) wraps every handler: the site's audit log of each message in and out."""
-    app = ClientApp(mods=[audit_mod])  # outermost on every handler: logs what arrives and what leaves (masked)
+    (``clients.audit``) wraps every handler: the site's audit log of each message in and out.
+    ``policy_mod`` (``clients.policy``), inside it, enforces the site's own policy file (node config ``policy``)."""
+    # outermost on every handler: the audit log of what arrives and what leaves (masked, or a policy refusal);
+    # inside it the site's own policy (node config "policy")
+    app = ClientApp(mods=[audit_mod, policy_mod])
     register_handlers(app)  # query.secagg_keys / secagg_shares / secagg_unmask: used only under secure aggregation
     app.query(P.SUMMARY_ACTION)(summary)
     app.query(P.PROFILE_ACTION)(profile)

@@ -306,8 +306,10 @@ for _s in SETTINGS:  # a declaration whose default is not of its own type is a b
 # ---- what sites receive -----------------------------------------------------------------------------
 
 def _site_record(self) -> str:
-    return json.dumps({"version": SITE_RECORD_VERSION, "values": {s.name: getattr(self, s.field) for s in SITE_SETTINGS}},
-                      sort_keys=True)
+    from . import __version__  # the server's mmn-fed version: a site policy may accept only some (clients.policy)
+
+    return json.dumps({"version": SITE_RECORD_VERSION, "mmn-fed-version": __version__,
+                       "values": {s.name: getattr(self, s.field) for s in SITE_SETTINGS}}, sort_keys=True)
 
 
 def _site_from_config(cls, config: Mapping[str, Any]) -> "SiteSettings":

@@ -463,6 +463,9 @@ def register(subparsers) -> None:
     from .kit import register_kit  # mmn-fed site keygen | start: a consortium's site (clients/kit.py)
 
     register_kit(sub)
+    from .site_check import register_check  # mmn-fed site check: pre-flight of the site's data (clients/site_check.py)
+
+    register_check(sub)
     audit = sub.add_parser("audit", help="the site's hash-chained audit log (docs/federation.md)")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     v = asub.add_parser("verify", help="check the chain and the signed head; exit 1 naming the first bad line")

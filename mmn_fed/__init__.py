@@ -7,7 +7,8 @@ on the edge-only install, which has no torch or pandas: the command asked for th
 from edge_runtime.preprocessing import DataError, Preprocessor
 from edge_runtime.schema import Schema, SchemaError
 
-__version__ = "0.1.0"
+from .version import __version__
+
 _LAZY = {
     "TrainResult": "api", "evaluate_frame": "api", "save_trained": "api", "train_centralized": "api",
     "encode": "data", "fit_preprocessor": "data", "load_builtin": "data", "load_dataset": "data",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from . import protocol as P
+from .version import __version__
 
 SITE, SERVER = "site", "server"
 SITE_RECORD_VERSION = 1  # version of the settings record sent to sites; bump when its meaning changes
@@ -306,8 +307,7 @@ for _s in SETTINGS:  # a declaration whose default is not of its own type is a b
 # ---- what sites receive -----------------------------------------------------------------------------
 
 def _site_record(self) -> str:
-    from . import __version__  # the server's mmn-fed version: a site policy may accept only some (clients.policy)
-
+    # "mmn-fed-version": the server's version; a site policy may accept only some (clients.policy)
     return json.dumps({"version": SITE_RECORD_VERSION, "mmn-fed-version": __version__,
                        "values": {s.name: getattr(self, s.field) for s in SITE_SETTINGS}}, sort_keys=True)
 

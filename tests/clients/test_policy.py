@@ -273,3 +273,14 @@ def test_the_dp_budget_runs_out_across_runs_at_the_site(tmp_path, small_sites):
     assert len(ledger.runs()) == 2 and ledger.total() <= ceiling
     assert out[0] == [] and [(f["site"], f["round"]) for f in out[1]] == [("Hungary", "2")]
     assert f"epsilon_ceiling = {ceiling:g}" in out[1][0]["reason"]
+
+
+def test_a_policy_requiring_secure_aggregation_and_this_version_joins_a_secure_run(tmp_path, small_sites):
+    sites, schema = small_sites
+    three = dict(sites)
+    policy = f'require_secure_aggregation = true\naccepted_versions = ["{__version__}"]\nmin_cell = 10\nmax_rounds = 2\n'
+    run_dir = run_with_policies(tmp_path, three, schema, {"Hungary": policy}, secure_aggregation=True)
+    assert json.loads((run_dir / "failures.json").read_text()) == []
+    assert "Hungary" in json.loads((run_dir / "profile.json").read_text())
+    secagg = json.loads((run_dir / "secagg.json").read_text())
+    assert secagg and all(not r.get("dropped") for r in secagg)

@@ -158,6 +158,9 @@ def test_small_cells_are_suppressed_in_the_summary(heart):
     records = [{"task": "disease", "metric": "auroc", "value": 0.8, "n": 9},
                {"task": "disease", "metric": "auroc", "value": 0.8, "n": 10}]
     assert Policy(min_cell=10).suppress_records(records) == records[1:]
+    # a module fewer than min_cell patients pass through is left out of the profile: the server never sends it
+    assert Policy(min_cell=10).suppress_counts({"init_state": 50, "encoders.imaging": 9, "decoders.disease": 50}) == \
+        {"init_state": 50, "decoders.disease": 50}
 
 
 # ---- through the ClientApp ------------------------------------------------------------------------
@@ -189,6 +192,13 @@ def test_clientapp_refuses_with_the_site_named_and_suppresses_what_leaves(heart,
     reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
     assert reply.has_error()
     assert reply.error.reason.startswith("site policy of 'Switzerland' refuses train: round 2 is past")
+    # the profile leaves out a modality the policy does not allow: the server will not send its encoder
+    (tmp_path / "policy.toml").write_text('min_cell = 10\nallowed_modalities = ["demographics", "symptoms"]\n')
+    reply = client_app(make_message(P.PROFILE, RecordDict({"config": cfg})), ctx)
+    assert set(reply.content[P.COUNTS].keys()) == {"init_state", "encoders.demographics", "encoders.symptoms",
+                                                   "decoders.disease"}
+    reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
+    assert not reply.has_error() and all(r["n"] >= 10 for r in R.from_json_record(reply.content[P.RECORDS]))
 
 
 # ---- in a federation ------------------------------------------------------------------------------

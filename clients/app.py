@@ -5,7 +5,8 @@ Handlers are thin: they unpack a message, call ``clients.site``, and pack the re
 (names in ``mmn_fed.protocol``, conversion in ``mmn_fed.records``).
 The train handler's reply passes through two mods: ``privacy_mod`` (clip + Gaussian noise per module when
 ``dp-noise-multiplier`` > 0) and, outside it, ``secagg_mod`` (masks the reply when the message carries a
-secure-aggregation record). Both pass through otherwise. ``build_app`` wires the handlers; ``app`` is the
+secure-aggregation record). Both pass through otherwise. Around every handler, ``policy_mod`` (``clients.policy``) enforces
+the site's own policy file (node config ``policy``; none: passes through). ``build_app`` wires the handlers; ``app`` is the
 site every engine runs (``simulations.attacks`` builds a misbehaving one with an extra train mod).
 """
 from __future__ import annotations

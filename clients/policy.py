@@ -19,7 +19,9 @@ How each rule is enforced (``policy_mod``, an app-level ClientApp mod, so it wra
 DP and secure-aggregation mods):
 - refusals (``Policy.refusals``): the message is answered with a Flower error reply whose reason starts
   ``site policy of '<site>' refuses <message type>:``; the server logs it naming the site and records it in
-  ``failures.json`` (train/evaluate: the round goes on with the other sites).
+  ``failures.json`` (train/evaluate: the round goes on with the other sites). The summary query (before round
+  1) is answered as a site with unusable data is (``P.SITE`` with ``error``): the server excludes the site by
+  name (``excluded.json``) and the others federate.
 - the privacy budget (``Ledger``): before a DP train reply leaves, the round's Renyi-DP is appended to
   ``<policy>.ledger.jsonl``; a run's epsilon comes from its rounds' summed RDP (Balle et al. 2020, as
   ``clients.privacy``), runs compose by adding epsilons (and deltas). A round that would take the total over
@@ -383,7 +385,7 @@ def _tighten_audit(content, min_cell: int) -> None:
 def policy_mod(msg, context, call_next):
     """App-level ClientApp mod: with node config ``policy`` set, refuse a message that breaks the site's policy
     (error reply naming the site and the rules) and suppress small cells in what the reply carries."""
-    from flwr.app import Error, Message, MetricRecord
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
     from mmn_fed import records as R
 
@@ -395,6 +397,8 @@ def policy_mod(msg, context, call_next):
 
     def refuse(reasons: list[str]) -> Message:
         reason = f"{REFUSED} of '{site}' refuses {message_type}: " + "; ".join(reasons)
+        if message_type == P.SUMMARY:  # before round 1: the site's name and the reason, so the server excludes it
+            return Message(RecordDict({P.SITE: ConfigRecord({"name": site, "rows": 0, "error": reason})}), reply_to=msg)
         return Message(Error(code=403, reason=reason), reply_to=msg)
 
     try:

@@ -257,13 +257,15 @@ def test_a_refusing_site_is_logged_by_name_while_the_others_federate(tmp_path, s
 def test_a_server_on_another_version_is_refused_naming_both_versions(tmp_path, small_sites):
     sites, schema = small_sites
     two = {k: sites[k] for k in ("Cleveland", "Hungary")}
-    # a refusal before round 1 (query.summary) stops the run today: the server's query() treats any site's failure
-    # before round 1 as fatal; its error names the site, the rule and both versions
-    from server.app import FederationError
-
-    with pytest.raises(FederationError, match=r"site policy of 'Cleveland' refuses query.summary: the server runs "
-                                              rf"mmn-fed {__version__}, this site runs mmn-fed {__version__}"):
-        run_with_policies(tmp_path / "v", two, schema, {"Cleveland": 'accepted_versions = ["9.9.*"]\n'})
+    # a refusal before round 1 (query.summary): the server excludes the site by name with the reason, which names
+    # both versions; the other site federates
+    run_dir = run_with_policies(tmp_path / "v", two, schema, {"Cleveland": 'accepted_versions = ["9.9.*"]\n'})
+    excluded = json.loads((run_dir / "excluded.json").read_text())
+    assert list(excluded) == ["Cleveland"]
+    assert excluded["Cleveland"].startswith(f"site policy of 'Cleveland' refuses query.summary: the server runs "
+                                            f"mmn-fed {__version__}, this site runs mmn-fed {__version__}")
+    assert list(json.loads((run_dir / "profile.json").read_text())) == ["Hungary"]
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2
 
 
 def test_the_dp_budget_runs_out_across_runs_at_the_site(tmp_path, small_sites):

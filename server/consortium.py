@@ -327,6 +327,8 @@ site-name = {json.dumps(name)}
 data-path = ""
 # optional: the consortium's schema (TOML); `mmn-fed site start` checks the data file against it first
 schema = ""
+# optional: this hospital's own policy file (docs/federation.md, "Site policy"); no run config overrides it
+policy = ""
 """
 
 

@@ -81,7 +81,7 @@ def test_a_startup_kit_holds_the_ca_address_and_template_but_no_private_key(con)
     cfg = tomllib.loads((kit / "site.toml").read_text())
     assert cfg["site"] == "Geneva" and cfg["superlink"] == con.address
     assert cfg["ca-fingerprint"] == con.data["ca-fingerprint"]
-    assert set(cfg["node-config"]) == {"site-name", "data-path", "schema"}
+    assert set(cfg["node-config"]) == {"site-name", "data-path", "schema", "policy"}
     assert "mmn-fed site start" in (kit / "START.txt").read_text()
     assert Consortium.open(con.directory).site("Geneva")["status"] == "invited"
     with pytest.raises(ConsortiumError, match="already in consortium"):
@@ -224,6 +224,14 @@ def test_a_consortium_from_init_to_a_trained_model_over_three_sites(heart_sites,
             assert procs["coordinator"].poll() is None, (tmp_path / "coordinator.log").read_text()
             assert time.monotonic() < end, (tmp_path / "coordinator.log").read_text()
             time.sleep(0.5)
+        # site policies (the hospitals' own files): Cleveland's lets the run through, Switzerland's refuses this
+        # server's version, so Switzerland is excluded by name while the others federate
+        policies = {"Cleveland": 'min_cell = 10\nmax_rounds = 5\naccepted_versions = ["*"]\n',
+                    "Switzerland": 'accepted_versions = ["9.*"]\n'}
+        for n, text in policies.items():
+            (tmp_path / f"{n}.policy.toml").write_text(text)
+            kit = d / "kits" / n / "site.toml"
+            kit.write_text(kit.read_text().replace('policy = ""', f'policy = "{tmp_path / f"{n}.policy.toml"}"'))
         for n in names:
             procs[n] = subprocess.Popen(_cli("site", "start", d / "kits" / n, "--data", tmp_path / f"{n}.csv",
                                              "--port", free_port()), env=env,
@@ -236,7 +244,22 @@ def test_a_consortium_from_init_to_a_trained_model_over_three_sites(heart_sites,
 
         history = json.loads((tmp_path / "run" / "history.json").read_text())
         assert [h["round"] for h in history] == [1]
-        assert {f"train_loss/{n}" for n in names} <= set(history[0]["train"])
+        assert {"train_loss/Cleveland", "train_loss/Hungary"} <= set(history[0]["train"])
+        assert "train_loss/Switzerland" not in history[0]["train"]
+        excluded = json.loads((tmp_path / "run" / "excluded.json").read_text())
+        assert "Switzerland" in json.dumps(excluded) and "site policy" in json.dumps(excluded)
+        # every site kept a hash-chained audit log beside its data, which verifies; an edited line does not
+        from clients.audit import verify
+
+        for n in names:
+            log = tmp_path / "mmn-fed-audit" / n / "audit.jsonl"
+            verdict = verify(log)
+            assert verdict.ok and verdict.count >= 2, (n, verdict)
+        log = tmp_path / "mmn-fed-audit" / "Cleveland" / "audit.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        lines[0] = lines[0].replace('"in"', '"out"', 1)
+        log.write_text("".join(lines))
+        assert not verify(log).ok
         from mmn_fed import load_model
 
         assert load_model(tmp_path / "run" / "model.pt") is not None

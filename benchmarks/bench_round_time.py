@@ -61,7 +61,8 @@ def main(grid: Grid, context: Context) -> None:
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         _send(grid, nodes, "train", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
-        _send(grid, nodes, "evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
+        if int(cfg["phases"]) > 1:
+            _send(grid, nodes, "evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
         out["rounds"].append(time.perf_counter() - t0)
     with open(str(cfg["out"]), "w") as f:
         json.dump(out, f)
@@ -108,6 +109,7 @@ clientapp = "minround.client:app"
 [tool.flwr.app.config]
 min-nodes = 1
 rounds = 1
+phases = 2
 out = ""
 '''
 
@@ -119,7 +121,7 @@ def heart_sites(n: int):
     return dict(list(sites.items())[:n] if n else sites.items()), schema
 
 
-def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path) -> dict:
+def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path, phases: int = 2) -> dict:
     """(a): the minimal app through LocalDeployment; per-round seconds as its ServerApp measures them."""
     from server.engines.deployment import LocalDeployment
     app = work / "minapp"
@@ -131,7 +133,7 @@ def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path) -> dict:
     out = work / "minimal.json"
     t0 = time.perf_counter()
     with LocalDeployment(work / "dep", [{"site-name": f"s{i}"} for i in range(n_sites)], tls=tls, auth=tls) as dep:
-        dep.run_app(app, {"min-nodes": n_sites, "rounds": rounds, "out": str(out)})
+        dep.run_app(app, {"min-nodes": n_sites, "rounds": rounds, "out": str(out), "phases": phases})
     res = json.loads(out.read_text())
     res["wall"] = time.perf_counter() - t0
     return res
@@ -232,6 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--insecure", action="store_true", help="no TLS / SuperNode auth (deploy-local's default is on)")
     ap.add_argument("--skip-minimal", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-inprocess", action="store_true")
+    ap.add_argument("--minimal-train-only", action="store_true",
+                    help="also time the minimal app with train messages only (no evaluate phase): what merging the "
+                         "evaluation into the next round's train message would save")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
     tls = not args.insecure
@@ -243,13 +249,17 @@ def main(argv=None) -> int:
                  "load_before": os.getloadavg()}
     res["imports"] = {m: import_seconds(m) for m in ("flwr.clientapp", "torch", "clients.app")}
     print(f"imports: {res['imports']}", file=sys.stderr, flush=True)
-    res["inprocess"] = inprocess_training(sites, schema, args.rounds)
+    res["inprocess"] = (inprocess_training(sites, schema, args.rounds) if not args.skip_inprocess else
+                        {"encode": {}, "train": {}, "evaluate": {}})
     print(f"in-process: {res['inprocess']}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
         tmp = Path(tmp)
         if not args.skip_minimal:
             res["minimal"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal")
             print(f"minimal: {res['minimal']}", file=sys.stderr, flush=True)
+        if args.minimal_train_only:
+            res["minimal_train_only"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal1", phases=1)
+            print(f"minimal, train only: {res['minimal_train_only']}", file=sys.stderr, flush=True)
         if not args.skip_real:
             res["real"] = real_rounds(sites, args.rounds, tls, tmp / "real")
     res["load_after"] = os.getloadavg()
@@ -280,6 +290,9 @@ def main(argv=None) -> int:
                   "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(h[r].items())))
         print(f"real wall {real['wall']:.0f} s (setup included); minimal wall {res.get('minimal', {}).get('wall', 0):.0f} s, "
               f"minimal setup (summary + profile) {res.get('minimal', {}).get('setup', 0):.1f} s")
+    if "minimal_train_only" in res:
+        print(f"minimal round with train messages only (no evaluate phase): "
+              f"{statistics.mean(res['minimal_train_only']['rounds']):.1f} s (vs {minimal:.1f} s with both)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     return 0

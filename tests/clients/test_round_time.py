@@ -43,3 +43,41 @@ def test_deploy_local_runs_3_rounds_by_default_and_says_so():
     assert args.num_server_rounds == DEPLOY_LOCAL_ROUNDS == 3
     argv = ["deploy-local", "--rounds", "100"]
     assert build_parser(argv).parse_args(argv).num_server_rounds == 100
+
+
+_TRAIN = """
+import sys, json
+import numpy as np, torch
+if sys.argv[1] == "dynamo":
+    import torch._dynamo  # the ordinary path: optimizers go through torch's dynamo wrappers
+from clients.site import Site
+from edge_runtime.preprocessing import Preprocessor, merge_summaries
+from mmn_fed.data import load_builtin
+from mmn_fed.model import ModelConfig
+from mmn_fed.model_io import build_from_preprocessor
+from mmn_fed.settings import SiteSettings
+torch.set_num_threads(1)
+df, schema = load_builtin("heart")
+site, settings = Site("Hungary", df[df.dataset == "Hungary"].reset_index(drop=True)), SiteSettings()
+prep = Preprocessor.from_summary(schema, merge_summaries([site.summary(schema, settings)]))
+torch.manual_seed(0)
+params = {k: v.numpy().copy() for k, v in build_from_preprocessor(prep, ModelConfig()).state_dict().items()}
+new, _, _ = site.train(prep, "k", ModelConfig(), settings, params, 1)
+new, _, _ = site.train(prep, "k", ModelConfig(), settings, new, 2)
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "w": {k: v.ravel().tolist() for k, v in new.items()}}))
+"""
+
+
+def _train_in_fresh_process(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _TRAIN, mode], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True)
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_site_trains_without_importing_torch_dynamo_and_to_the_same_weights():
+    """torch imports torch._dynamo (~2.5 s, ~10 s on a loaded box) at an optimizer's first use only to keep it
+    out of compiled graphs; a site's train process (one per message) skips that and trains bit-identically."""
+    fast, ordinary = _train_in_fresh_process("site"), _train_in_fresh_process("dynamo")
+    assert not fast["dynamo"] and ordinary["dynamo"]
+    assert fast["w"] == ordinary["w"]

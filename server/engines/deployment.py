@@ -266,7 +266,7 @@ def _deploy_local(args) -> int:
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
-          f"; {settings.num_server_rounds} round(s) at most (--rounds; ~30-60 s each here, see docs/federation.md "
+          f"; {settings.num_server_rounds} round(s) at most (--rounds; ~1-2 min each on a busy 2-core box, docs/federation.md "
           f"'Round time'); logs in {out / 'logs'}", flush=True)
     try:
         with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does

@@ -15,11 +15,21 @@ import warnings as _warnings
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn import metrics as skm
-from sklearn.calibration import calibration_curve
 
 NAN = float("nan")
+
+
+class _LazySklearnMetrics:
+    """``sklearn.metrics``, imported at first use: scikit-learn and SciPy cost ~1 s to import, and a
+    federated site starts one process per message (Flower 1.42), most of which (summary, profile, train)
+    compute no metric (docs/federation.md, "Round time")."""
+
+    def __getattr__(self, name: str):
+        from sklearn import metrics
+        return getattr(metrics, name)
+
+
+skm = _LazySklearnMetrics()
 
 
 def _two_classes(y: np.ndarray) -> bool:
@@ -90,6 +100,7 @@ def reliability(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, lis
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
     if not len(y):
         return {"predicted": [], "observed": [], "n": []}
+    from sklearn.calibration import calibration_curve
     observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
     # calibration_curve drops empty bins; count the rows per bin with its own binning to align them
     counts = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p), minlength=n_bins)
@@ -118,6 +129,7 @@ def task_metrics(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]
 def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     """AUROC of each row of (B, n) label / score matrices at once (Mann-Whitney U on mid-ranks, as
     ``roc_auc_score``); NaN for a row holding one class."""
+    from scipy.stats import rankdata
     ranks = rankdata(s, axis=1)
     n_pos = y.sum(axis=1)
     n_neg = y.shape[1] - n_pos

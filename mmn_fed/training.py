@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -122,6 +123,48 @@ def iterate_batches(n: int, batch_size: int, generator: torch.Generator):
         yield perm[i:i + batch_size]
 
 
+_EAGER = False  # eager_optimizers() was called: optimizer_step may skip torch's dynamo hooks (see there)
+
+
+def eager_optimizers() -> bool:
+    """Let ``torch.optim`` optimizers run in this process without importing ``torch._dynamo`` (~2.5 s of CPU,
+    ~10 s on a loaded box), which torch imports at an optimizer's first ``add_param_group`` / ``zero_grad`` /
+    ``step`` only to keep them out of compiled graphs. In a process that never compiles that is a no-op,
+    so for processes that train eagerly and exit, e.g. a federated site's ClientApp (Flower 1.42 starts one
+    per message; docs/federation.md, "Round time"): ``add_param_group`` and ``zero_grad`` get themselves as
+    their cached "dynamo-disabled" version, and ``optimizer_step`` calls the optimizer's own step under
+    ``no_grad`` (what torch's wrapper does, minus dynamo's graph breaks; the same arithmetic). Not applied
+    (returns False) once dynamo is imported, or when torch's wrappers are not the expected ones."""
+    global _EAGER
+    import sys
+    if "torch._dynamo" in sys.modules:
+        return False
+    fns = [getattr(getattr(torch.optim.Optimizer, n, None), "__wrapped__", None) for n in ("add_param_group", "zero_grad")]
+    if not all(callable(f) for f in fns):
+        return False
+    for fn in fns:
+        if getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn  # torch/_compile.py: _disable_dynamo caches the disabled function here
+    _EAGER = True
+    return True
+
+
+def _step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; after ``eager_optimizers()``, without its dynamo graph breaks (which import dynamo)
+    when nothing else wraps it: no step hooks, not differentiable, dynamo still not imported."""
+    import sys
+    if _EAGER and "torch._dynamo" not in sys.modules and not optimizer.defaults.get("differentiable", False):
+        from torch.optim import optimizer as _o
+        hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+                 _o._global_optimizer_pre_hooks, _o._global_optimizer_post_hooks)
+        raw = inspect.unwrap(type(optimizer).step)
+        if raw is not type(optimizer).step and not any(hooks):
+            with torch.no_grad():
+                raw(optimizer)
+            return
+    optimizer.step()
+
+
 def train_epochs(
     model: nn.Module,
     schema: Schema,
@@ -170,7 +213,7 @@ def optimizer_step(loss: Tensor, params, optimizer: torch.optim.Optimizer, grad_
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for _, p in params], grad_clip)
-    optimizer.step()
+    _step(optimizer)
     return float(loss.detach())
 
 

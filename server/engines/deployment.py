@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from mmn_fed.settings import SETTINGS, RunSettings, add_flags
+from mmn_fed.settings import SETTING, SETTINGS, RunSettings, add_flags
 
 from ..credentials import make_node_key, make_tls
 from ..processes import (APP_DIR, MARK, child_preexec, flower_bin, flower_env, free_port, marked, sigterm_as_interrupt,
@@ -228,6 +228,8 @@ def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str,
     return res
 
 
+DEPLOY_LOCAL_ROUNDS = 3  # deploy-local's default --rounds (the setting's own default, 100, is for real runs)
+
 # every setting is a flag of deploy-local (docs/settings.md), but these three, which it sets itself
 DEPLOY_FLAGS = tuple(s.name for s in SETTINGS if s.name not in ("data-dir", "run-dir", "min-nodes"))
 
@@ -241,7 +243,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/deploy-local", help="run directory (model.pt, metrics.json, logs)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     add_flags(p, DEPLOY_FLAGS, aliases={"num-server-rounds": "--rounds"})
-    p.set_defaults(func=_deploy_local)
+    # a first try, not a training budget: each round costs Flower ~2 x 3 s of polling plus a process per message
+    # (docs/federation.md, "Round time"); --rounds 100 lets early stopping decide, as the other engines do
+    p.set_defaults(func=_deploy_local, **{SETTING["num-server-rounds"].field: DEPLOY_LOCAL_ROUNDS})
 
 
 def _deploy_local(args) -> int:
@@ -262,7 +266,8 @@ def _deploy_local(args) -> int:
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
-          f"; logs in {out / 'logs'}", flush=True)
+          f"; {settings.num_server_rounds} round(s) at most (--rounds; ~1-2 min each on a busy 2-core box, docs/federation.md "
+          f"'Round time'); logs in {out / 'logs'}", flush=True)
     try:
         with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does
             res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)

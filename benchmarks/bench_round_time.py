@@ -1,0 +1,302 @@
+"""Where a round of the deployment engine (``mmn-fed deploy-local``) goes (issue 13, item 6).
+
+One round on the deployment engine = Flower's fixed cost + the sites' training + the rest:
+
+(a) **Flower**: a minimal ServerApp/ClientApp pair (written below into a temp folder; it imports nothing but
+    flwr) sends the same messages per round (one train + one evaluate per site, after a summary and a profile
+    query) through the same machinery (``LocalDeployment``: SuperLink + one SuperNode per site, TLS + SuperNode
+    auth unless ``--insecure``; one ``flwr-clientapp`` process per message, 3 s polls on both sides).
+(b) **training**: the sites' local training and evaluation, measured in-process on the same rows and settings
+    (``clients.site.Site.train`` / ``.evaluate``, after a warm-up), and the handler time the sites' audit
+    logs record on the real run (message in -> reply out: data loading + encoding + training, no imports).
+(c) **the rest** = real round - (a) - (b): importing torch & co. in every ClientApp process, reading and
+    encoding the site's rows again in every process, the server's own work.
+
+    PYTHONPATH=. python benchmarks/bench_round_time.py [--sites 4] [--rounds 3] [--insecure] [--skip-minimal]
+
+The target (issue 13): real round <= 1.2 x (minimal round + training + one torch import per training message,
+the CPU of parallel work divided over the cores).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MIN_SERVER = '''
+import json, time
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+import numpy as np
+
+app = ServerApp()
+
+def _send(grid, nodes, kind, content):
+    msgs = [Message(content=content, message_type=kind, dst_node_id=n) for n in nodes]
+    return list(grid.send_and_receive(msgs, timeout=600))
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    n, rounds = int(cfg["min-nodes"]), int(cfg["rounds"])
+    while len(list(grid.get_node_ids())) < n:
+        time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    arrays = ArrayRecord({"w": Array(np.zeros(19000, dtype=np.float32))})  # ~ the heart model's size (73.5 KiB)
+    t0 = time.perf_counter()
+    _send(grid, nodes, "query.summary", RecordDict({"config": ConfigRecord({"x": 1})}))
+    _send(grid, nodes, "query.profile", RecordDict({"config": ConfigRecord({"x": 1})}))
+    out = {"setup": time.perf_counter() - t0, "rounds": []}
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        _send(grid, nodes, "train", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
+        if int(cfg["phases"]) > 1:
+            _send(grid, nodes, "evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
+        out["rounds"].append(time.perf_counter() - t0)
+    with open(str(cfg["out"]), "w") as f:
+        json.dump(out, f)
+'''
+
+MIN_CLIENT = '''
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"m": MetricRecord({"n": 1})}), reply_to=msg)
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"arrays": msg.content["arrays"], "m": MetricRecord({"n": 1})}), reply_to=msg)
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"m": MetricRecord({"n": 1})}), reply_to=msg)
+'''
+
+MIN_PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "minround"
+version = "0.1.0"
+description = "minimal round"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "bench"
+
+[tool.flwr.app.components]
+serverapp = "minround.server:app"
+clientapp = "minround.client:app"
+
+[tool.flwr.app.config]
+min-nodes = 1
+rounds = 1
+phases = 2
+out = ""
+'''
+
+
+def heart_sites(n: int):
+    from mmn_fed.data import load_builtin
+    df, schema = load_builtin("heart")
+    sites = {str(k): g.reset_index(drop=True) for k, g in df.groupby(schema.site_column)}
+    return dict(list(sites.items())[:n] if n else sites.items()), schema
+
+
+def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path, phases: int = 2) -> dict:
+    """(a): the minimal app through LocalDeployment; per-round seconds as its ServerApp measures them."""
+    from server.engines.deployment import LocalDeployment
+    app = work / "minapp"
+    (app / "minround").mkdir(parents=True)
+    (app / "minround" / "__init__.py").write_text("")
+    (app / "minround" / "server.py").write_text(textwrap.dedent(MIN_SERVER))
+    (app / "minround" / "client.py").write_text(textwrap.dedent(MIN_CLIENT))
+    (app / "pyproject.toml").write_text(textwrap.dedent(MIN_PYPROJECT))
+    out = work / "minimal.json"
+    t0 = time.perf_counter()
+    with LocalDeployment(work / "dep", [{"site-name": f"s{i}"} for i in range(n_sites)], tls=tls, auth=tls) as dep:
+        dep.run_app(app, {"min-nodes": n_sites, "rounds": rounds, "out": str(out), "phases": phases})
+    res = json.loads(out.read_text())
+    res["wall"] = time.perf_counter() - t0
+    return res
+
+
+def _utc(s: str) -> float:
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def audit_handler_seconds(audit_root: Path) -> dict[int, dict[str, list[float]]]:
+    """round -> message type -> [handler seconds per site] from the sites' audit logs (in -> out)."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for log in audit_root.glob("*/audit.jsonl"):
+        pending = {}
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e["dir"] == "in":
+                pending[e["message_id"]] = e
+            elif e.get("reply_to") in pending:
+                i = pending.pop(e["reply_to"])
+                out.setdefault(int(i.get("round") or 0), {}).setdefault(i["type"], []).append(
+                    _utc(e["time"]) - _utc(i["time"]))
+    return out
+
+
+def real_rounds(sites, rounds: int, tls: bool, work: Path) -> dict:
+    """The real federation through run_deployment (what deploy-local runs), a fixed number of rounds."""
+    from server.engines.deployment import run_deployment
+    rc = {"num-server-rounds": rounds, "patience-rounds": 0, "run-dir": str(work / "run")}
+    t0 = time.perf_counter()
+    res = run_deployment(sites, rc, work, tls=tls, auth=tls)
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "rounds": [h["seconds"] for h in res.history],
+            "handlers": audit_handler_seconds(work / "site_data" / "mmn-fed-audit")}
+
+
+def inprocess_training(sites, schema, rounds: int) -> dict:
+    """(b): each site's local training and evaluation in this process, the same rows and default settings;
+    round 1 is a warm-up for the data caches, the figures are the mean over the other rounds."""
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    from clients.site import Site
+    from edge_runtime.preprocessing import merge_summaries, Preprocessor
+    from mmn_fed.model import ModelConfig
+    from mmn_fed.model_io import build_from_preprocessor
+    from mmn_fed.settings import SiteSettings
+    from mmn_fed import protocol as P
+    settings = SiteSettings()
+    objs = {n: Site(n, df) for n, df in sites.items()}
+    summaries = [s.summary(schema, settings) for s in objs.values()]
+    prep = Preprocessor.from_summary(schema, merge_summaries(summaries)) if hasattr(Preprocessor, "from_summary") \
+        else None
+    if prep is None:
+        from mmn_fed.data import fit_preprocessor
+        prep = fit_preprocessor(schema, [s.splits(schema, settings)[0] for s in objs.values()])
+    key = P.digest(json.dumps(prep.to_dict(), sort_keys=True))
+    mc = ModelConfig()
+    params = {k: v.detach().numpy().copy() for k, v in build_from_preprocessor(prep, mc).state_dict().items()}
+    t_enc = {}
+    for n, s in objs.items():
+        t0 = time.perf_counter()
+        s.encoded(prep, key, settings)
+        t_enc[n] = time.perf_counter() - t0
+    train_t: dict[str, list[float]] = {n: [] for n in objs}
+    eval_t: dict[str, list[float]] = {n: [] for n in objs}
+    for r in range(1, max(rounds, 2) + 1):
+        for n, s in objs.items():
+            t0 = time.perf_counter()
+            new, _, _ = s.train(prep, key, mc, settings, params, r)
+            t1 = time.perf_counter()
+            s.evaluate(prep, key, mc, settings, new, {"round": r})
+            t2 = time.perf_counter()
+            if r > 1:
+                train_t[n].append(t1 - t0)
+                eval_t[n].append(t2 - t1)
+    return {"encode": t_enc, "train": {n: statistics.mean(v) for n, v in train_t.items()},
+            "evaluate": {n: statistics.mean(v) for n, v in eval_t.items()}}
+
+
+def import_seconds(module: str, repeats: int = 3) -> float:
+    """Wall seconds of ``python -c 'import module'`` in a fresh process, minus a bare interpreter's start."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    def run(code):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env)
+            best = min(best, time.perf_counter() - t0)
+        return best
+    return run(f"import {module}") - run("pass")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--insecure", action="store_true", help="no TLS / SuperNode auth (deploy-local's default is on)")
+    ap.add_argument("--skip-minimal", action="store_true")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-inprocess", action="store_true")
+    ap.add_argument("--minimal-train-only", action="store_true",
+                    help="also time the minimal app with train messages only (no evaluate phase): what merging the "
+                         "evaluation into the next round's train message would save")
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args(argv)
+    tls = not args.insecure
+    cores = os.cpu_count() or 1
+    sites, schema = heart_sites(args.sites)
+    n = len(sites)
+    par = min(n, cores)  # how many ClientApp processes really run at once
+    res: dict = {"sites": list(sites), "rounds": args.rounds, "tls": tls, "cores": cores,
+                 "load_before": os.getloadavg()}
+    res["imports"] = {m: import_seconds(m) for m in ("flwr.clientapp", "torch", "clients.app")}
+    print(f"imports: {res['imports']}", file=sys.stderr, flush=True)
+    res["inprocess"] = (inprocess_training(sites, schema, args.rounds) if not args.skip_inprocess else
+                        {"encode": {}, "train": {}, "evaluate": {}})
+    print(f"in-process: {res['inprocess']}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_round_") as tmp:
+        tmp = Path(tmp)
+        if not args.skip_minimal:
+            res["minimal"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal")
+            print(f"minimal: {res['minimal']}", file=sys.stderr, flush=True)
+        if args.minimal_train_only:
+            res["minimal_train_only"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal1", phases=1)
+            print(f"minimal, train only: {res['minimal_train_only']}", file=sys.stderr, flush=True)
+        if not args.skip_real:
+            res["real"] = real_rounds(sites, args.rounds, tls, tmp / "real")
+    res["load_after"] = os.getloadavg()
+
+    ip = res["inprocess"]
+    train_cpu = sum(ip["train"].values()) + sum(ip["evaluate"].values())  # CPU seconds per round, all sites
+    training = train_cpu / par
+    torch_imp = n * res["imports"]["torch"] / par  # one torch import per training message
+    mins = res.get("minimal", {}).get("rounds", [])
+    minimal = statistics.mean(mins) if mins else float("nan")
+    target = 1.2 * (minimal + training + torch_imp)
+    print(f"\n{n} sites, {args.rounds} rounds, {'TLS + node auth' if tls else 'insecure'}, {cores} cores, "
+          f"load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}")
+    print(f"imports in a fresh process (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["imports"].items()))
+    print(f"in-process per round (s, all sites, CPU): train {sum(ip['train'].values()):.2f}, "
+          f"evaluate {sum(ip['evaluate'].values()):.2f}; reading+encoding once: {sum(ip['encode'].values()):.2f}")
+    real = res.get("real", {})
+    print("\n| round | real round (s) | (a) Flower minimal round | (b) training (/ %d cores) | torch import per train msg | (c) rest | target 1.2x(a+b+torch) |" % par)
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for i, sec in enumerate(real.get("rounds", []) or [float("nan")] * len(mins)):
+        a = mins[i] if i < len(mins) else minimal
+        print(f"| {i + 1} | {sec:.1f} | {a:.1f} | {training:.1f} | {torch_imp:.1f} | {sec - a - training:.1f} | "
+              f"{target:.1f} |")
+    if real:
+        h = real["handlers"]
+        for r in sorted(h):
+            print(f"round {r}: handler seconds per site (audit in->out): " +
+                  "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(h[r].items())))
+        print(f"real wall {real['wall']:.0f} s (setup included); minimal wall {res.get('minimal', {}).get('wall', 0):.0f} s, "
+              f"minimal setup (summary + profile) {res.get('minimal', {}).get('setup', 0):.1f} s")
+    if "minimal_train_only" in res:
+        print(f"minimal round with train messages only (no evaluate phase): "
+              f"{statistics.mean(res['minimal_train_only']['rounds']):.1f} s (vs {minimal:.1f} s with both)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

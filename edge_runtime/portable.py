@@ -24,11 +24,11 @@ for a bundle exported before graphs were shipped.
 from __future__ import annotations
 
 import struct
-from typing import Any, Sequence
+from typing import Sequence
 
 from .compose import (BOOL, DOUBLE, FLOAT, INT64, STRING, ModuleGraph, ModuleIO, feature_output, mask_input,
                       model_bytes, node, tensor, value_info)
-from .preprocessing import Preprocessor
+from .preprocessing import Preprocessor, _is_number  # the parser's own test of "a number"
 from .schema import canonical_category
 
 PREPROCESS = "preprocess"  # the preprocessing graph's module name in the manifest (file preprocess.onnx)
@@ -48,7 +48,7 @@ def input_spec(prep: Preprocessor, modalities: Sequence[str]) -> list[dict[str, 
         for c in prep.schema.modalities[m]:
             e = {"name": column_input(c), "column": c,
                  "type": "string" if prep.columns[c]["kind"] == "categorical" else "double"}
-            words = sorted({canonical_category(v) for v in prep.schema.missing_codes.get(c, ()) if not _number(v)})
+            words = sorted({canonical_category(v) for v in prep.schema.missing_codes.get(c, ()) if not _is_number(v)})
             if e["type"] == "double" and words:  # text codes the host reads as missing (numeric codes: the graph)
                 e["missing"] = words
             out.append(e)
@@ -98,7 +98,7 @@ def preprocess_graph(prep: Preprocessor, modalities: Sequence[str], opset: int, 
                           node("IsInf", [col], [f"{p}.inf"], f"{p}.inf"),
                           node("Or", [f"{p}.nan", f"{p}.inf"], [f"{p}.miss0"], f"{p}.miss0")]
                 missing = f"{p}.miss0"
-                codes = sorted({float(v) for v in prep.schema.missing_codes.get(c, ()) if _number(v)})
+                codes = sorted({float(v) for v in prep.schema.missing_codes.get(c, ()) if _is_number(v)})
                 for j, code in enumerate(codes):
                     inits.append(_double(f"{p}.code{j}", [code]))
                     nodes += [node("Equal", [col, f"{p}.code{j}"], [f"{p}.is{j}"], f"{p}.is{j}"),
@@ -142,12 +142,3 @@ def preprocess_module(graph: bytes, modalities: Sequence[str]) -> ModuleIO:
     g = ModuleGraph.parse(graph)
     return ModuleIO(g, g.inputs, tuple(n for m in modalities for n in (feature_output(m), mask_input(m))))
 
-
-def _number(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False

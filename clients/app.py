@@ -106,17 +106,31 @@ def profile(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.SITE: _site_record(site), P.COUNTS: MetricRecord(counts)}), reply_to=msg)
 
 
+def _evaluate(site: Site, config: ConfigRecord, settings: SiteSettings, params, server_round: int) -> list[dict]:
+    """Tidy records of ``params`` (the global model after ``server_round``) on the site's validation rows."""
+    prep, key = _prep(config)
+    mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
+    return site.evaluate(prep, key, mc, settings, params, {"model": mc.kind, "training": "federated",
+                                                           "seed": settings.seed, "round": server_round},
+                         _correction(config), ts=_timeseries(config))
+
+
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs on the received modules only; reply with them, their counts and the loss."""
+    """Local epochs on the received modules only; reply with them, their counts and the loss. With
+    ``evaluate-round`` in the config, first the received model's evaluation records (``P.RECORDS``): the
+    previous round's federated evaluation, folded into this message."""
     config, settings = _unpack(msg)
     site = _site(context)
     prep, key = _prep(config)
     params = R.from_arrayrecord(msg.content[P.ARRAYS])
+    content = RecordDict()
+    if P.EVALUATE_ROUND in config:  # scored before training: the model as received
+        content[P.RECORDS] = R.json_record(_evaluate(site, config, settings, params, int(config[P.EVALUATE_ROUND])))
     new, counts, metrics = site.train(prep, key, ModelConfig.from_dict(json.loads(str(config["model-config"]))),
                                       settings, params, int(config["server-round"]), _correction(config),
                                       ts=_timeseries(config))
-    content = RecordDict({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
-                          P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
+    content.update({P.ARRAYS: R.to_arrayrecord(new), P.COUNTS: MetricRecord(counts),
+                    P.METRICS: R.metric_record(metrics), P.SITE: _site_record(site)})
     return Message(content, reply_to=msg)
 
 
@@ -124,11 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received modules on local validation rows, per task, as tidy records."""
     config, settings = _unpack(msg)
     site = _site(context)
-    prep, key = _prep(config)
-    mc = ModelConfig.from_dict(json.loads(str(config["model-config"])))
-    records = site.evaluate(prep, key, mc, settings, R.from_arrayrecord(msg.content[P.ARRAYS]),
-                            {"model": mc.kind, "training": "federated", "seed": settings.seed,
-                             "round": int(config["server-round"])}, _correction(config), ts=_timeseries(config))
+    records = _evaluate(site, config, settings, R.from_arrayrecord(msg.content[P.ARRAYS]), int(config["server-round"]))
     flat = {f"{r['task']}/{r['metric']}": r["value"] for r in records if r["value"] is not None}
     flat.update({f"{r['task']}/n": r["n"] for r in records})
     content = RecordDict({P.METRICS: R.metric_record(flat), P.RECORDS: R.json_record(records), P.SITE: _site_record(site)})

@@ -208,6 +208,12 @@ def _value_bytes(v: Any) -> int:
     return 8  # int, float, bool: 8 bytes on the wire at most
 
 
+def _dtype_name(dtype: str) -> str:
+    import numpy as np
+
+    return str(np.dtype(dtype))  # '<f4' -> 'float32', as Flower's Array.dtype says it
+
+
 def describe_content(content: Any) -> dict:
     """Records of a message (a Flower RecordDict): per record its kind and keys, tensor dtypes and shapes,
     the modules of the tensors and the payload bytes. No value is read into the result."""
@@ -215,10 +221,11 @@ def describe_content(content: Any) -> dict:
     for name, rec in content.items():
         kind = type(rec).__name__
         if kind == "ArrayRecord":
-            tensors, nbytes = {}, 0
-            for key, arr in rec.items():
-                tensors[key] = f"{arr.dtype}[{','.join(str(int(d)) for d in arr.shape)}]"
-                nbytes += len(arr.data)
+            from mmn_fed.records import layout  # packed (one Array for every tensor) or one Array per tensor
+
+            tensors, nbytes = {}, sum(len(arr.data) for arr in rec.values())
+            for key, dtype, shape in layout(rec):
+                tensors[key] = f"{_dtype_name(dtype)}[{','.join(str(d) for d in shape)}]"
                 modules.add(module_name(key))
             records[name] = {"kind": "arrays", "tensors": tensors, "bytes": nbytes}
         elif kind == "MetricRecord":

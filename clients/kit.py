@@ -121,7 +121,7 @@ def start(kit: Path | str, data: str | None = None, port: int | None = None, ext
           flush=True)
     env = {**os.environ, "FLWR_HOME": str(kit / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}  # as server.processes.flower_env
     rc = foreground(cmd, env, kit)
     if rc == SUPERNODE_NOT_ADMITTED:
         print(f"site: the SuperLink refused this site: its key is not enrolled (send {kit / 'keys' / (KEY + '.pub')} "

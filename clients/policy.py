@@ -302,9 +302,10 @@ def check_budget(policy: Policy, ledger: Ledger, run: str, server_round: int, no
 # ---- what a message asks -------------------------------------------------------------------------------
 
 def message_modules(content) -> list[str]:
+    from mmn_fed import records as R
     from mmn_fed.modules import module_of
 
-    return sorted({module_of(k) for k in content[P.ARRAYS].keys()}) if P.ARRAYS in content else []
+    return sorted({module_of(k) for k in R.names(content[P.ARRAYS])}) if P.ARRAYS in content else []
 
 
 def _schema_of(config) -> Any:
@@ -429,8 +430,9 @@ def policy_mod(msg, context, call_next):
             kept = policy.suppress_records(R.from_json_record(content[P.RECORDS]))
             content[P.RECORDS] = R.json_record(kept)
             tasks = {r["task"] for r in kept}
-            content[P.METRICS] = MetricRecord({k: v for k, v in dict(content[P.METRICS]).items()
-                                               if k.split("/")[0] in tasks})
+            if P.METRICS in content:  # per-task metrics of the suppressed tasks go too (train's own stay)
+                content[P.METRICS] = MetricRecord({k: v for k, v in dict(content[P.METRICS]).items()
+                                                   if "/" not in k or k.split("/")[0] in tasks})
         if message_type == P.TRAIN and P.METRICS in content:
             metrics = dict(content[P.METRICS])
             if "n" in metrics and 0 < metrics["n"] < policy.min_cell:

@@ -130,7 +130,9 @@ def privacy_mod(msg, context, call_next):
     the reply's "arrays" are clipped and noised per module against the received arrays, the RDP spent so far
     is kept in ``context.state`` and the reply's metrics gain ``dp_epsilon`` (at ``dp-delta``) and
     ``dp_clipped_fraction``. Put it inside ``secagg_mod``: ``@app.train(mods=[secagg_mod, privacy_mod])``."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from mmn_fed import records as R
 
     settings = SiteSettings.from_config(msg.content[P.CONFIG]) if P.CONFIG in msg.content else SiteSettings()
     sigma = settings.dp_noise_multiplier
@@ -140,14 +142,14 @@ def privacy_mod(msg, context, call_next):
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    received = {k: msg.content[P.ARRAYS][k].numpy() for k in msg.content[P.ARRAYS].keys()}
-    new = {k: reply.content[P.ARRAYS][k].numpy() for k in reply.content[P.ARRAYS].keys()}
+    received = R.from_arrayrecord(msg.content[P.ARRAYS])
+    new = R.from_arrayrecord(reply.content[P.ARRAYS])
     noisy, norms = privatize_update(new, received, dp, np.random.default_rng())  # OS entropy: not reproducible
     spent = np.asarray(context.state[DP_STATE]["rdp"], dtype=np.float64) if DP_STATE in context.state \
         else np.zeros(len(DEFAULT_ORDERS))
     spent = spent + len(norms) * gaussian_rdp(sigma)
     context.state[DP_STATE] = ConfigRecord({"rdp": [float(x) for x in spent]})
-    reply.content[P.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in noisy.items()})
+    reply.content[P.ARRAYS] = R.to_arrayrecord(noisy)
     metrics = dict(reply.content[P.METRICS]) if P.METRICS in reply.content else {}
     metrics["dp_epsilon"] = rdp_to_epsilon(spent, dp.delta)[0]
     metrics["dp_clipped_fraction"] = float(np.mean([n > dp.clip for n in norms.values()]))

@@ -9,6 +9,7 @@ import json
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.secagg import KEYS_ACTION, MASKED, SECAGG, SHARES_ACTION, UNMASK_ACTION, RoundPlan, SecAggClient, SecAggError
 
 # Message types (server.secagg.SecAggRound sends them): query.secagg_keys, query.secagg_shares (before the
@@ -65,8 +66,7 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         return reply
     client = _client(context)
     inbox = {s: bytes.fromhex(c) for s, c in json.loads(str(msg.content[SECAGG]["inbox"])).items()}
-    arrays = reply.content[P.ARRAYS]
-    params = {k: arrays[k].numpy() for k in arrays.keys()}
+    params = R.from_arrayrecord(reply.content[P.ARRAYS])
     sent = {n for m in client.my_modules for n, _ in client.plan.layout[m]}
     counts = {m: float(c) for m, c in reply.content[P.COUNTS].items()}
     masked = client.mask_update({k: v for k, v in params.items() if k in sent}, counts, inbox)

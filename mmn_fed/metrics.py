@@ -1,4 +1,4 @@
-"""Metrics from scikit-learn, NaN where a metric is undefined (e.g. AUROC on one-class labels), and
+"""Metrics (numpy, equal to scikit-learn's), NaN where a metric is undefined (e.g. AUROC on one-class labels), and
 percentile-bootstrap confidence intervals.
 
 Two kinds of interval, both percentile bootstraps, so both stay inside the metric's range by construction
@@ -19,27 +19,37 @@ import numpy as np
 NAN = float("nan")
 
 
-class _LazySklearnMetrics:
-    """``sklearn.metrics``, imported at first use: scikit-learn and SciPy cost ~1 s to import, and a
-    federated site starts one process per message (Flower 1.42), most of which (summary, profile, train)
-    compute no metric (docs/federation.md, "Round time")."""
-
-    def __getattr__(self, name: str):
-        from sklearn import metrics
-        return getattr(metrics, name)
-
-
-skm = _LazySklearnMetrics()
-
-
 def _two_classes(y: np.ndarray) -> bool:
     return len(y) > 0 and np.unique(y).size >= 2
+
+
+# The metrics a site computes every round are plain numpy (equal to scikit-learn's to ~1e-15, pinned by
+# tests/mmn_fed/test_metrics.py): importing scikit-learn and SciPy costs ~1 s, and on the deployment engine
+# every message starts a fresh ClientApp process (Flower 1.42; docs/federation.md, "Round time"). Calibration
+# curves and bootstrap intervals, computed by the server and reports only, still use them.
+
+def _midranks(s: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``s``, ties sharing the mean of their ranks (``scipy.stats.rankdata``'s "average")."""
+    order = np.argsort(s, kind="mergesort")
+    ordered = s[order]
+    edges = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])  # where each run of ties starts; n
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.repeat((edges[:-1] + edges[1:] + 1) / 2.0, np.diff(edges))
+    return ranks
+
+
+def _binary_auroc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney U / (n_pos n_neg) on mid-ranks: the area under the ROC curve, ties counting half."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    u = float(_midranks(score)[positive].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (ties count half); NaN unless both classes occur."""
     y = np.asarray(y).astype(int)
-    return float(skm.roc_auc_score(y, np.asarray(score, dtype=np.float64))) if _two_classes(y) else NAN
+    return _binary_auroc(y == 1, np.asarray(score, dtype=np.float64)) if _two_classes(y) else NAN
 
 
 def auroc_ovr(y: np.ndarray, proba: np.ndarray) -> float:
@@ -51,29 +61,26 @@ def auroc_ovr(y: np.ndarray, proba: np.ndarray) -> float:
     present = np.unique(y)
     if present.size < 2:
         return NAN
-    if present.size == proba.shape[1]:
-        return float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])))
-    indicator = (y[:, None] == present[None, :]).astype(int)  # the same macro average over the classes seen
-    return float(skm.roc_auc_score(indicator, proba[:, present], average="macro"))
+    return float(np.mean([_binary_auroc(y == k, proba[:, k]) for k in present]))
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y`` (a predicted class absent from ``y`` is expected at a small
-    site, not worth sklearn's warning on every round)."""
+    """Mean recall over the classes present in ``y`` (a predicted class absent from ``y`` does not count)."""
+    y, pred = np.asarray(y), np.asarray(pred)
     if not len(y):
         return NAN
-    with _warnings.catch_warnings():
-        _warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        return float(skm.balanced_accuracy_score(y, pred))
+    return float(np.mean([np.mean(pred[y == k] == k) for k in np.unique(y)]))
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(skm.accuracy_score(y, pred)) if len(y) else NAN
+    return float(np.mean(np.asarray(y) == np.asarray(pred))) if len(y) else NAN
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float:
     """Mean squared difference between p(1) and the 0/1 label (lower is better)."""
-    return float(skm.brier_score_loss(np.asarray(y).astype(int), p, pos_label=1)) if len(y) else NAN
+    if not len(y):
+        return NAN
+    return float(np.mean(((np.asarray(y).astype(int) == 1) - np.asarray(p, dtype=np.float64)) ** 2))
 
 
 def brier_multiclass(y: np.ndarray, proba: np.ndarray) -> float:
@@ -87,11 +94,13 @@ def brier_multiclass(y: np.ndarray, proba: np.ndarray) -> float:
 
 
 def mse(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(skm.mean_squared_error(y, pred)) if len(y) else NAN
+    d = np.asarray(y, dtype=np.float64) - np.asarray(pred, dtype=np.float64)
+    return float(np.mean(d ** 2)) if len(d) else NAN
 
 
 def mae(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(skm.mean_absolute_error(y, pred)) if len(y) else NAN
+    d = np.asarray(y, dtype=np.float64) - np.asarray(pred, dtype=np.float64)
+    return float(np.mean(np.abs(d))) if len(d) else NAN
 
 
 def reliability(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:

@@ -6,8 +6,13 @@ Message types (Flower's ``<category>.<action>``):
 - every message's config carries ``settings``: the site-scope run settings (``mmn_fed.settings``).
 - ``query.summary``: config {schema} -> site {name}, summary {json}: mergeable preprocessing summary.
 - ``query.profile``: config {prep, model-config} -> site {name}, counts: samples per module the site holds.
-- ``train``: arrays (the site's modules only), config -> arrays (same keys), counts, metrics, site.
-- ``evaluate``: arrays, config -> metrics (``<task>/<metric>``), records {json: tidy records}, site.
+- ``train``: arrays (the site's modules only), config -> arrays (same keys), counts, metrics, site. When the
+  config holds ``evaluate-round`` k, the received arrays are the global model after round k and the site scores
+  them before training: the reply also carries ``records`` (as ``evaluate``'s). The server folds each round's
+  federated evaluation into the next round's train message (one message per site per round, not two).
+- ``evaluate``: arrays, config -> metrics (``<task>/<metric>``), records {json: tidy records}, site. Sent once,
+  for the last round's model.
+- arrays travel packed: one Array of bytes and one index (``mmn_fed.records.to_arrayrecord``).
 - with ``secure-aggregation``: ``query.secagg_keys``, ``query.secagg_shares`` before ``train`` (whose message then
   carries a ``secagg`` record and whose reply carries ``secagg-masked`` instead of arrays and counts), and
   ``query.secagg_unmask`` after it (names and arithmetic in ``mmn_fed.secagg``).
@@ -39,6 +44,7 @@ JSON_KEY = "json"  # the key under which a ConfigRecord carries one JSON documen
 TIMESERIES = "timeseries"  # JSON schema with [timeseries] (mmn_fed.sequences): sites train on sequences
 CORRECTION = "correction"  # JSON {modality: task}: the modalities to balance (mmn_fed.correction); {} = none
 SETTINGS = "settings"  # the site-scope run settings: a versioned JSON record (mmn_fed.settings.SiteSettings)
+EVALUATE_ROUND = "evaluate-round"  # train only: score the received model (the global one after that round) first
 
 
 def to_json(obj: Any) -> str:

@@ -36,6 +36,7 @@ from mmn_fed.model_io import build_from_preprocessor, save_model
 from mmn_fed.sequences import TS_ENCODER, build_sequences, data_records, encode_sequences, row_schema
 from mmn_fed.settings import RunSettings
 
+from . import exchange
 from .aggregation import ServerOptimizer
 from .strategy import ModularFedAvg, SecureModularFedAvg, SiteInfo
 
@@ -111,7 +112,7 @@ def send(grid: Grid, nodes: list[int], message_type: str, config: Mapping[str, A
     """One message to each node: (node -> reply, node -> why it failed: its error, or no reply)."""
     msgs = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(config))}), dst_node_id=n, message_type=message_type,
                     group_id="0") for n in nodes]
-    got = list(grid.send_and_receive(msgs, timeout=timeout))
+    got = exchange.send_and_receive(grid, msgs, timeout)
     # the SuperLink answers for a node it lost (Flower's NODE_UNAVAILABLE) with an error reply whose sender is
     # not that node: keep only the nodes' own replies, and say what the SuperLink said about the others
     replies = {r.metadata.src_node_id: r for r in got if r.metadata.src_node_id in nodes}
@@ -244,6 +245,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     torch.set_num_threads(1)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    exchange.timings.take()  # this run's phases only
     schema = load_schema(cfg)
     ts = schema if schema.timeseries is not None else None  # sites train sequences; a time-series encoder
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", cfg)
@@ -278,26 +280,54 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
                            P.SETTINGS: cfg.site_record(), P.CORRECTION: json.dumps(plan["corrected"]),
                            **_ts_config(ts)})
     stopped = should_stop(start - 1, best[1], cfg.patience_rounds)  # a resumed run that had stopped stays stopped
-    for rnd in range(start, cfg.num_server_rounds + 1):
-        if stopped:
-            break
-        params, entry = run_round(grid, strategy, rnd, params, config, cfg.timeout, cfg.quorum)
+
+    def complete(rnd: int, new: dict[str, np.ndarray], entry: dict[str, Any], eval_metrics) -> bool:
+        """Round ``rnd``'s federated evaluation has come: score, keep-best, early stop, history, checkpoint.
+        True when the run stops after this round."""
+        nonlocal best
+        entry["federated_eval"] = dict(eval_metrics or {})
         if tests:
             entry["test"] = {f"{r['task']}/{r['metric']}": r["value"] for r in
-                             held_out_records(params, prep, cfg, tests, per_combination=False, ts=ts)
+                             held_out_records(new, prep, cfg, tests, per_combination=False, ts=ts)
                              if r["site"] == "all" and r["state"] == "final"}
         score = validation_score(entry["federated_eval"], prep.schema)
         if score > best[0]:
-            best = (score, rnd, params)
+            best = (score, rnd, new)
         entry["validation_score"] = score
         entry["best_round"] = best[1]
-        stopped = should_stop(rnd, best[1], cfg.patience_rounds)
-        if stopped:
+        stop = should_stop(rnd, best[1], cfg.patience_rounds)
+        if stop:
             entry["stopped"] = {"after_round": rnd, "patience_rounds": cfg.patience_rounds, "best_round": best[1]}
         history.append(entry)
         log(INFO, "round %d: %s", rnd, {k: round(v, 4) for k, v in {**entry["train"], **entry["federated_eval"],
                                                                    **entry.get("test", {})}.items() if v == v})
-        save_checkpoint(run_dir / "checkpoint.pt", cfg, rnd, params, prep_json, strategy, history, best)
+        save_checkpoint(run_dir / "checkpoint.pt", cfg, rnd, new, prep_json, strategy, history, best)
+        return stop
+
+    # One message per site per round: round r's train message carries the model after round r-1 and asks the
+    # sites to score it first (P.EVALUATE_ROUND), so round r-1 is scored, kept or stopped on when round r's
+    # replies come; the last round's model gets an evaluate message of its own. A round is checkpointed once
+    # scored: a crash in between re-runs it (seeded by (seed, round, site): the same update).
+    pending: tuple[int, dict[str, np.ndarray], dict[str, Any], float] | None = None  # aggregated, not yet scored
+    for rnd in range(start, cfg.num_server_rounds + 1):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        if pending:
+            pending[2]["seconds"] = t0 - pending[3]
+        replies = train_phase(grid, strategy, rnd, params, config, cfg.timeout, evaluate_round=pending[0] if pending else None)
+        if pending:
+            stopped = complete(*pending[:3], strategy.aggregate_evaluate(pending[0], replies, folded=True))
+            pending = None
+            if stopped:  # this round's updates are not used (docs/federation.md, "Round time")
+                log(INFO, "round %d's updates discarded: the run stops after round %d", rnd, rnd - 1)
+                break
+        params, entry = aggregate_round(strategy, rnd, replies, cfg.quorum)
+        pending = (rnd, params, entry, t0)
+    if pending:  # the last round trained: its own evaluate message
+        scored = evaluate_phase(grid, strategy, pending[0], pending[1], config, cfg.timeout)
+        pending[2]["seconds"] = time.perf_counter() - pending[3]
+        stopped = complete(*pending[:3], scored)
     last = history[-1]["round"] if history else 0
     if stopped:
         log(INFO, "stopped after round %d: no improvement for %d rounds; final model = round %d", last,
@@ -313,13 +343,26 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     return finish(run_dir, cfg, params, prep, strategy, history, tests, selection, plan, ts, summaries.excluded)
 
 
-def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
-              timeout: float, quorum: int = 1) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Train (each site its modules), aggregate per module, evaluate per site. Returns (params, history entry).
+def train_phase(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
+                timeout: float, evaluate_round: int | None = None) -> list[Message]:
+    """Round ``rnd``'s train message to every site (each its modules of ``params``) and their replies. With
+    ``evaluate_round`` k (``params`` = the model after round k), the sites score ``params`` before training."""
+    if evaluate_round is not None:
+        config = ConfigRecord({**dict(config), P.EVALUATE_ROUND: evaluate_round})
+    return exchange.send_and_receive(grid, strategy.configure_train(rnd, R.to_arrayrecord(params), config, grid), timeout)
+
+
+def evaluate_phase(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, np.ndarray], config: ConfigRecord,
+                   timeout: float):
+    """An evaluate message of ``params`` (the model after round ``rnd``) to every site: the federated evaluation."""
+    replies = exchange.send_and_receive(grid, strategy.configure_evaluate(rnd, R.to_arrayrecord(params), config, grid), timeout)
+    return strategy.aggregate_evaluate(rnd, replies)
+
+
+def aggregate_round(strategy: ModularFedAvg, rnd: int, replies: list[Message],
+                    quorum: int = 1) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Aggregate round ``rnd``'s train replies per module: (new params, history entry without its evaluation).
     Fewer than ``quorum`` accepted updates stop the run (``FederationError`` with the round's failures)."""
-    t0 = time.perf_counter()
-    replies = list(grid.send_and_receive(strategy.configure_train(rnd, R.to_arrayrecord(params), config, grid),
-                                         timeout=timeout))
     received = sum(1 for r in replies if not r.has_error())
     arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     if arrays is None:
@@ -329,11 +372,9 @@ def run_round(grid: Grid, strategy: ModularFedAvg, rnd: int, params: dict[str, n
         raise FederationError(f"round {rnd}: {received} site(s) returned an update, fewer than quorum = {quorum}; "
                               f"failures: {failures}")
     params = R.from_arrayrecord(arrays)
-    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, R.to_arrayrecord(params), config, grid), timeout=timeout)
-    eval_metrics = strategy.aggregate_evaluate(rnd, replies)
     moved = lambda d: sum(c["bytes"] for c in strategy.comm if c["round"] == rnd and c["direction"] == d)  # noqa: E731
-    entry = {"round": rnd, "seconds": time.perf_counter() - t0, "train": dict(train_metrics or {}),
-             "federated_eval": dict(eval_metrics or {}), "bytes_down": moved("down"), "bytes_up": moved("up"),
+    entry = {"round": rnd, "seconds": None, "train": dict(train_metrics or {}),
+             "federated_eval": {}, "bytes_down": moved("down"), "bytes_up": moved("up"),
              "rejected": {f["site"]: f["reason"] for f in strategy.round_failures(rnd) if f["phase"] == "validation"},
              "failures": [f for f in strategy.round_failures(rnd) if f["phase"] != "validation"]}
     secagg = [r for r in getattr(strategy, "secagg_rounds", []) if r["round"] == rnd]
@@ -421,6 +462,7 @@ def finish(run_dir: Path, cfg: FederationConfig, params, prep: Preprocessor, str
     _write_json(run_dir / "evaluation.json", strategy.evaluations)
     _write_json(run_dir / "failures.json", strategy.failures)  # failed sites and rejected updates, per round
     _write_json(run_dir / "selection.json", selection)  # rounds run, early stop, the round the final model is
+    _write_json(run_dir / "timing.json", exchange.timings.take())  # each phase: sent, replies (server.exchange)
     if isinstance(strategy, SecureModularFedAvg):
         _write_json(run_dir / "secagg.json", strategy.secagg_rounds)
     return {"run_dir": str(run_dir), "history": history}

@@ -21,10 +21,12 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.to
 
 def flower_env(flwr_home: Path | str | None = None, **extra: str) -> dict[str, str]:
     """Environment for every Flower process we start: no telemetry, no runtime dependency installs, no
-    update check, unbuffered output; our own FLWR_HOME when given (else the caller's); ``extra`` on top."""
+    update check, unbuffered output, a 0.2 s SuperExec poll; our own FLWR_HOME when given (else the caller's); ``extra`` on top."""
     env = dict(os.environ)
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+                # the SuperExec's poll for a message to run (default 1 s): a ClientApp / ServerApp starts sooner
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.update(extra)

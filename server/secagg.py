@@ -28,10 +28,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from mmn_fed import protocol as P
+from mmn_fed import records as R
 from mmn_fed.modules import group_by_module, module_of
 from mmn_fed.secagg import (FRAC_BITS, KEYS_ACTION, MASKED, SECAGG, SHARES_ACTION, UNMASK_ACTION, RoundPlan, SecAggClient,
                             SecAggError, default_threshold, dequantize, pair_mask, pair_sign, prg, raw_public, self_seed,
                             shamir_combine)
+
+from . import exchange
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +283,7 @@ class SecAggRound:
         msgs = [Message(RecordDict({SECAGG: rec}), dst_node_id=n, message_type=f"query.{action}",
                         group_id=str(self.plan.round)) for n, rec in records.items()]
         out = {}
-        for r in self.grid.send_and_receive(msgs, timeout=self.timeout):
+        for r in exchange.send_and_receive(self.grid, msgs, self.timeout):
             site = self.nodes.get(r.metadata.src_node_id)
             if site is not None and not r.has_error() and SECAGG in r.content:
                 out[site] = r.content[SECAGG]
@@ -361,5 +364,5 @@ class SecureAggregationMixin:
         losses = [float(r.content[P.METRICS].get("train_loss", np.nan)) for r in replies
                   if not r.has_error() and P.METRICS in r.content]
         metrics = {"sites": len(result.survivors), "train_loss": float(np.nanmean(losses)) if losses else float("nan")}
-        return (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}),
+        return (R.to_arrayrecord(new),
                 MetricRecord({k: v for k, v in metrics.items() if v == v}))

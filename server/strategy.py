@@ -6,7 +6,9 @@
   updates are rejected, logged and recorded; the round goes on with the others), then per-module averaging
   (``aggregation``: ``mean`` = ``server.aggregation.aggregate_modules``; ``trimmed-mean`` or ``median`` from
   ``server.robust``) and the optional server optimizer.
-- ``configure_evaluate`` / ``aggregate_evaluate``: the same subsets, metrics per site and task.
+- ``configure_evaluate`` / ``aggregate_evaluate``: the same subsets, metrics per site and task. The round loop
+  (``server.app``) folds each round's evaluation into the next round's train message, so ``configure_evaluate``
+  sends the last round's only.
 Every message's parameter bytes are logged against what whole-model FedAvg would send.
 
 ``SecureModularFedAvg`` is the same strategy under secure aggregation (``server.secagg``): the server only
@@ -122,10 +124,17 @@ class ModularFedAvg(Strategy):
         self._global = R.from_arrayrecord(arrays)
         return self._messages(P.EVALUATE, server_round, config, "evaluate")
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per site records kept in ``evaluations``; returns n-weighted means per task and metric."""
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message], folded: bool = False) -> MetricRecord | None:
+        """Per site records kept in ``evaluations``; returns n-weighted means per task and metric. ``folded``: the
+        replies are the next round's train replies, carrying this round's records (``P.EVALUATE_ROUND``; their
+        failures are that round's train failures, recorded there)."""
         sums: dict[str, list[float]] = {}
-        for r in self._ok(replies, "evaluate"):
+        if folded:
+            ok = sorted((r for r in replies if not r.has_error() and r.metadata.src_node_id in self.sites
+                         and P.RECORDS in r.content), key=lambda r: self.sites[r.metadata.src_node_id].name)
+        else:
+            ok = self._ok(replies, "evaluate")
+        for r in ok:
             site = self.sites[r.metadata.src_node_id]
             recs = R.from_json_record(r.content[P.RECORDS])
             self.evaluations.extend({**rec, "round": server_round, "site": site.name} for rec in recs)

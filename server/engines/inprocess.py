@@ -50,6 +50,8 @@ class InProcessGrid(Grid):
     ServerApp and ClientApp code paths are exactly those of Flower's engines, minus transport.
     """
 
+    synchronous = True  # server.exchange calls send_and_receive as it is (no push / pull)
+
     def __init__(self, client_app: ClientApp, node_configs: list[Mapping[str, Any]], run_config: Mapping[str, Any],
                  run_id: int = 1):
         self.client_app = client_app

@@ -25,10 +25,13 @@ def test_the_clientapp_module_imports_neither_sklearn_nor_scipy():
     assert not {"sklearn", "scipy"} & loaded
 
 
-def test_metrics_import_sklearn_only_when_a_metric_is_computed():
+def test_a_sites_metrics_import_no_sklearn_and_reports_import_it_when_needed():
+    """Every train message scores the model it receives (the folded evaluation): its metrics are numpy."""
     code = ("import numpy as np, sys\nfrom mmn_fed import metrics as M\nassert 'sklearn' not in sys.modules\n"
             "y = np.array([0, 1, 0, 1]); p = np.array([0.1, 0.8, 0.4, 0.6])\n"
             "assert M.auroc(y, p) == 1.0 and abs(M.brier(y, p) - 0.0925) < 1e-12\n"
+            "M.task_metrics('binary', y, p); M.task_metrics('multiclass', y, np.c_[1 - p, p]); M.task_metrics('regression', y, p)\n"
+            "assert 'sklearn' not in sys.modules and 'scipy' not in sys.modules\n"
             "assert M.reliability(y, p)['n'] == [1, 1, 1, 1]\n"
             "lo, hi = M.bootstrap_ci(y, p, 'auroc', n_boot=50, seed=0)\nassert 0.0 <= lo <= hi <= 1.0\n")  # SciPy's rankdata
     assert "sklearn" in _modules_after(code)

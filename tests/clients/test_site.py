@@ -130,7 +130,7 @@ def test_clientapp_summary_and_train_messages(heart, make_message, site_context)
     cfg = ConfigRecord({"prep": json.dumps(prep.to_dict()), "model-config": json.dumps(MC.to_dict()),
                         "server-round": 1, **settings})
     reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
-    assert set(reply.content["arrays"].keys()) == set(params)
+    assert set(R.names(reply.content["arrays"])) == set(params)
     assert dict(reply.content["counts"]) == {"init_state": len(rows), "encoders.demographics": len(rows),
                                              "decoders.disease": len(rows)}
     reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)

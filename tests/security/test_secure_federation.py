@@ -12,6 +12,7 @@ import pytest
 
 import clients.app as A
 from mmn_fed import load_builtin, load_model
+from mmn_fed import records as R
 from mmn_fed.secagg import MASKED, SECAGG
 from mmn_fed.settings import SettingsError
 from server import app as server_app_module
@@ -143,8 +144,8 @@ def corrupting(partition: int, corrupt):
     def app(msg, ctx):
         reply = A.app(msg, ctx)
         if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == partition:
-            arrays = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"].keys()}
-            reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in corrupt(arrays).items()})
+            arrays = R.from_arrayrecord(reply.content["arrays"])
+            reply.content["arrays"] = R.to_arrayrecord(corrupt(arrays))
         return reply
     return app
 

@@ -7,6 +7,7 @@ import torch
 
 from clients.app import app as client_app
 from mmn_fed import fit_preprocessor, load_model
+from mmn_fed import records as R
 from mmn_fed.modules import module_of
 from server.aggregation import params_nbytes
 from server.engines import read_result, run_federation, write_site_data
@@ -35,12 +36,12 @@ def test_site_without_a_modality_never_receives_or_sends_its_encoder(two_sites, 
     server_app(grid, server_context(rc))
 
     hungary = [(m, r) for pid, m, r in seen if pid == 1 and "arrays" in m.content]
-    assert len(hungary) == 4  # 2 rounds x (train + evaluate)
+    assert len(hungary) == 3  # 2 rounds x train (round 1 scored inside round 2's) + the last evaluate
     for msg, reply in hungary:
-        down = {module_of(k) for k in msg.content["arrays"].keys()}
+        down = {module_of(k) for k in R.names(msg.content["arrays"])}
         assert "encoders.imaging" not in down and "encoders.rest" in down
         if "arrays" in reply.content:
-            up = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"].keys()}
+            up = R.from_arrayrecord(reply.content["arrays"])
             assert "encoders.imaging" not in {module_of(k) for k in up}
             mine = {k: v.numpy() for k, v in weights(tmp_path / "run").items() if module_of(k) in down}
             assert params_nbytes(up) == params_nbytes(mine)  # upload = exactly the modules it holds
@@ -102,8 +103,10 @@ def test_interrupted_run_resumes_to_the_same_final_model(heart_sites, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(rc, len(small), grid_cls=DiesInRound)
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert ck["round"] == 2 and not (tmp_path / "cut" / "model.pt").exists()
-    run_inprocess(rc, len(small))  # same run directory: resumes after round 2
+    # round 2 was trained but is scored only in round 3's train replies: the checkpoint holds round 1, and the
+    # resumed run trains round 2 again (seeded by (seed, round, site): the same update)
+    assert ck["round"] == 1 and not (tmp_path / "cut" / "model.pt").exists()
+    run_inprocess(rc, len(small))  # same run directory: resumes after round 1
     resumed = read_result(tmp_path / "cut")
     a, b = full.trained.model.state_dict(), resumed.trained.model.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
@@ -175,10 +178,10 @@ def test_a_round_where_every_site_fails_stops_the_run_with_the_reasons(heart_sit
 
 
 class ScriptedValidation:
-    """The real ClientApp, whose evaluation replies report a scripted disease Brier score per round (1 - the
+    """The real ClientApp, whose evaluation records report a scripted disease Brier score per round (1 - the
     scripted score: the one quantity the server's model selection reads, as minus the Brier), so that the best
-    round and the stop are known; it keeps
-    the global parameters each evaluate message carried, per round."""
+    round and the stop are known; it keeps the global parameters each scored model had, per round. Round k is
+    scored inside round k+1's train message (``evaluate-round``), the last round in an evaluate message."""
 
     def __init__(self, scores):
         self.scores = scores
@@ -189,9 +192,10 @@ class ScriptedValidation:
         from mmn_fed import records as R
 
         reply = client_app(msg, ctx)
-        if msg.metadata.message_type == "evaluate":
-            rnd = int(msg.content[P.CONFIG]["server-round"])
-            self.sent[rnd] = {k: msg.content[P.ARRAYS][k].numpy().copy() for k in msg.content[P.ARRAYS].keys()}
+        cfg = msg.content[P.CONFIG]
+        if msg.metadata.message_type == "evaluate" or P.EVALUATE_ROUND in cfg:
+            rnd = int(cfg["server-round"] if msg.metadata.message_type == "evaluate" else cfg[P.EVALUATE_ROUND])
+            self.sent[rnd] = {k: v.copy() for k, v in R.from_arrayrecord(msg.content[P.ARRAYS]).items()}
             recs = R.from_json_record(reply.content[P.RECORDS])
             for rec in recs:
                 if rec["task"] == "disease" and rec["metric"] == "brier":

@@ -89,6 +89,13 @@ def _actor_pids(temp_dir: Path) -> set[int]:
     return pids
 
 
+def test_ray_address_is_for_the_ray_engine_only(heart_sites, tmp_path):
+    sites, schema = heart_sites
+    with pytest.raises(ValueError, match="ray_address is for engine 'ray'"):
+        run_federation(sites, schema, rounds=1, run_dir=tmp_path, ray_address="127.0.0.1:6379")
+    assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_ray_engine_on_a_two_node_ray_cluster_gives_the_inprocess_model(two_node_ray_cluster, heart_sites, tmp_path):
     address, head_dir, worker_dir = two_node_ray_cluster

@@ -1,9 +1,9 @@
 """The Ray engine on an existing multi-node Ray cluster (docs/federation.md, "Beyond one machine"): a head and a
 worker started with `ray start`, as two nodes of this machine, as a researcher starts them on two machines."""
+import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mmn_fed.processes import MARK, marked, stop_tree, terminate
+from mmn_fed.processes import MARK, flower_bin, free_port, marked, stop_tree, terminate
 from server.engines import run_federation
-from server.processes import free_port
 
 FAST = {"local_epochs": 1, "state_size": 8, "hidden": 8, "val_fraction": 0.0, "keep_best": False, "patience_rounds": 0}
-
-
-def _ray_bin() -> str:
-    cand = Path(sys.executable).parent / "ray"
-    return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -45,7 +39,7 @@ def two_node_ray_cluster():
     # short: Ray's unix sockets live under the temp dir and must fit in 107 characters
     root = Path(tempfile.mkdtemp(prefix="mmnray-"))
     port = free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({MARK: mark, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"})
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []
@@ -53,14 +47,14 @@ def two_node_ray_cluster():
         head_log = root / "head.log"
         with open(head_log, "w") as log:
             procs.append(subprocess.Popen(
-                [_ray_bin(), "start", "--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
+                [flower_bin("ray"), "start", "--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
                  "--include-dashboard", "false", "--temp-dir", str(root / "head"), *common],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         _wait_for(head_log, "Ray runtime started", procs[0])
         worker_log = root / "worker.log"
         with open(worker_log, "w") as log:
             procs.append(subprocess.Popen(
-                [_ray_bin(), "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(root / "worker"), *common],
+                [flower_bin("ray"), "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(root / "worker"), *common],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         _wait_for(worker_log, "Ray runtime started", procs[1])
         yield f"127.0.0.1:{port}", root / "head", root / "worker"
@@ -74,7 +68,7 @@ def two_node_ray_cluster():
 
 
 def _ray_status(address: str) -> str:
-    res = subprocess.run([_ray_bin(), "status", "--address", address], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([flower_bin("ray"), "status", "--address", address], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 

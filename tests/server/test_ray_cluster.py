@@ -67,10 +67,18 @@ def two_node_ray_cluster():
         assert not left, f"Ray processes of the test cluster still running: {left}"
 
 
-def _ray_status(address: str) -> str:
-    res = subprocess.run([flower_bin("ray"), "status", "--address", address], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return res.stdout
+def _ray_status(address: str, nodes: int, timeout: float = 120) -> str:
+    """`ray status` once it lists ``nodes`` active nodes (a node that has just started takes a few seconds to
+    show there)."""
+    end = time.monotonic() + timeout
+    while True:
+        res = subprocess.run([flower_bin("ray"), "status", "--address", address], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        active = res.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        if len(re.findall(r"node_[0-9a-f]+", active)) == nodes or time.monotonic() > end:
+            return res.stdout
+        time.sleep(2)
 
 
 def _actor_pids(temp_dir: Path) -> set[int]:
@@ -93,7 +101,7 @@ def test_ray_address_is_for_the_ray_engine_only(heart_sites, tmp_path):
 @pytest.mark.slow
 def test_ray_engine_on_a_two_node_ray_cluster_gives_the_inprocess_model(two_node_ray_cluster, heart_sites, tmp_path):
     address, head_dir, worker_dir = two_node_ray_cluster
-    status = _ray_status(address)
+    status = _ray_status(address, nodes=2)
     active = status.split("Active:", 1)[1].split("Pending:", 1)[0]
     assert len(re.findall(r"node_[0-9a-f]+", active)) == 2, status  # the head and the worker node are alive
     assert "0.0/2.0 CPU" in status, status

@@ -9,16 +9,13 @@ the site) and ``site.key.pub`` (the only file that goes back to the coordinator)
 
 The kit's format (``site.toml``: ``consortium``, ``site``, ``superlink``, ``ca-fingerprint``,
 ``supernode-port``, ``[node-config]``) is written by ``server.consortium.kit_toml``; this module only reads it
-(the layout forbids clients -> server imports, so the few process helpers it needs are its own).
+(the layout forbids clients -> server imports: the process helpers it shares with the coordinator's side live in
+``mmn_fed.processes``).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,6 +23,8 @@ from typing import Mapping, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from mmn_fed.processes import flower_bin, flower_env, foreground, toml_value
 
 KIT_FILE = "site.toml"
 KEY = "site.key"  # in KIT/keys
@@ -72,25 +71,15 @@ def keygen(kit: Path | str) -> tuple[Path, Path]:
     return priv, pub
 
 
-def _toml_value(v: object) -> str:
-    import json
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def supernode_command(kit: Path, cfg: Mapping, data: str, port: int | None = None) -> list[str]:
     """``flower-supernode`` for this kit: TLS with the kit's CA, authentication with the site's key, node
     config from the kit's ``[node-config]`` (empty values and ``schema`` left out) with ``data-path``."""
     node = {"site-name": cfg["site"],
             **{k: v for k, v in cfg.get("node-config", {}).items() if v != "" and k != "schema"}, "data-path": data}
-    return [_bin("flower-supernode"), "--superlink", str(cfg["superlink"]), "--root-certificates",
+    return [flower_bin("flower-supernode"), "--superlink", str(cfg["superlink"]), "--root-certificates",
             str(kit / "ca.pem"), "--auth-supernode-private-key", str(kit / "keys" / KEY),
             "--port", str(port or cfg.get("supernode-port", SUPERNODE_PORT)),
-            "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node.items())]
+            "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node.items())]
 
 
 def start(kit: Path | str, data: str | None = None, port: int | None = None, extra_args: Sequence[str] = ()) -> int:
@@ -119,88 +108,11 @@ def start(kit: Path | str, data: str | None = None, port: int | None = None, ext
     cmd = supernode_command(kit, cfg, data, port) + list(extra_args)
     print(f"site: '{cfg['site']}' joining {cfg['superlink']} (consortium '{cfg.get('consortium')}'); Ctrl-C stops it",
           flush=True)
-    env = {**os.environ, "FLWR_HOME": str(kit / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}  # as server.processes.flower_env
-    rc = foreground(cmd, env, kit)
+    rc = foreground(cmd, flower_env(kit / "flwr_home"), kit)
     if rc == SUPERNODE_NOT_ADMITTED:
         print(f"site: the SuperLink refused this site: its key is not enrolled (send {kit / 'keys' / (KEY + '.pub')} "
               "to the coordinator) or it was revoked", file=sys.stderr)
     return rc
-
-
-# ---- a foreground process and everything below it ------------------------------------------
-
-def _bin(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else (shutil.which(name) or name)
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux /proc; Flower's flwr-clientapp processes run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def stop(pid: int, timeout: float = 10.0) -> list[int]:
-    """SIGTERM ``pid`` and its descendants, SIGKILL what is left after ``timeout`` s; returns the pids."""
-    tree = _tree(pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in tree:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and any(_alive(p) for p in tree):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in tree):
-            break
-    return tree
-
-
-def foreground(cmd: list[str], env: Mapping[str, str], cwd: Path, after_start=None) -> int:
-    """Run ``cmd`` until it exits, or until SIGINT/SIGTERM: then stop it and all its descendants.
-    ``after_start(proc)`` runs once it is started. Returns its exit code (0 when stopped by a signal)."""
-    proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, start_new_session=True)
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if after_start is not None:
-            after_start(proc)
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if proc.poll() is None:
-            print(f"stopped {len(stop(proc.pid))} process(es)", file=sys.stderr, flush=True)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 # ---- CLI: `mmn-fed site keygen | start` (added to the `site` command group) -----------------

@@ -29,7 +29,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .processes import APP_DIR, flower_bin, flower_env, stop_tree, toml_config
+from .processes import APP_DIR, flower_bin, flower_env, foreground, toml_config
 
 FILE = "consortium.toml"
 KIT_FILE = "site.toml"
@@ -453,38 +452,6 @@ def sync(con: Consortium, timeout: float = 60) -> list[str]:
     return done
 
 
-# ---- foreground processes -------------------------------------------------------------------
-
-def _foreground(cmd: list[str], env: dict[str, str], cwd: Path, after_start=None, log=None) -> int:
-    """Run ``cmd`` until it exits or we get SIGINT/SIGTERM; then stop it and all its descendants (Flower's
-    SuperExec, flwr-serverapp, flwr-clientapp processes run in sessions of their own). ``after_start(proc)``
-    runs once it is up. Returns the process's exit code (0 when stopped by a signal)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=log, stderr=log)
-    stopping: list[int] = []
-
-    def handler(signum, frame):
-        stopping.append(signum)
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if after_start is not None:
-            after_start(proc)
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if proc.poll() is None or stopping:
-            stopped = stop_tree([proc.pid])
-            print(f"stopped {len(stopped)} process(es)", file=sys.stderr, flush=True)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
 def coordinator_start(directory: Path | str, wait: float = 60) -> int:
     """Run the consortium's SuperLink in the foreground (TLS and SuperNode authentication always on); once it
     listens, register the enrolled sites' keys and unregister revoked ones. SIGINT/SIGTERM stop it."""
@@ -509,7 +476,7 @@ def coordinator_start(directory: Path | str, wait: float = 60) -> int:
               f"{n} enrolled site(s)); Ctrl-C stops it", flush=True)
 
     print(f"coordinator: starting {' '.join(con.superlink_command())}", flush=True)
-    return _foreground(con.superlink_command(), flower_env(con.home), con.directory, after_start=after)
+    return foreground(con.superlink_command(), flower_env(con.home), con.directory, after_start=after)
 
 
 # ---- a federation on the consortium ---------------------------------------------------------

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output directory (default: runs/simulate/<scenario name>)")
     p.add_argument("--workers", type=int, help="parallel runs (default: run.workers, else one per CPU core)")
     p.add_argument("--engine", choices=["inprocess", "ray"], help="federation engine (default: the scenario's run.engine)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="engine ray on an existing Ray cluster (`ray start --head` on one machine, `ray start --address "
+                        "HOST:PORT` on the others): its head's address; implies --engine ray (docs/federation.md)")
     p.add_argument("--seeds", type=int, help="override run.seeds with 0..N-1")
     p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
     p.add_argument("--check", action="store_true", help="validate the scenario, print its plan and exit")
@@ -56,6 +59,7 @@ def simulate(args) -> int:
                           "rules": [r.describe() for r in sc.rules], "sites": sc.sites.describe()}, indent=1))
         return 0
     out = Path(args.out or Path("runs") / "simulate" / sc.name)
-    summary = run_scenario(sc, out, workers=args.workers, progress=not args.quiet, engine=args.engine)
+    summary = run_scenario(sc, out, workers=args.workers, progress=not args.quiet, engine=args.engine,
+                           ray_address=args.ray_address)
     print(json.dumps({"out": str(out), **summary}, indent=1))
     return 0 if not summary["failed"] else 1

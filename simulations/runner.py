@@ -301,7 +301,7 @@ def train_federated(sc: Scenario, data: Prepared, model: str, seed: int, run_dir
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after flwr's import, which sets its own level
     settings = sc.run.settings_for(model, seed)
     result = run_federation(sites=data.site_frames(), schema=sc.schema, run_dir=run_dir / "federation",
-                            engine=sc.run.engine,
+                            engine=sc.run.engine, ray_address=sc.run.ray_address or None,
                             **{k: v for k, v in asdict(settings).items() if k not in _SET_BY_RUN_FEDERATION})
     sel = result.extra.get("selection", {})
     return [Trained(result.trained, info={"rounds": sel.get("rounds_run", settings.num_server_rounds),
@@ -424,15 +424,21 @@ class Progress:
 
 
 def run_scenario(sc: Scenario, out: str | Path, workers: int | None = None, progress: bool = True,
-                 engine: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every job, then write metrics.json, results.csv, figures/ and report.html."""
+                 engine: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every job, then write metrics.json, results.csv, figures/ and report.html.
+    ``engine`` / ``ray_address`` override the scenario's ``run.engine`` / ``run.ray_address`` (an address
+    implies engine ``ray``)."""
     from mmn_fed.evaluation import read_metrics, write_metrics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if engine and engine != sc.run.engine:
+    if ray_address:
+        engine = engine or "ray"
+    if (engine and engine != sc.run.engine) or (ray_address and ray_address != sc.run.ray_address):
         raw = sc.to_dict()
-        raw.setdefault("run", {})["engine"] = engine
+        raw.setdefault("run", {})["engine"] = engine or sc.run.engine
+        if ray_address:
+            raw["run"]["ray_address"] = ray_address
         sc = Scenario.from_dict(raw, sc.base_dir)
     (out / "scenario.json").write_text(json.dumps(sc.to_dict(), indent=1, default=str))
     jobs = plan(sc)

@@ -32,7 +32,8 @@ _RULE = {"modality", "mechanism", "fraction", "task", "label", "column", "direct
 _TEST = {"conditions", "fraction", "holdout_sites", "time_bins"}
 # [run] keys of the scenario itself; every other [run] key is a run setting by its snake_case name
 # (mmn_fed.settings, docs/settings.md), except those the scenario sets elsewhere (_SET_ELSEWHERE).
-_RUN_ONLY = {"models", "training", "seeds", "rounds", "epochs", "patience", "engine", "workers", "explain"}
+_RUN_ONLY = {"models", "training", "seeds", "rounds", "epochs", "patience", "engine", "ray_address", "workers",
+             "explain"}
 _SET_ELSEWHERE = {"model": "run.models", "seed": "run.seeds", "num_server_rounds": "run.rounds", "dataset": "[data]",
                   "schema": "[data]", "tasks": "[data]", "data_dir": "the runner", "run_dir": "the runner",
                   "min_nodes": "the engine", "node_wait": "the engine"}
@@ -75,6 +76,7 @@ class RunSpec:
     epochs: int = 150  # centralized / local: maximum epochs (early stopping on a validation split)
     patience: int = 20
     engine: str = "inprocess"
+    ray_address: str = ""  # engine "ray" on an existing Ray cluster: its head's HOST:PORT ("": a Ray of its own)
     workers: int = 0  # 0 = one per CPU core
     explain: bool = True  # IMC / CP tables and heatmaps for MultiModN runs
     settings: RunSettings = SCENARIO_SETTINGS  # rounds = settings.num_server_rounds
@@ -437,6 +439,11 @@ def _run(t: dict) -> RunSpec:
     engine = t.get("engine", d.engine)
     if engine not in ENGINES:
         raise ScenarioError(f"run.engine: expected one of {list(ENGINES)}, got {engine!r}")
+    ray_address = t.get("ray_address", d.ray_address)
+    if not isinstance(ray_address, str):
+        raise ScenarioError(f"run.ray_address: expected a string HOST:PORT, got {ray_address!r}")
+    if ray_address and engine != "ray":
+        raise ScenarioError(f"run.ray_address: for run.engine = \"ray\", not {engine!r}")
     explain = t.get("explain", d.explain)
     if not isinstance(explain, bool):
         raise ScenarioError(f"run.explain: expected true or false, got {explain!r}")
@@ -465,6 +472,7 @@ def _run(t: dict) -> RunSpec:
         epochs=int(_number(t.get("epochs", d.epochs), "run.epochs", 1, integer=True)),
         patience=int(_number(t.get("patience", d.patience), "run.patience", 1, integer=True)),
         engine=engine,
+        ray_address=ray_address,
         workers=int(_number(t.get("workers", d.workers), "run.workers", 0, integer=True)),
         explain=explain,
         settings=settings,

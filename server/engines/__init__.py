@@ -37,6 +37,7 @@ def run_federation(
     engine: str = "inprocess",
     test_sites: Mapping[str, pd.DataFrame] | None = None,
     client_app: ClientApp | None = None,
+    ray_address: str | None = None,
     **settings: Any,
 ) -> FederationResult:
     """Federate MultiModN (or P-Fusion) over ``sites`` (name -> rows) and return the final model,
@@ -53,6 +54,8 @@ def run_federation(
     (rejections in each history entry's ``rejected`` and in ``run_dir/failures.json``).
     ``client_app``: the ClientApp every site runs (default: ``clients.app.app``; in-process engine only),
     e.g. one with a malicious site (``simulations.attacks``).
+    ``ray_address``: engine ``ray`` on an existing Ray cluster, ``"HEAD:PORT"`` of its head (``ray start --head``);
+    default: a Ray instance on this machine for this run alone (docs/federation.md, "Beyond one machine").
     Resumes from ``run_dir/checkpoint.pt`` when present with the same settings.
     """
     if engine not in ("inprocess", "ray"):
@@ -60,6 +63,8 @@ def run_federation(
     if client_app is not None and engine != "inprocess":
         raise ValueError(f"client_app is supported by the in-process engine only, not engine '{engine}' (Ray loads "
                          "the ClientApp named in pyproject.toml)")
+    if ray_address and engine != "ray":
+        raise ValueError(f"ray_address is for engine 'ray', not engine '{engine}'")
     if not sites:
         raise ValueError("run_federation needs at least one site")
     for short, name in ((model_kind, "model"), (rounds, "num_server_rounds")):
@@ -79,5 +84,5 @@ def run_federation(
     if engine == "inprocess":
         run_inprocess(rc, len(sites), client_app=client_app)
     else:
-        run_ray(rc, len(sites), run_dir / "ray")
+        run_ray(rc, len(sites), run_dir / "ray", ray_address=ray_address)
     return read_result(run_dir, time.perf_counter() - t0)

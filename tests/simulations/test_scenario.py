@@ -57,6 +57,8 @@ def test_valid_scenario_and_sweep_points():
     ("run.seeds", [0, 0], "run.seeds"),
     ("run.rounds", 0, "run.rounds"),
     ("run.engine", "spark", "run.engine"),
+    ("run.ray_address", "10.0.0.1:6379", "run.ray_address"),  # engine inprocess (BASE's): not for it
+    ("run.ray_address", 6379, "run.ray_address"),
     ("run.colour", 1, "run.colour"),
     ("data.builtin", "mimic", "data.builtin"),
     ("data.tasks", ["nope"], "data.tasks"),
@@ -71,6 +73,12 @@ def test_errors_name_the_bad_key(path, value, key):
     with pytest.raises(ScenarioError) as e:
         Scenario.from_dict(with_(path, value))
     assert str(e.value).startswith(key), str(e.value)
+
+
+def test_ray_address_goes_with_the_ray_engine():
+    sc = Scenario.from_dict({**BASE, "run": {**BASE["run"], "engine": "ray", "ray_address": "10.0.0.1:6379"}})
+    assert (sc.run.engine, sc.run.ray_address) == ("ray", "10.0.0.1:6379")
+    assert Scenario.from_dict(BASE).run.ray_address == ""
 
 
 def test_rule_specific_errors():

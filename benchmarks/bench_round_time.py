@@ -3,16 +3,21 @@
 One round on the deployment engine = Flower's fixed cost + the sites' training + the rest:
 
 (a) **Flower**: a minimal ServerApp/ClientApp pair (written below into a temp folder; it imports nothing but
-    flwr) sends the same messages per round (one train + one evaluate per site, after a summary and a profile
-    query) through the same machinery (``LocalDeployment``: SuperLink + one SuperNode per site, TLS + SuperNode
-    auth unless ``--insecure``; one ``flwr-clientapp`` process per message, 3 s polls on both sides).
+    flwr) sends the same messages as mmn-fed (a summary and a profile query, then one train message per site
+    per round, whose reply is a new update of the heart model's size, and one evaluate message after the last
+    round) through the same machinery (``LocalDeployment``: SuperLink + one SuperNode per site, TLS + SuperNode
+    auth unless ``--insecure``; one ``flwr-clientapp`` process per message; the SuperNode's 3 s poll; the
+    server pulls replies every 0.2 s as ``server.exchange`` does; ``--flower-poll`` adds a run with Flower's
+    own ``send_and_receive``, 3 s between pulls).
 (b) **training**: the sites' local training and evaluation, measured in-process on the same rows and settings
     (``clients.site.Site.train`` / ``.evaluate``, after a warm-up), and the handler time the sites' audit
     logs record on the real run (message in -> reply out: data loading + encoding + training, no imports).
 (c) **the rest** = real round - (a) - (b): importing torch & co. in every ClientApp process, reading and
-    encoding the site's rows again in every process, the server's own work.
+    encoding the site's rows again in every process, the server's own work. Each phase of the real run is
+    also split (server ``timing.json`` + the sites' audit logs) into: push -> handlers start, handlers,
+    handlers end -> replies at the server.
 
-    PYTHONPATH=. python benchmarks/bench_round_time.py [--sites 4] [--rounds 3] [--insecure] [--skip-minimal]
+    PYTHONPATH=. python benchmarks/bench_round_time.py [--sites 4] [--rounds 3] [--insecure] [--flower-poll]
 
 The target (issue 13): real round <= 1.2 x (minimal round + training + one torch import per training message,
 the CPU of parallel work divided over the cores).
@@ -42,34 +47,46 @@ import numpy as np
 
 app = ServerApp()
 
-def _send(grid, nodes, kind, content):
+def _send(grid, nodes, kind, content, poll):
+    # the transport mmn-fed's server uses (server.exchange): push, then pull every `poll` s (0 = Flower's own
+    # send_and_receive, which sleeps 3 s between pulls)
     msgs = [Message(content=content, message_type=kind, dst_node_id=n) for n in nodes]
-    return list(grid.send_and_receive(msgs, timeout=600))
+    if not poll:
+        return list(grid.send_and_receive(msgs, timeout=600))
+    pending, got = set(grid.push_messages(msgs)), []
+    while pending:
+        for r in grid.pull_messages(pending):
+            got.append(r)
+            pending.discard(r.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(poll)
+    return got
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    n, rounds = int(cfg["min-nodes"]), int(cfg["rounds"])
+    n, rounds, poll = int(cfg["min-nodes"]), int(cfg["rounds"]), float(cfg["poll"])
     while len(list(grid.get_node_ids())) < n:
         time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
-    arrays = ArrayRecord({"w": Array(np.zeros(19000, dtype=np.float32))})  # ~ the heart model's size (73.5 KiB)
+    # ~ the heart model's size (84 KiB), as mmn-fed sends it: one packed Array and its index
+    arrays = ArrayRecord({"packed": Array(np.zeros(84376, dtype=np.uint8)), "index": Array(np.zeros(2000, dtype=np.uint8))})
     t0 = time.perf_counter()
-    _send(grid, nodes, "query.summary", RecordDict({"config": ConfigRecord({"x": 1})}))
-    _send(grid, nodes, "query.profile", RecordDict({"config": ConfigRecord({"x": 1})}))
+    _send(grid, nodes, "query.summary", RecordDict({"config": ConfigRecord({"x": 1})}), poll)
+    _send(grid, nodes, "query.profile", RecordDict({"config": ConfigRecord({"x": 1})}), poll)
     out = {"setup": time.perf_counter() - t0, "rounds": []}
-    for r in range(1, rounds + 1):
+    for r in range(1, rounds + 1):  # as mmn-fed: one train message per site per round ...
         t0 = time.perf_counter()
-        _send(grid, nodes, "train", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
-        if int(cfg["phases"]) > 1:
-            _send(grid, nodes, "evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}))
+        _send(grid, nodes, "train", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}), poll)
+        if r == rounds:  # ... and one evaluate message after the last round
+            _send(grid, nodes, "evaluate", RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": r})}), poll)
         out["rounds"].append(time.perf_counter() - t0)
     with open(str(cfg["out"]), "w") as f:
         json.dump(out, f)
 '''
 
 MIN_CLIENT = '''
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
@@ -80,7 +97,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"arrays": msg.content["arrays"], "m": MetricRecord({"n": 1})}), reply_to=msg)
+    # a new update (new bytes: uploaded like a real one, not deduplicated by Flower against the download)
+    up = ArrayRecord({k: Array(msg.content["arrays"][k].numpy() + 1) for k in msg.content["arrays"].keys()})
+    return Message(RecordDict({"arrays": up, "m": MetricRecord({"n": 1})}), reply_to=msg)
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
@@ -109,7 +128,7 @@ clientapp = "minround.client:app"
 [tool.flwr.app.config]
 min-nodes = 1
 rounds = 1
-phases = 2
+poll = 0.2
 out = ""
 '''
 
@@ -121,7 +140,7 @@ def heart_sites(n: int):
     return dict(list(sites.items())[:n] if n else sites.items()), schema
 
 
-def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path, phases: int = 2) -> dict:
+def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path, poll: float = 0.2) -> dict:
     """(a): the minimal app through LocalDeployment; per-round seconds as its ServerApp measures them."""
     from server.engines.deployment import LocalDeployment
     app = work / "minapp"
@@ -133,7 +152,7 @@ def minimal_rounds(n_sites: int, rounds: int, tls: bool, work: Path, phases: int
     out = work / "minimal.json"
     t0 = time.perf_counter()
     with LocalDeployment(work / "dep", [{"site-name": f"s{i}"} for i in range(n_sites)], tls=tls, auth=tls) as dep:
-        dep.run_app(app, {"min-nodes": n_sites, "rounds": rounds, "out": str(out), "phases": phases})
+        dep.run_app(app, {"min-nodes": n_sites, "rounds": rounds, "out": str(out), "poll": poll})
     res = json.loads(out.read_text())
     res["wall"] = time.perf_counter() - t0
     return res
@@ -159,6 +178,28 @@ def audit_handler_seconds(audit_root: Path) -> dict[int, dict[str, list[float]]]
     return out
 
 
+def phase_breakdown(work: Path) -> list[dict]:
+    """Per phase of the real run (the server's ``timing.json``, the sites' audit logs): seconds from the push
+    to the handlers' start (SuperNode poll, SuperExec poll, a fresh ClientApp process and its imports), in the
+    handlers (mean over sites) and from the last handler's end to the last reply at the server."""
+    phases = json.loads((work / "run" / "timing.json").read_text())
+    entries = []
+    for log in (work / "site_data" / "mmn-fed-audit").glob("*/audit.jsonl"):
+        entries += [json.loads(line) for line in log.read_text().splitlines()]
+    out = []
+    for p in phases:
+        key = lambda e: (e["type"], str(e.get("round") or 0)) == (p["type"], str(p["round"] or 0))  # noqa: E731
+        ins = [_utc(e["time"]) for e in entries if e["dir"] == "in" and key(e)]
+        outs = [_utc(e["time"]) for e in entries if e["dir"] == "out" and e["type"] == p["type"]
+                and str(e.get("round") or 0) == str(p["round"] or 0)]
+        if not ins or not outs or not p["replies"]:
+            continue
+        out.append({"type": p["type"], "round": p["round"], "seconds": p["seconds"],
+                    "to_handler": statistics.mean(ins) - p["sent"], "handler": statistics.mean(outs) - statistics.mean(ins),
+                    "back": p["sent"] + max(p["replies"]) - max(outs)})
+    return out
+
+
 def real_rounds(sites, rounds: int, tls: bool, work: Path) -> dict:
     """The real federation through run_deployment (what deploy-local runs), a fixed number of rounds."""
     from server.engines.deployment import run_deployment
@@ -167,7 +208,7 @@ def real_rounds(sites, rounds: int, tls: bool, work: Path) -> dict:
     res = run_deployment(sites, rc, work, tls=tls, auth=tls)
     wall = time.perf_counter() - t0
     return {"wall": wall, "rounds": [h["seconds"] for h in res.history],
-            "handlers": audit_handler_seconds(work / "site_data" / "mmn-fed-audit")}
+            "handlers": audit_handler_seconds(work / "site_data" / "mmn-fed-audit"), "phases": phase_breakdown(work)}
 
 
 def inprocess_training(sites, schema, rounds: int) -> dict:
@@ -235,9 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-minimal", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-inprocess", action="store_true")
-    ap.add_argument("--minimal-train-only", action="store_true",
-                    help="also time the minimal app with train messages only (no evaluate phase): what merging the "
-                         "evaluation into the next round's train message would save")
+    ap.add_argument("--flower-poll", action="store_true",
+                    help="also time the minimal app with Flower's own send_and_receive (3 s between pulls): what "
+                         "server.exchange's 0.2 s poll saves")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
     tls = not args.insecure
@@ -257,9 +298,9 @@ def main(argv=None) -> int:
         if not args.skip_minimal:
             res["minimal"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal")
             print(f"minimal: {res['minimal']}", file=sys.stderr, flush=True)
-        if args.minimal_train_only:
-            res["minimal_train_only"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal1", phases=1)
-            print(f"minimal, train only: {res['minimal_train_only']}", file=sys.stderr, flush=True)
+        if args.flower_poll:
+            res["minimal_flower_poll"] = minimal_rounds(n, args.rounds, tls, tmp / "minimal3", poll=0)
+            print(f"minimal, Flower's 3 s poll: {res['minimal_flower_poll']}", file=sys.stderr, flush=True)
         if not args.skip_real:
             res["real"] = real_rounds(sites, args.rounds, tls, tmp / "real")
     res["load_after"] = os.getloadavg()
@@ -288,11 +329,16 @@ def main(argv=None) -> int:
         for r in sorted(h):
             print(f"round {r}: handler seconds per site (audit in->out): " +
                   "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(h[r].items())))
+        print("\nphases of the real run (s): push -> handlers start (polls, process start, imports) | in the "
+              "handlers (mean) | last handler end -> last reply at the server")
+        for p in real.get("phases", []):
+            print(f"  {p['type']:<14} r{p['round']:<3} {p['seconds']:6.1f} = {p['to_handler']:5.1f} | {p['handler']:5.2f} | "
+                  f"{p['back']:5.1f}")
         print(f"real wall {real['wall']:.0f} s (setup included); minimal wall {res.get('minimal', {}).get('wall', 0):.0f} s, "
               f"minimal setup (summary + profile) {res.get('minimal', {}).get('setup', 0):.1f} s")
-    if "minimal_train_only" in res:
-        print(f"minimal round with train messages only (no evaluate phase): "
-              f"{statistics.mean(res['minimal_train_only']['rounds']):.1f} s (vs {minimal:.1f} s with both)")
+    if "minimal_flower_poll" in res:
+        print(f"minimal round with Flower's send_and_receive (3 s between pulls): "
+              f"{statistics.mean(res['minimal_flower_poll']['rounds']):.1f} s (vs {minimal:.1f} s with a 0.2 s poll)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     return 0

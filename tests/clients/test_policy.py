@@ -199,6 +199,17 @@ def test_clientapp_refuses_with_the_site_named_and_suppresses_what_leaves(heart,
                                                    "decoders.disease"}
     reply = client_app(make_message(P.EVALUATE, RecordDict({"arrays": R.to_arrayrecord(params), "config": cfg})), ctx)
     assert not reply.has_error() and all(r["n"] >= 10 for r in R.from_json_record(reply.content[P.RECORDS]))
+    # a train message that also scores the received model (the previous round's evaluation, folded in): the
+    # same suppression applies to its records, and the train metrics stay
+    (tmp_path / "policy.toml").write_text("min_cell = 10\n")
+    folded = ConfigRecord({**dict(cfg), P.EVALUATE_ROUND: 1})
+    reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": R.to_arrayrecord(params), "config": folded})), ctx)
+    records = R.from_json_record(reply.content[P.RECORDS])
+    assert not reply.has_error() and records and all(r["n"] >= 10 and r["round"] == 1 for r in records)
+    assert "train_loss" in reply.content[P.METRICS]
+    (tmp_path / "policy.toml").write_text("min_cell = 100000\n")  # every evaluation cell is too small
+    reply = client_app(make_message(P.TRAIN, RecordDict({"arrays": R.to_arrayrecord(params), "config": folded})), ctx)
+    assert R.from_json_record(reply.content[P.RECORDS]) == [] and "train_loss" in reply.content[P.METRICS]
 
 
 # ---- in a federation ------------------------------------------------------------------------------

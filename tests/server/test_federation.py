@@ -258,6 +258,50 @@ def test_resuming_a_stopped_run_with_more_rounds_does_not_continue_past_the_stop
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_evaluation_folded_into_a_train_message_equals_an_evaluate_message_of_the_same_model(two_sites, tmp_path):
+    """Round k's model is scored inside round k+1's train message: the records equal what an evaluate message
+    of that model returns, they are the server's federated evaluation of round k, and one message per site per
+    round is sent (plus the last round's evaluate)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from mmn_fed import protocol as P
+    from server.engines.inprocess import as_stored
+
+    sites, schema = two_sites
+    checked, kinds = [], []
+
+    def client(msg, ctx):
+        reply = client_app(msg, ctx)
+        kinds.append((msg.metadata.message_type, msg.metadata.group_id))
+        cfg = msg.content[P.CONFIG]
+        if msg.metadata.message_type == P.TRAIN and P.EVALUATE_ROUND in cfg:
+            rnd = int(cfg[P.EVALUATE_ROUND])
+            assert rnd == int(cfg["server-round"]) - 1
+            same = as_stored(Message(RecordDict({P.ARRAYS: msg.content[P.ARRAYS], P.CONFIG: ConfigRecord(
+                {**dict(cfg), "server-round": rnd})}), dst_node_id=msg.metadata.dst_node_id, message_type=P.EVALUATE,
+                group_id=str(rnd)))
+            alone = client_app(same, ctx)
+            assert R.from_json_record(reply.content[P.RECORDS]) == R.from_json_record(alone.content[P.RECORDS])
+            checked.append((ctx.node_config["partition-id"], rnd))
+        return reply
+
+    rc = {"num-server-rounds": 3, "seed": 0, "val-fraction": 0.25, "patience-rounds": 0,
+          "data-dir": str(write_site_data(tmp_path / "data", sites, schema)), "run-dir": str(tmp_path / "run"), **{
+              k.replace("_", "-"): v for k, v in FAST.items()}}
+    grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": 2} for i in range(2)], rc)
+    server_app(grid, server_context(rc))
+    assert sorted(checked) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    rounds = [k for k in kinds if k[0] in (P.TRAIN, P.EVALUATE)]
+    assert sorted(rounds) == sorted([(P.TRAIN, str(r)) for r in (1, 2, 3) for _ in range(2)] + [(P.EVALUATE, "3")] * 2)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    evaluations = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert [h["round"] for h in history] == [1, 2, 3] and all(h["federated_eval"] for h in history)
+    assert {e["round"] for e in evaluations} == {1, 2, 3}
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert [(t["type"], t["round"]) for t in timing if t["type"] in (P.TRAIN, P.EVALUATE)] == \
+        [(P.TRAIN, "1"), (P.TRAIN, "2"), (P.TRAIN, "3"), (P.EVALUATE, "3")]
+
+
 def test_validation_score_is_minus_the_task_weighted_pooled_brier_of_the_classification_tasks():
     from mmn_fed import load_builtin
     from server.app import validation_score

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -218,20 +219,39 @@ def optimizer_step(loss: Tensor, params, optimizer: torch.optim.Optimizer, grad_
 
 
 def split_indices(n: int, fraction: float, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, held_out) index arrays; stratified by ``strata`` when given."""
+    """(keep, held_out) index arrays; stratified by ``strata`` when given: within each stratum, in sorted order
+    of the strata, its rows shuffled and the first round(size * fraction) held out."""
     rng = np.random.default_rng(seed)
     if strata is None:
         perm = rng.permutation(n)
         k = int(round(n * fraction))
         return np.sort(perm[k:]), np.sort(perm[:k])
-    held = []
-    for s in np.unique(strata):
-        idx = np.flatnonzero(strata == s)
-        rng.shuffle(idx)
-        held.append(idx[: int(round(len(idx) * fraction))])
+    groups = _strata_groups(np.asarray(strata))
+    if not groups:  # as np.concatenate([]) does
+        raise ValueError("need at least one array to concatenate")
+    sizes = [int(round(len(idx) * fraction)) for idx in groups]
+    held = [np.zeros(0, dtype=np.intp)]
+    if any(sizes):  # else nothing is held out, whatever the shuffles: skip them
+        for idx, k in zip(groups, sizes):
+            rng.shuffle(idx)
+            held.append(idx[:k])
     held = np.sort(np.concatenate(held))
-    keep = np.setdiff1d(np.arange(n), held)
-    return keep, held
+    out = np.ones(n, dtype=bool)
+    out[held] = False
+    return np.flatnonzero(out), held
+
+
+def _strata_groups(strata: np.ndarray) -> list[np.ndarray]:
+    """The rows of each stratum (ascending), strata in ``np.unique`` order: what ``np.flatnonzero(strata == s)``
+    gives for each ``s`` in ``np.unique(strata)``, from one hash pass instead of one comparison per stratum."""
+    if strata.dtype.kind in "OUS" and pd.api.types.infer_dtype(strata, skipna=False) == "string":
+        codes, uniques = pd.factorize(strata, sort=False)
+        rank = np.argsort(np.argsort(np.asarray(uniques, dtype=object), kind="stable"), kind="stable")
+        codes = rank[codes]
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))]
+    return [np.flatnonzero(strata == s) for s in np.unique(strata)]
 
 
 def monitor_value(model: nn.Module, schema: Schema, data: TensorData, monitor: str, targets: Mapping) -> float:

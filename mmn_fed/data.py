@@ -381,6 +381,11 @@ class TensorData:
         pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
         return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
 
+    def rows(self, start: int, stop: int) -> "TensorData":
+        """Rows ``start:stop`` as views (no copy): batches of a table shuffled once per epoch."""
+        pick = lambda d: {k: v[start:stop] for k, v in d.items()}  # noqa: E731
+        return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
+
     @property
     def modalities(self) -> list[str]:
         return list(self.present)

@@ -153,3 +153,25 @@ def test_training_is_deterministic():
 
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoder_dropout_applies_each_drawn_mask_once_after_its_layer():
+    schema, prep, data = cohort()
+    model = build_model(prep.modality_dims, {t: prep.task_out_dim(t) for t in schema.tasks}, ModelConfig(dropout=0.3))
+    model.train()
+    batch = data.subset(torch.arange(20))
+    torch.manual_seed(3)
+    fast, _ = model.encode_states(batch.x, batch.present)
+    torch.manual_seed(3)
+    run = [m for m in model.modalities if bool(batch.present[m].any())]
+    masks = keep_masks(2 * len(run), (len(batch), model.config.hidden), 0.3).view(len(run), 2, len(batch), -1)
+    state = model.init_state.unsqueeze(0).expand(len(batch), -1)
+    ref = [state]
+    for j, m in enumerate(run):
+        net = model.encoders[m].net
+        h = torch.relu(net[0](torch.cat([state, batch.x[m]], -1))) * masks[j, 0]
+        new = state + net[6](torch.relu(net[3](h)) * masks[j, 1])
+        state = torch.where(batch.present[m].unsqueeze(-1), new, state)
+        ref.append(state)
+    assert len(run) == len(model.modalities) - 1  # modality c is absent from these rows: skipped
+    assert torch.allclose(fast[[0] + [1 + model.modalities.index(m) for m in run]], torch.stack(ref), atol=1e-6)

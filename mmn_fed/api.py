@@ -32,10 +32,21 @@ def stratify_key(schema: Schema, df: pd.DataFrame) -> np.ndarray:
     """Stratum per row for splits: the first task's label (and the site, if the schema names one)."""
     task = next(iter(schema.tasks))
     v, p = derive_labels(schema, df)[task]
-    key = np.where(p, v.astype(str) if schema.tasks[task].kind != "regression" else "x", "missing").astype(object)
+    p = np.asarray(p, dtype=bool)
+    if schema.tasks[task].kind == "regression":
+        codes, names = np.where(p, 0, 1), np.array(["x", "missing"])
+    else:  # spelled once per distinct label (as ``v.astype(str)`` spells it), not once per row
+        codes, uniques = pd.factorize(v, use_na_sentinel=False)
+        names = np.append(np.asarray(uniques).astype(str), "missing")
+        codes = np.where(p, codes, len(names) - 1)
     if schema.site_column and schema.site_column in df.columns:
-        key = key + "|" + df[schema.site_column].astype(str).to_numpy()
-    return key
+        site = df[schema.site_column].astype(str).to_numpy()
+        if pd.api.types.infer_dtype(site, skipna=False) != "string":  # e.g. a blank site (pandas keeps NaN)
+            return np.asarray(names, dtype=object)[codes] + "|" + site  # as before, row by row (it may raise)
+        site_codes, sites = pd.factorize(site)
+        names = np.array([f"{a}|{b}" for a in names for b in sites], dtype=object)
+        codes = codes * len(sites) + site_codes
+    return np.asarray(names, dtype=object)[codes]
 
 
 def train_centralized(

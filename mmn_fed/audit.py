@@ -34,7 +34,7 @@ import pandas as pd
 from edge_runtime.preprocessing import parse_categorical, parse_numeric
 from edge_runtime.schema import Schema
 
-from .data import derive_labels
+from .data import _numeric_values, derive_labels
 
 MIN_CELL = 10  # the default minimum count behind any number that leaves a site in the clear
 ALPHA = 0.05  # false discovery rate over all modality x task x site tests
@@ -55,12 +55,12 @@ def column_presence(schema: Schema, df: pd.DataFrame) -> dict[str, np.ndarray]:
         if c not in df.columns:
             out[c] = np.zeros(len(df), dtype=bool)
             continue
-        values = df[c].to_numpy(dtype=object)
         codes = schema.missing_codes.get(c, ())
         if c in schema.categorical:
+            values = df[c].to_numpy(dtype=object)
             out[c] = np.array([v is not None for v in parse_categorical(values, codes)], dtype=bool)
-        else:
-            x, issues = parse_numeric(values, c, codes)
+        else:  # a numeric column stays numeric: parse_numeric's vectorized path, not one Python call per row
+            x, issues = parse_numeric(_numeric_values(df[c]), c, codes)
             ok = ~np.isnan(x)
             for i in issues:
                 ok[i.row] = True

@@ -211,17 +211,39 @@ def _numeric_values(col: pd.Series) -> np.ndarray:
 
 
 def target_summary(schema: Schema, labels: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Mergeable per-task label summary: count, sum and sum of squares (regression) or the count of each
+    class spelled as ``canonical_category`` spells it, keys in sorted order (classification)."""
     out = {}
     for name, (v, p) in labels.items():
         kind = schema.tasks[name].kind
         if kind == "regression":
             x = v[p].astype(np.float64)
             out[name] = {"kind": "numeric", "count": int(x.size), "sum": float(x.sum()), "sumsq": float((x * x).sum())}
-        else:
-            vals = v[p] if kind == "multiclass" else np.array([canonical_category(int(a)) for a in v[p]], dtype=object)
+        elif kind == "multiclass":
+            vals = v[p]
             keys, counts = np.unique(vals.astype(str), return_counts=True) if len(vals) else ([], [])
             out[name] = {"kind": "categorical", "counts": {str(k): int(c) for k, c in zip(keys, counts)}}
+        else:
+            out[name] = {"kind": "categorical", "counts": _binary_counts(v[p])}
     return out
+
+
+def _binary_counts(values: np.ndarray) -> dict[str, int]:
+    """{canonical_category(int(a)): count} over ``values``, keys sorted as strings. Counted per distinct value
+    (one Python call per class, not per row); values that are not finite numbers take the per-row path, which
+    raises as ``int(a)`` does."""
+    if values.dtype.kind in "fiub":
+        finite = values.dtype.kind != "f" or bool(np.isfinite(values).all())
+        if finite:
+            distinct, n = np.unique(values, return_counts=True)
+            counts: dict[str, int] = {}
+            for a, c in zip(distinct.tolist(), n.tolist()):
+                key = canonical_category(int(a))
+                counts[key] = counts.get(key, 0) + int(c)  # 1.0 and 1.5 are both class "1"
+            return {k: counts[k] for k in sorted(counts)}
+    vals = np.array([canonical_category(int(a)) for a in values], dtype=object)
+    keys, n = np.unique(vals.astype(str), return_counts=True) if len(vals) else ([], [])
+    return {str(k): int(c) for k, c in zip(keys, n)}
 
 
 def site_summary(schema: Schema, df: pd.DataFrame) -> dict[str, Any]:
@@ -357,6 +379,11 @@ class TensorData:
     def subset(self, idx) -> "TensorData":
         idx = torch.as_tensor(idx, dtype=torch.long)
         pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
+        return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
+
+    def rows(self, start: int, stop: int) -> "TensorData":
+        """Rows ``start:stop`` as views (no copy): batches of a table shuffled once per epoch."""
+        pick = lambda d: {k: v[start:stop] for k, v in d.items()}  # noqa: E731
         return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
 
     @property

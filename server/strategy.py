@@ -144,11 +144,12 @@ class ModularFedAvg(Strategy):
     # ---- helpers -------------------------------------------------------------------------
     def _messages(self, message_type: str, server_round: int, config: ConfigRecord, phase: str) -> list[Message]:
         out = []
+        packed = R.pack(self._global)  # each parameter converted once per round, whatever the number of sites
         for node_id, site in sorted(self.sites.items(), key=lambda kv: kv[1].name):
             params = select_modules(self._global, site.modules)
             self._log_bytes(server_round, site.name, phase, "down", params)
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
-            content = RecordDict({P.ARRAYS: R.to_arrayrecord(params), P.CONFIG: cfg})
+            content = RecordDict({P.ARRAYS: R.select(packed, params.keys()), P.CONFIG: cfg})
             out.append(Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(server_round)))
         return out
 

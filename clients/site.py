@@ -30,6 +30,8 @@ from mmn_fed.modules import module_of
 from mmn_fed.settings import SETTING, SiteSettings
 from mmn_fed.training import TrainConfig, eager_optimizers, module_counts, split_indices, train_epochs
 
+from .manifest import read_manifest
+
 
 class SiteDataError(ValueError):
     """A site cannot find or use its data (node config or run config points nowhere)."""
@@ -57,7 +59,7 @@ def site_source(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     pid = int(node_config["partition-id"])
     data_dir, dataset = (SETTING[k].parse(run_config.get(k, SETTING[k].default)) for k in ("data-dir", "dataset"))
     if data_dir:
-        manifest = json.loads((Path(data_dir) / "sites.json").read_text())
+        manifest = read_manifest(data_dir)
         if pid >= len(manifest["sites"]):
             raise SiteDataError(f"partition-id {pid} but {data_dir} holds {len(manifest['sites'])} sites")
         site = manifest["sites"][pid]

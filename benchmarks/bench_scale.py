@@ -14,6 +14,8 @@ One cohort (synthetic, ``mmn_fed.data.make_synthetic``, or a built-in dataset) i
     python benchmarks/bench_scale.py                              # 20k synthetic rows, 4/16/64/256 sites, 5 rounds
     python benchmarks/bench_scale.py --rows 1000000 --sites 64 --rounds 3   # big cohort
     python benchmarks/bench_scale.py --dataset support2 --sites 4 16 64 --rounds 20   # steps + AUROC vs split
+    python benchmarks/bench_scale.py --batch-rule pooled             # one batch size for every split
+    python benchmarks/bench_scale.py --heart-seeds 5                 # heart, default settings, AUROC per seed
 """
 from __future__ import annotations
 
@@ -186,6 +188,23 @@ def run(args, n_sites: int, schema, train, test, workdir: Path) -> dict:
     return out
 
 
+def heart(seeds: int) -> None:
+    """Disease AUROC on FLamby's heart test patients, federated over the 4 real hospitals with the default settings
+    (validation split, keep-best, early stopping), per seed: run it on two versions of the code and pair the seeds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_federation import heart_split, score
+    schema, _, _, sites, tests = heart_split()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            res = run_federation(sites, schema, seed=seed, run_dir=Path(tmp) / f"h{seed}")
+            out.append(score(res.trained, tests)["all"])
+            print(f"heart seed {seed}: AUROC {out[-1]:.4f}, {len(res.history)} rounds, {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+    print("heart AUROC per seed:", " ".join(f"{v:.4f}" for v in out), f"mean {np.mean(out):.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="synthetic", help="synthetic or a built-in dataset (split IID into sites)")
@@ -194,14 +213,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=0, help="0 = auto (the default rule)")
+    ap.add_argument("--batch-rule", choices=("site", "pooled"), default="site",
+                    help="with --batch-size 0: site = the default (each site's auto batch, from its own rows); pooled = "
+                         "every site uses the auto batch of the pooled training rows (the same for any split)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-auroc", dest="auroc", action="store_false", help="skip the held-out test AUROC")
+    ap.add_argument("--heart-seeds", type=int, default=0,
+                    help="instead: heart's 4 hospitals with the default settings, disease AUROC per seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.heart_seeds:
+        return heart(args.heart_seeds)
     t0 = time.perf_counter()
     schema, train, test = cohort(args)
+    if args.batch_rule == "pooled" and not args.batch_size:
+        from mmn_fed.training import resolve_batch_size
+        args.batch_size = resolve_batch_size(0, int(round(len(train) * 0.8)))  # the sites' training rows, pooled
     print(f"cohort: {args.dataset}, {len(train)} training rows (+{len(test)} test), {args.rounds} rounds x "
-          f"{args.local_epochs} local epoch(s), batch {'auto' if not args.batch_size else args.batch_size}, seed {args.seed} "
+          f"{args.local_epochs} local epoch(s), batch {'auto' if not args.batch_size else args.batch_size} "
+          f"(rule: {args.batch_rule}), seed {args.seed} "
           f"({time.perf_counter() - t0:.1f} s to build)", flush=True)
     print("| sites | s/round | training s/round | local eval s/round | overhead ms/site-round (rounds 2+) | "
           "strict ms/site-round | CPU overhead ms/site-round | steps/round (per site) | batch | AUROC | RSS after each round (MiB) | peak RSS MiB | "

@@ -15,6 +15,7 @@ One cohort (synthetic, ``mmn_fed.data.make_synthetic``, or a built-in dataset) i
     python benchmarks/bench_scale.py --rows 1000000 --sites 64 --rounds 3   # big cohort
     python benchmarks/bench_scale.py --dataset support2 --sites 4 16 64 --rounds 20   # steps + AUROC vs split
     python benchmarks/bench_scale.py --batch-rule pooled             # one batch size for every split
+    python benchmarks/bench_scale.py --early-stopping --rounds 100   # the default stopping instead of a fixed budget
     python benchmarks/bench_scale.py --heart-seeds 5                 # heart, default settings, AUROC per seed
 """
 from __future__ import annotations
@@ -164,7 +165,8 @@ def run(args, n_sites: int, schema, train, test, workdir: Path) -> dict:
     try:
         t0 = time.perf_counter()
         res = run_federation(sites, schema, rounds=args.rounds, seed=args.seed, run_dir=workdir / f"n{n_sites}",
-                             local_epochs=args.local_epochs, batch_size=args.batch_size, **FIXED)
+                             local_epochs=args.local_epochs, batch_size=args.batch_size,
+                             **({} if args.early_stopping else FIXED))
         wall = time.perf_counter() - t0
     finally:
         probe.uninstall()
@@ -182,7 +184,8 @@ def run(args, n_sites: int, schema, train, test, workdir: Path) -> dict:
            "cpu_ms": 1000 * (cpu["round"] - cpu["train"] - cpu["eval"]).mean() / n_sites,
            "steps": np.mean([probe.steps.get(r, 0) for r in rounds]),
            "site_steps": np.mean([np.mean(probe.site_steps.get(r, [0])) for r in rounds]),
-           "batch": sorted(probe.batch), "rss": probe.rss, "rss0": rss0, "peak": peak_mib(), "cache": cached}
+           "batch": sorted(probe.batch), "rounds": len(rounds),
+           "total_steps": sum(probe.steps.values()), "rss": probe.rss, "rss0": rss0, "peak": peak_mib(), "cache": cached}
     if args.auroc:
         out["auroc"] = first_task_auroc(res.trained, schema, test)
     return out
@@ -218,6 +221,8 @@ def main() -> None:
                          "every site uses the auto batch of the pooled training rows (the same for any split)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-auroc", dest="auroc", action="store_false", help="skip the held-out test AUROC")
+    ap.add_argument("--early-stopping", action="store_true",
+                    help="the default stopping (validation split, keep-best, patience 10) with --rounds as the most rounds")
     ap.add_argument("--heart-seeds", type=int, default=0,
                     help="instead: heart's 4 hospitals with the default settings, disease AUROC per seed")
     args = ap.parse_args()
@@ -243,7 +248,7 @@ def main() -> None:
             c = r["cache"]
             print(f"| {n} | {r['round_s']:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} | {r['overhead_ms']:.1f} "
                   f"({r['overhead_ms_after1']:.1f}) | {r['strict_ms']:.1f} | {r['cpu_ms']:.1f} | {r['steps']:.0f} ({r['site_steps']:.1f}) | "
-                  f"{','.join(map(str, r['batch']))} | {r.get('auroc', float('nan')):.4f} | "
+                  f"{','.join(map(str, r['batch']))} | {r.get('auroc', float('nan')):.4f} ({r['rounds']} rounds, {r['total_steps']} steps) | "
                   f"{' '.join(f'{x:.0f}' for x in r['rss'])} | {r['peak']:.0f} | "
                   f"{c['sites']}, {c['models']}, {c['mib']:.1f} | {r['wall']:.1f} |", flush=True)
 

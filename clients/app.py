@@ -12,7 +12,6 @@ site every engine runs (``simulations.attacks`` builds a misbehaving one with an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
 import torch

@@ -12,7 +12,6 @@ site every engine runs (``simulations.attacks`` builds a misbehaving one with an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,22 +30,15 @@ from .audit import audit_mod
 from .policy import policy_mod
 from .privacy import privacy_mod
 from .secagg import register_handlers, secagg_mod
-from .site import Site, load_rows, site_source
+from . import cache
+from .site import Site, site_source
 
-_SITES: dict = {}
 _PREPS: dict[str, Preprocessor] = {}
 
 
 def _site(context: Context) -> Site:
-    src = site_source(context.node_config, context.run_config)
-    # keyed on the file's mtime too: a re-run that rewrites the same data dir must not train on stale rows
-    path = Path(src.path) if getattr(src, "path", None) else None
-    key = (src, path.stat().st_mtime_ns if path is not None and path.exists() else None)
-    if key not in _SITES:
-        if len(_SITES) >= 32:  # sweeps create many sites in one process: keep the newest
-            _SITES.pop(next(iter(_SITES)))
-        _SITES[key] = Site(src.name, load_rows(src))
-    return _SITES[key]
+    """This node's site, kept for the run (``clients.cache``: rows, encoded tensors and model, freed by the next run)."""
+    return cache.site(context)
 
 
 def _prep(config: ConfigRecord) -> tuple[Preprocessor, str]:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .manifest import read_manifest
+
 FORMAT = "mmn-fed-site-audit"
 VERSION = 1
 LOG = "audit.jsonl"
@@ -274,7 +276,7 @@ def locate(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tup
         name = name or Path(str(node_config["data-path"])).stem
     elif "partition-id" in node_config and run_config.get("data-dir"):
         try:
-            manifest = json.loads((Path(str(run_config["data-dir"])) / "sites.json").read_text())
+            manifest = read_manifest(str(run_config["data-dir"]))  # parsed once per version of the file
             name = name or str(manifest["sites"][int(node_config["partition-id"])]["name"])
         except (OSError, ValueError, KeyError, IndexError):
             name = name or f"partition-{node_config['partition-id']}"

@@ -30,6 +30,8 @@ from mmn_fed.modules import module_of
 from mmn_fed.settings import SETTING, SiteSettings
 from mmn_fed.training import TrainConfig, eager_optimizers, module_counts, split_indices, train_epochs
 
+from .manifest import read_manifest
+
 
 class SiteDataError(ValueError):
     """A site cannot find or use its data (node config or run config points nowhere)."""
@@ -57,7 +59,7 @@ def site_source(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     pid = int(node_config["partition-id"])
     data_dir, dataset = (SETTING[k].parse(run_config.get(k, SETTING[k].default)) for k in ("data-dir", "dataset"))
     if data_dir:
-        manifest = json.loads((Path(data_dir) / "sites.json").read_text())
+        manifest = read_manifest(data_dir)
         if pid >= len(manifest["sites"]):
             raise SiteDataError(f"partition-id {pid} but {data_dir} holds {len(manifest['sites'])} sites")
         site = manifest["sites"][pid]
@@ -122,6 +124,55 @@ class Site:
         self._keep: dict[tuple, tuple[dict, TensorData | None]] = {}
         self._seqs: dict[tuple, tuple] = {}
         self._seq_data: dict[tuple, tuple] = {}
+        # (key, model, its state_dict): built once, reused every round
+        self._model: tuple[tuple, torch.nn.Module, dict[str, torch.Tensor]] | None = None
+
+    # ---- the model, built once per (preprocessing, architecture) and reused by every message ------------
+    def model(self, prep: Preprocessor, prep_key: str, model_config: ModelConfig, ts: Schema | None = None) -> torch.nn.Module:
+        """This site's model for ``model_config``, built on first use and kept (``clients.cache`` keeps the site for
+        the run). Callers load the received parameters into it (``load_partial``); the parameters not received
+        keep whatever they hold and are never used: no row passes through them (a site receives every module its
+        rows reach) and they are not trained."""
+        key = (prep_key, json.dumps(model_config.to_dict(), sort_keys=True),
+               json.dumps(ts.to_dict(), sort_keys=True) if ts is not None else None)
+        if self._model is None or self._model[0] != key:
+            model = build_from_preprocessor(prep, model_config, ts)
+            self._model = (key, model, model.state_dict())
+        return self._model[1]
+
+    def state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` (tensors sharing the parameters' storage), kept with the kept model."""
+        if self._model is not None and self._model[1] is model:
+            return self._model[2]
+        return model.state_dict()
+
+    @property
+    def n_models(self) -> int:
+        return int(self._model is not None)
+
+    def nbytes(self) -> int:
+        """Memory this site holds: its rows, encoded tensors and model parameters (bytes)."""
+        n = int(self.rows.memory_usage(index=True, deep=False).sum())
+        seen: set[int] = set()
+
+        def tensors(obj) -> int:
+            if isinstance(obj, torch.Tensor):
+                if id(obj) in seen:
+                    return 0
+                seen.add(id(obj))
+                return obj.element_size() * obj.nelement()
+            if isinstance(obj, TensorData):
+                return sum(tensors(d) for d in (obj.x, obj.present, obj.y, obj.y_present))
+            if isinstance(obj, dict):
+                return sum(tensors(v) for v in obj.values())
+            if isinstance(obj, (tuple, list)):
+                return sum(tensors(v) for v in obj)
+            return 0
+
+        n += tensors(list(self._encoded.values())) + tensors(list(self._keep.values()))
+        if self._model is not None:
+            n += sum(tensors(p) for p in self._model[1].state_dict().values())
+        return n
 
     # ---- time series (docs/timeseries.md): the site's subjects, split by subject -----------------------
     def sequences(self, ts: Schema, settings: SiteSettings) -> tuple[seq.Sequences, seq.Sequences | None]:
@@ -223,7 +274,7 @@ class Site:
 
     def module_counts(self, prep: Preprocessor, prep_key: str, settings: SiteSettings, model_config: ModelConfig,
                       ts: Schema | None = None) -> dict[str, int]:
-        model = build_from_preprocessor(prep, model_config, ts)
+        model = self.model(prep, prep_key, model_config, ts)
         if ts is not None:
             return seq.sequence_module_counts(model, self.sequence_data(prep, prep_key, ts, settings)[0])
         train, _ = self.encoded(prep, prep_key, settings)
@@ -242,15 +293,16 @@ class Site:
         train, _ = self.encoded(prep, prep_key, settings)
         keep, _ = self.keep(prep, prep_key, settings, correct or {})
         seed = site_seed(settings.seed, server_round, self.name)
-        torch.manual_seed(seed)  # dropout
-        model = build_from_preprocessor(prep, model_config)
-        load_partial(model, params)
+        model = self.model(prep, prep_key, model_config)
+        load_partial(model, params, self.state(model))
+        torch.default_generator.manual_seed(seed)  # dropout (CPU); seeded after the model is built or reused, so both train alike
         modules = {module_of(k) for k in params}
         tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
         stats = train_epochs(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
                              prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules, keep=keep)
-        state = model.state_dict()
+        state = self.state(model)
         new = {k: state[k].detach().cpu().numpy().copy() for k in params}
+        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between messages
         counts = {m: c for m, c in module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
@@ -259,15 +311,16 @@ class Site:
         train, _ = self.sequence_data(prep, prep_key, ts, settings)
         keep, _ = self.sequence_keep(prep, prep_key, ts, settings, correct)
         seed = site_seed(settings.seed, server_round, self.name)
-        torch.manual_seed(seed)
-        model = build_from_preprocessor(prep, model_config, ts)
-        load_partial(model, params)
+        model = self.model(prep, prep_key, model_config, ts)
+        load_partial(model, params, self.state(model))
+        torch.default_generator.manual_seed(seed)  # dropout (CPU); seeded after the model is built or reused
         modules = {module_of(k) for k in params}
         tc = TrainConfig.from_settings(settings, epochs=settings.local_epochs, seed=seed)
         stats = seq.train_epochs_sequences(model, prep.schema, train, tc, tc.epochs, torch.Generator().manual_seed(seed),
                                            prox_mu=settings.mu, trainable=lambda n: module_of(n) in modules, keep=keep)
-        state = model.state_dict()
+        state = self.state(model)
         new = {k: state[k].detach().cpu().numpy().copy() for k in params}
+        model.zero_grad(set_to_none=True)  # the kept model holds no gradients between messages
         counts = {m: c for m, c in seq.sequence_module_counts(model, train).items() if m in modules}
         return new, counts, {"train_loss": stats["loss"], "steps": stats["steps"], "n": len(train)}
 
@@ -282,21 +335,23 @@ class Site:
             if correct and val is not None:
                 _, val = self.sequence_keep(prep, prep_key, ts, settings, correct)
             data, split = (val, "validation") if val is not None else (train, "train")
-            model = build_from_preprocessor(prep, model_config, ts)
-            load_partial(model, params)
+            model = self.model(prep, prep_key, model_config, ts)
+            load_partial(model, params, self.state(model))
             return seq.data_records(model, prep, data, {**context, "site": self.name, "split": split})
         train, _ = self.encoded(prep, prep_key, settings)
         _, val = self.keep(prep, prep_key, settings, correct or {})
         data, split = (val, "validation") if val is not None else (train, "train")
-        model = build_from_preprocessor(prep, model_config)
-        load_partial(model, params)
+        model = self.model(prep, prep_key, model_config)
+        load_partial(model, params, self.state(model))
         return evaluate(model, prep.schema, prep.targets, data, {**context, "site": self.name, "split": split},
                         per_state=False, per_combination=False)
 
 
-def load_partial(model: torch.nn.Module, params: Mapping[str, np.ndarray]) -> None:
-    """Load the given parameters into ``model``; the others keep their values (and are not used)."""
-    state = model.state_dict()
+def load_partial(model: torch.nn.Module, params: Mapping[str, np.ndarray],
+                 state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load the given parameters into ``model`` (``state``: its ``state_dict()``, when the caller has it); the others
+    keep their values (and are not used)."""
+    state = model.state_dict() if state is None else state
     unknown = [k for k in params if k not in state]
     if unknown:
         raise SiteDataError(f"received parameters the model does not have: {unknown[:5]}")

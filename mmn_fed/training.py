@@ -148,6 +148,11 @@ def module_counts(model: nn.Module, data: TensorData) -> dict[str, int]:
 
 
 def resolve_batch_size(batch_size: int, n: int) -> int:
+    """The mini-batch size for ``n`` training rows: ``batch_size`` when > 0, else (auto) the power of two in
+    [32, 256] with about 50 steps per epoch (n / b <= 50 while n <= 12,800). A federated site resolves it on its
+    own rows, so more, smaller sites take more steps per round in total (up to 256 / 32 = 8x) but the same local
+    steps per site; one fixed size for every site keeps the total but cuts each site's local steps: the trade, and
+    why auto stays per site, in docs/federation.md ("Scale")."""
     if batch_size > 0:
         return batch_size
     b = 32

@@ -157,7 +157,7 @@ class ModularFedAvg(Strategy):
             params = select_modules(self._global, site.modules)
             self._log_bytes(server_round, site.name, phase, "down", params)
             cfg = ConfigRecord({**dict(config), "server-round": server_round})
-            content = RecordDict({P.ARRAYS: R.to_arrayrecord(params), P.CONFIG: cfg})
+            content = RecordDict({P.ARRAYS: R.to_arrayrecord(params), P.CONFIG: cfg})  # one packed buffer
             out.append(Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(server_round)))
         return out
 

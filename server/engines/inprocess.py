@@ -6,7 +6,7 @@ import copy
 import uuid
 from typing import Any, Iterable, Mapping
 
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -86,13 +86,29 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            delivered = as_stored(msg, copy.deepcopy(msg.content))  # the site gets its own copy, as over a wire
+            delivered = as_stored(msg, own_copy(msg.content))  # the site gets its own copy, as over a wire
             try:
                 reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as e:  # a failing site is a failed reply, as in Flower's engines
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=delivered)
             replies.append(as_stored(reply))
         return replies
+
+
+def own_copy(content: RecordDict) -> RecordDict:
+    """A copy of a message's content that shares nothing the receiver could change with the sender: every record
+    is deep-copied, except that each ``Array`` is copied shallowly (its ``data`` is immutable ``bytes``; a deep copy
+    of every array's fields cost ~3 ms per message)."""
+    out = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = ArrayRecord()
+            for k in record.keys():
+                arrays[k] = copy.copy(record[k])
+            out[name] = arrays
+        else:
+            out[name] = copy.deepcopy(record)
+    return out
 
 
 def server_context(run_config: Mapping[str, Any], run_id: int = 1) -> Context:

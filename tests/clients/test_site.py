@@ -164,9 +164,9 @@ def test_the_correction_reaches_local_training_and_is_computed_once(heart, monke
     corrected, _, _ = site.train(prep, "k", MC, settings, params, 1, correct)
     # the site trained with presence-balanced dropout of its own rows: the same run, done by hand
     seed = site_seed(0, 1, "mixed")
-    torch.manual_seed(seed)
     model = build_from_preprocessor(prep, MC)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    torch.manual_seed(seed)  # dropout: seeded once the (kept) model holds the received parameters
     data = encode(prep, rows)
     train_epochs(model, schema, data, TrainConfig(epochs=2, seed=seed), 2, torch.Generator().manual_seed(seed),
                  keep=keep_probabilities(data, correct))

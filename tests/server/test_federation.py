@@ -65,10 +65,11 @@ def test_records_history_and_model_change(heart_sites, tmp_path):
     sites, schema = heart_sites
     train = {n: df.iloc[: int(len(df) * 0.7)] for n, df in sites.items()}
     test = {n: df.iloc[int(len(df) * 0.7):] for n, df in sites.items()}
-    # batch 16: with the tiny FAST model, 3 rounds at the auto batch size (32) are too few to learn reliably
-    res = run_federation(train, schema, rounds=3, run_dir=tmp_path / "run", test_sites=test, val_fraction=0.2,
+    # batch 16, 5 rounds: the tiny FAST model learns reliably (held-out AUROC 0.71-0.80 over seeds 0-3; with 3
+    # rounds 0.57-0.80)
+    res = run_federation(train, schema, rounds=5, run_dir=tmp_path / "run", test_sites=test, val_fraction=0.2,
                          batch_size=16, **FAST)
-    assert [h["round"] for h in res.history] == [1, 2, 3]
+    assert [h["round"] for h in res.history] == [1, 2, 3, 4, 5]
     assert all(h["bytes_up"] > 0 and "disease/auroc" in h["test"] for h in res.history)
     recs = pd.DataFrame(res.records)
     pooled = recs[(recs.site == "all") & (recs.state == "final") & (recs.combination == "all") & (recs.metric == "auroc")]

@@ -311,19 +311,23 @@ def main(argv=None) -> int:
     torch_imp = n * res["imports"]["torch"] / par  # one torch import per training message
     mins = res.get("minimal", {}).get("rounds", [])
     minimal = statistics.mean(mins) if mins else float("nan")
-    target = 1.2 * (minimal + training + torch_imp)
     print(f"\n{n} sites, {args.rounds} rounds, {'TLS + node auth' if tls else 'insecure'}, {cores} cores, "
           f"load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}")
     print(f"imports in a fresh process (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["imports"].items()))
     print(f"in-process per round (s, all sites, CPU): train {sum(ip['train'].values()):.2f}, "
           f"evaluate {sum(ip['evaluate'].values()):.2f}; reading+encoding once: {sum(ip['encode'].values()):.2f}")
     real = res.get("real", {})
-    print("\n| round | real round (s) | (a) Flower minimal round | (b) training (/ %d cores) | torch import per train msg | (c) rest | target 1.2x(a+b+torch) |" % par)
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for i, sec in enumerate(real.get("rounds", []) or [float("nan")] * len(mins)):
+    print("\n| round | real round (s) | (a) Flower minimal round | (b) training (/ %d cores) | torch import per train msg "
+          "| (c) rest | target 1.2x(a+b+torch) | real / (a+b+torch) |" % par)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = real.get("rounds", []) or [float("nan")] * len(mins)
+    for i, sec in enumerate(rows):  # each round against the same round of the minimal app (the last has 2 phases)
         a = mins[i] if i < len(mins) else minimal
         print(f"| {i + 1} | {sec:.1f} | {a:.1f} | {training:.1f} | {torch_imp:.1f} | {sec - a - training:.1f} | "
-              f"{target:.1f} |")
+              f"{1.2 * (a + training + torch_imp):.1f} | {sec / (a + training + torch_imp):.2f} |")
+    if rows and len(mins) >= len(rows):
+        base = sum(mins[:len(rows)]) + len(rows) * (training + torch_imp)
+        print(f"| all | {sum(rows):.1f} | {sum(mins[:len(rows)]):.1f} | | | | {1.2 * base:.1f} | {sum(rows) / base:.2f} |")
     if real:
         h = real["handlers"]
         for r in sorted(h):

@@ -66,7 +66,7 @@ class Probe:
         self.batch: set[int] = set()
         self.rss: list[float] = []
         self._orig = (site_mod.Site.train, site_mod.train_epochs, site_mod.evaluate, server_app.save_checkpoint,
-                      server_app.run_round)
+                      server_app.train_phase, server_app.aggregate_round, server_app.evaluate_phase)
 
     def _add(self, kind: str, wall: float, cpu: float) -> None:
         d = {"train": self.train_s, "eval": self.eval_s, "round": self.round_s}[kind]
@@ -74,16 +74,19 @@ class Probe:
         self.cpu[kind][self.round] = self.cpu[kind].get(self.round, 0.0) + cpu
 
     def install(self):
-        site_train, train_epochs, evaluate, save_ckpt, run_round = self._orig
+        site_train, train_epochs, evaluate, save_ckpt, train_phase, aggregate_round, evaluate_phase = self._orig
         probe = self
 
-        def timed_round(grid, strategy, rnd, *a, **kw):
-            probe.round = rnd
-            t, c = time.perf_counter(), time.process_time()
-            out = run_round(grid, strategy, rnd, *a, **kw)
-            probe.round = rnd
-            probe._add("round", time.perf_counter() - t, time.process_time() - c)
-            return out
+        def timed(phase):  # a round's wall = its train phase (which also scores the previous round's model) +
+            def run(*a, **kw):  # its aggregation (+ the final evaluate phase after the last round)
+                rnd = a[2] if phase is not aggregate_round else a[1]
+                probe.round = rnd
+                t, c = time.perf_counter(), time.process_time()
+                out = phase(*a, **kw)
+                probe.round = rnd
+                probe._add("round", time.perf_counter() - t, time.process_time() - c)
+                return out
+            return run
 
         def train(self_, prep, prep_key, model_config, settings, params, server_round, *a, **kw):
             probe.round = server_round
@@ -109,12 +112,13 @@ class Probe:
             save_ckpt(*a, **kw)
             probe.rss.append(rss_mib())
 
-        site_mod.Site.train, site_mod.train_epochs, site_mod.evaluate, server_app.save_checkpoint, server_app.run_round = \
-            train, timed_train, timed_eval, ckpt, timed_round
+        (site_mod.Site.train, site_mod.train_epochs, site_mod.evaluate, server_app.save_checkpoint,
+         server_app.train_phase, server_app.aggregate_round, server_app.evaluate_phase) = \
+            (train, timed_train, timed_eval, ckpt, timed(train_phase), timed(aggregate_round), timed(evaluate_phase))
 
     def uninstall(self):
         (site_mod.Site.train, site_mod.train_epochs, site_mod.evaluate, server_app.save_checkpoint,
-         server_app.run_round) = self._orig
+         server_app.train_phase, server_app.aggregate_round, server_app.evaluate_phase) = self._orig
 
 
 def cohort(args):

@@ -299,8 +299,10 @@ def run_server(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         if stop:
             entry["stopped"] = {"after_round": rnd, "patience_rounds": cfg.patience_rounds, "best_round": best[1]}
         history.append(entry)
-        log(INFO, "round %d: %s", rnd, {k: round(v, 4) for k, v in {**entry["train"], **entry["federated_eval"],
-                                                                   **entry.get("test", {})}.items() if v == v})
+        shown = {**entry["train"], **entry["federated_eval"], **entry.get("test", {})}
+        if len(strategy.sites) > 8:  # the per-site losses stay in history.json; a line per round stays readable
+            shown = {k: v for k, v in shown.items() if not k.startswith("train_loss/")}
+        log(INFO, "round %d: %s", rnd, {k: round(v, 4) for k, v in shown.items() if v == v})
         save_checkpoint(run_dir / "checkpoint.pt", cfg, rnd, new, prep_json, strategy, history, best)
         return stop
 

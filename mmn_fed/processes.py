@@ -142,11 +142,21 @@ def start_reaper(mark: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True)
 
 
+_GIVEN: set[int] = set()  # ports free_port has handed out in this process
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, and never one this process handed out before: the OS may offer a
+    port again before the child it was given to has bound it (a SuperNode importing Flower takes seconds), and
+    two SuperNodes given the same port leave one of them dead ("address already in use")."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise OSError("no free TCP port on 127.0.0.1 that this process has not handed out already")
 
 
 def toml_value(v: object) -> str:

@@ -53,6 +53,7 @@ class LocalDeployment:
     procs: list[subprocess.Popen] = field(default_factory=list)
     port: int = 0
     stopped_pids: list[int] = field(default_factory=list)
+    node_ports: list[int] = field(default_factory=list)  # each SuperNode's own --port, in start order
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -102,8 +103,9 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n' + "\n".join(conn) + "\n")
         self._spawn("superlink", link)
         self._wait_port(self.port, "SuperLink")
-        for nc in self.node_configs:
-            self.add_node(nc)
+        started = [(self.add_node(nc), self.node_ports[-1]) for nc in self.node_configs]
+        for i, (proc, port) in enumerate(started):  # every SuperNode up (its port open), or say which one died
+            self._wait_port(port, f"SuperNode {i} ({self.node_configs[i].get('site-name', i)})", proc=proc)
         return self
 
     def add_node(self, node_config: Mapping[str, object], register: bool = True,
@@ -112,7 +114,8 @@ class LocalDeployment:
         is False: such a node must be refused when authentication is on)."""
         i = sum(1 for p in self.logs.glob("supernode*.log"))
         creds = self.workdir / "credentials"
-        cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+        self.node_ports.append(free_port())
+        cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(self.node_ports[-1]),
                "--node-config", toml_config(node_config)]
         cmd += ["--root-certificates", str(creds / "tls" / "ca.pem")] if self.tls else ["--insecure"]
         if self.auth:
@@ -122,11 +125,13 @@ class LocalDeployment:
             cmd += ["--auth-supernode-private-key", str(priv)]
         return self._spawn(f"supernode{i}", cmd + list(extra_args))
 
-    def _wait_port(self, port: int, what: str, timeout: float = 30.0) -> None:
+    def _wait_port(self, port: int, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+        """Wait until ``proc`` (default: the last process started) listens on ``port``; raise if it exits."""
+        proc = proc if proc is not None else self.procs[-1]
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.procs[-1].poll() is not None:
-                raise DeploymentError(f"{what} exited with code {self.procs[-1].returncode}; see {self.logs}")
+            if proc.poll() is not None:
+                raise DeploymentError(f"{what} exited with code {proc.returncode}; see {self.logs}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     return

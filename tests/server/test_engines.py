@@ -173,3 +173,44 @@ def test_deployment_refuses_a_schema_given_twice(pbcseq_two_sites, tmp_path):
     with pytest.raises(ValueError, match="test_sites need the schema"):
         run_deployment(sites, {"run-dir": str(tmp_path / "run")}, tmp_path, test_sites=sites)
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The OS may offer a port again before the SuperNode it was given to has bound it; two SuperNodes on one
+    port left one dead and the run waiting 120 s for 4 nodes (found running deploy-local in a fresh venv)."""
+    import mmn_fed.processes as procs
+
+    offered = iter([45001, 45001, 45001, 45002])
+
+    class OS:  # what bind(0) answers, as the kernel did: the same port again
+        def __init__(self, *a):
+            self.port = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def bind(self, addr):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(procs, "_GIVEN", set())
+    monkeypatch.setattr(procs.socket, "socket", OS)
+    assert [procs.free_port(), procs.free_port()] == [45001, 45002]
+
+
+def test_a_supernode_that_dies_at_start_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    from mmn_fed.processes import free_port
+    from server.engines.deployment import DeploymentError, LocalDeployment
+
+    dep = LocalDeployment(tmp_path, [{"site-name": "Hungary"}])
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(DeploymentError, match=r"SuperNode 0 \(Hungary\) exited with code 3"):
+        dep._wait_port(free_port(), "SuperNode 0 (Hungary)", proc=proc)

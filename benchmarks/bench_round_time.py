@@ -12,10 +12,15 @@ One round on the deployment engine = Flower's fixed cost + the sites' training +
 (b) **training**: the sites' local training and evaluation, measured in-process on the same rows and settings
     (``clients.site.Site.train`` / ``.evaluate``, after a warm-up), and the handler time the sites' audit
     logs record on the real run (message in -> reply out: data loading + encoding + training, no imports).
-(c) **the rest** = real round - (a) - (b): importing torch & co. in every ClientApp process, reading and
-    encoding the site's rows again in every process, the server's own work. Each phase of the real run is
-    also split (server ``timing.json`` + the sites' audit logs) into: push -> handlers start, handlers,
-    handlers end -> replies at the server.
+(c) **the rest** = real round - (a) - (b): what our code adds (the ClientApp processes' imports, the hand-over
+    to the site's worker, the server's own work). Each phase of the real run is also split (server
+    ``timing.json`` + the sites' audit logs) into: push -> handlers start, handlers, handlers end -> replies
+    at the server.
+
+The real federation runs twice in the same run: as deployed (each site's messages handled by its worker,
+``clients/worker.py``: torch, pandas and the site's rows loaded once per site) and, as the baseline, with node
+config ``site-worker="off"`` (every message's own process imports torch & co. and reads and encodes the
+site's rows again: what every round paid before the worker; ``--skip-no-worker`` leaves it out).
 
     PYTHONPATH=. python benchmarks/bench_round_time.py [--sites 4] [--rounds 3] [--insecure] [--flower-poll]
 
@@ -200,14 +205,15 @@ def phase_breakdown(work: Path) -> list[dict]:
     return out
 
 
-def real_rounds(sites, rounds: int, tls: bool, work: Path) -> dict:
+def real_rounds(sites, rounds: int, tls: bool, work: Path, node_config=None) -> dict:
     """The real federation through run_deployment (what deploy-local runs), a fixed number of rounds."""
     from server.engines.deployment import run_deployment
     rc = {"num-server-rounds": rounds, "patience-rounds": 0, "run-dir": str(work / "run")}
     t0 = time.perf_counter()
-    res = run_deployment(sites, rc, work, tls=tls, auth=tls)
+    res = run_deployment(sites, rc, work, tls=tls, auth=tls, node_config=node_config)
     wall = time.perf_counter() - t0
     return {"wall": wall, "rounds": [h["seconds"] for h in res.history],
+            "auroc": [h.get("federated_eval", {}).get("disease/auroc") for h in res.history],
             "handlers": audit_handler_seconds(work / "site_data" / "mmn-fed-audit"), "phases": phase_breakdown(work)}
 
 
@@ -268,6 +274,36 @@ def import_seconds(module: str, repeats: int = 3) -> float:
     return run(f"import {module}") - run("pass")
 
 
+def print_rounds(label: str, real: dict, mins: list, minimal: float, training: float, torch_imp: float, par: int,
+                 min_res: dict) -> None:
+    """One real run's rounds against the minimal app's, and its phases."""
+    print(f"\n{label}:\n| round | real round (s) | (a) Flower minimal round | (b) training (/ {par} cores) "
+          "| torch import per train msg | (c) rest | target 1.2x(a+b+torch) | real / (a+b+torch) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = real.get("rounds", []) or [float("nan")] * len(mins)
+    for i, sec in enumerate(rows):  # each round against the same round of the minimal app (the last has 2 phases)
+        a = mins[i] if i < len(mins) else minimal
+        print(f"| {i + 1} | {sec:.1f} | {a:.1f} | {training:.1f} | {torch_imp:.1f} | {sec - a - training:.1f} | "
+              f"{1.2 * (a + training + torch_imp):.1f} | {sec / (a + training + torch_imp):.2f} |")
+    if rows and len(mins) >= len(rows):
+        base = sum(mins[:len(rows)]) + len(rows) * (training + torch_imp)
+        print(f"| all | {sum(rows):.1f} | {sum(mins[:len(rows)]):.1f} | | | | {1.2 * base:.1f} | {sum(rows) / base:.2f} |")
+    if not real:
+        return
+    h = real["handlers"]
+    for r in sorted(h):
+        print(f"round {r}: handler seconds per site (audit in->out): " +
+              "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(h[r].items())))
+    print("phases (s): push -> handlers start (polls, process start, imports) | in the handlers (mean) | last "
+          "handler end -> last reply at the server")
+    for p in real.get("phases", []):
+        print(f"  {p['type']:<14} r{p['round']:<3} {p['seconds']:6.1f} = {p['to_handler']:5.1f} | {p['handler']:5.2f} | "
+              f"{p['back']:5.1f}")
+    print("federated disease AUROC after each round: " + " / ".join(f"{a:.4f}" for a in real["auroc"] if a is not None))
+    print(f"real wall {real['wall']:.0f} s (setup included); minimal wall {min_res.get('wall', 0):.0f} s, "
+          f"minimal setup (summary + profile) {min_res.get('setup', 0):.1f} s")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=4)
@@ -276,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-minimal", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-inprocess", action="store_true")
+    ap.add_argument("--skip-no-worker", action="store_true",
+                    help="leave out the baseline run with node config site-worker=off (one process per message)")
     ap.add_argument("--flower-poll", action="store_true",
                     help="also time the minimal app with Flower's own send_and_receive (3 s between pulls): what "
                          "server.exchange's 0.2 s poll saves")
@@ -288,7 +326,7 @@ def main(argv=None) -> int:
     par = min(n, cores)  # how many ClientApp processes really run at once
     res: dict = {"sites": list(sites), "rounds": args.rounds, "tls": tls, "cores": cores,
                  "load_before": os.getloadavg()}
-    res["imports"] = {m: import_seconds(m) for m in ("flwr.clientapp", "torch", "clients.app")}
+    res["imports"] = {m: import_seconds(m) for m in ("flwr.clientapp", "torch", "clients.app", "clients.handlers")}
     print(f"imports: {res['imports']}", file=sys.stderr, flush=True)
     res["inprocess"] = (inprocess_training(sites, schema, args.rounds) if not args.skip_inprocess else
                         {"encode": {}, "train": {}, "evaluate": {}})
@@ -303,6 +341,9 @@ def main(argv=None) -> int:
             print(f"minimal, Flower's 3 s poll: {res['minimal_flower_poll']}", file=sys.stderr, flush=True)
         if not args.skip_real:
             res["real"] = real_rounds(sites, args.rounds, tls, tmp / "real")
+            print(f"real: {res['real']['rounds']}", file=sys.stderr, flush=True)
+            if not args.skip_no_worker:
+                res["real_no_worker"] = real_rounds(sites, args.rounds, tls, tmp / "real_nw", {"site-worker": "off"})
     res["load_after"] = os.getloadavg()
 
     ip = res["inprocess"]
@@ -316,30 +357,11 @@ def main(argv=None) -> int:
     print(f"imports in a fresh process (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["imports"].items()))
     print(f"in-process per round (s, all sites, CPU): train {sum(ip['train'].values()):.2f}, "
           f"evaluate {sum(ip['evaluate'].values()):.2f}; reading+encoding once: {sum(ip['encode'].values()):.2f}")
-    real = res.get("real", {})
-    print("\n| round | real round (s) | (a) Flower minimal round | (b) training (/ %d cores) | torch import per train msg "
-          "| (c) rest | target 1.2x(a+b+torch) | real / (a+b+torch) |" % par)
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = real.get("rounds", []) or [float("nan")] * len(mins)
-    for i, sec in enumerate(rows):  # each round against the same round of the minimal app (the last has 2 phases)
-        a = mins[i] if i < len(mins) else minimal
-        print(f"| {i + 1} | {sec:.1f} | {a:.1f} | {training:.1f} | {torch_imp:.1f} | {sec - a - training:.1f} | "
-              f"{1.2 * (a + training + torch_imp):.1f} | {sec / (a + training + torch_imp):.2f} |")
-    if rows and len(mins) >= len(rows):
-        base = sum(mins[:len(rows)]) + len(rows) * (training + torch_imp)
-        print(f"| all | {sum(rows):.1f} | {sum(mins[:len(rows)]):.1f} | | | | {1.2 * base:.1f} | {sum(rows) / base:.2f} |")
-    if real:
-        h = real["handlers"]
-        for r in sorted(h):
-            print(f"round {r}: handler seconds per site (audit in->out): " +
-                  "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(h[r].items())))
-        print("\nphases of the real run (s): push -> handlers start (polls, process start, imports) | in the "
-              "handlers (mean) | last handler end -> last reply at the server")
-        for p in real.get("phases", []):
-            print(f"  {p['type']:<14} r{p['round']:<3} {p['seconds']:6.1f} = {p['to_handler']:5.1f} | {p['handler']:5.2f} | "
-                  f"{p['back']:5.1f}")
-        print(f"real wall {real['wall']:.0f} s (setup included); minimal wall {res.get('minimal', {}).get('wall', 0):.0f} s, "
-              f"minimal setup (summary + profile) {res.get('minimal', {}).get('setup', 0):.1f} s")
+    for label, key in (("site workers (as deployed)", "real"), ('baseline: site-worker="off", one process per message',
+                                                                  "real_no_worker")):
+        if key in res or (key == "real" and not res.get("real_no_worker")):
+            print_rounds(label, res.get(key, {}), mins, minimal, training, torch_imp, par,
+                         res.get("minimal", {}))
     if "minimal_flower_poll" in res:
         print(f"minimal round with Flower's send_and_receive (3 s between pulls): "
               f"{statistics.mean(res['minimal_flower_poll']['rounds']):.1f} s (vs {minimal:.1f} s with a 0.2 s poll)")

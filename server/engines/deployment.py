@@ -195,8 +195,10 @@ class LocalDeployment:
 
 def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str, object], workdir: Path,
                    tls: bool = True, auth: bool = True, timeout: float = 1800, *, schema: "Schema | None" = None,
-                   test_sites: Mapping[str, "pd.DataFrame"] | None = None) -> FederationResult:
-    """Each site's rows to its own CSV; one SuperNode per site (node config: data-path, site-name);
+                   test_sites: Mapping[str, "pd.DataFrame"] | None = None,
+                   node_config: Mapping[str, object] | None = None) -> FederationResult:
+    """Each site's rows to its own CSV; one SuperNode per site (node config: data-path, site-name, and
+    ``node_config`` for every site, e.g. ``{"site-worker": "off"}``);
     SuperLink with TLS and SuperNode authentication; ``flwr run``; everything stopped afterwards.
     Returns the ``FederationResult`` read from ``run_config['run-dir']``.
 
@@ -223,7 +225,7 @@ def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str,
         path = data / f"site_{i}.csv"
         if schema is None:
             df.to_csv(path, index=False)
-        node_configs.append({"site-name": str(name), "data-path": str(path)})
+        node_configs.append({"site-name": str(name), "data-path": str(path), **dict(node_config or {})})
     rc = {"min-nodes": len(sites), **dict(run_config)}
     t0 = time.perf_counter()
     with LocalDeployment(workdir, node_configs, tls=tls, auth=auth) as dep:

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 import tomllib
 from pathlib import Path
 
@@ -199,7 +200,10 @@ def _running(pid: int) -> bool:
 def test_a_consortium_from_init_to_a_trained_model_over_three_sites(heart_sites, tmp_path):
     from server.consortium import _flwr, run
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    from mmn_fed.processes import MARK, marked
+
+    mark = uuid.uuid4().hex  # inherited by every process the test's commands start, reparented or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), MARK: mark}
     sites, _ = heart_sites
     names = ["Cleveland", "Hungary", "Switzerland"]
     d = tmp_path / "consortium"
@@ -268,6 +272,9 @@ def test_a_consortium_from_init_to_a_trained_model_over_three_sites(heart_sites,
         nodes = {int(n["node-id"]): n["status"] for n in _flwr(con, ["supernode", "list", "consortium"], 60)["nodes"]}
         assert nodes[Consortium.open(d).site("Switzerland")["node-id"]] == "unregistered"
         assert sum(s != "unregistered" for s in nodes.values()) == 2
+        # each site that federated handled its messages in one worker (clients/worker.py); the refused site none
+        workers = [p for p in marked(mark) if b"clients.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2, workers
     finally:
         for p in procs.values():
             tree.update(descendants(p.pid))
@@ -282,4 +289,8 @@ def test_a_consortium_from_init_to_a_trained_model_over_three_sites(heart_sites,
     # SIGTERM stopped every process the coordinator and the sites had started
     time.sleep(1)
     assert not [p for p in tree if _running(p)]
+    end = time.monotonic() + 10  # the site workers too (not descendants: they exit with their SuperNode's executor)
+    while marked(mark) and time.monotonic() < end:
+        time.sleep(0.3)
+    assert not marked(mark)
     assert procs["coordinator"].returncode == 0

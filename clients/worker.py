@@ -102,8 +102,9 @@ def forward(handler: str, msg: Message, context: Context, owner: int | None = No
 
 def socket_path(owner: int, node_id: int) -> Path:
     """The socket of the worker that serves ``node_id`` for ``owner`` (the process starting the ClientApp
-    processes) with this code and interpreter."""
-    key = json.dumps([PROTOCOL, owner, _start_time(owner), int(node_id), str(code_root()), sys.executable])
+    processes) with this code, library and interpreter."""
+    key = json.dumps([PROTOCOL, owner, _start_time(owner), int(node_id), str(code_root()), sys.executable,
+                      *_library()])
     return private_dir() / f"w-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
 
 
@@ -120,6 +121,14 @@ def private_dir() -> Path:
 def code_root() -> Path:
     """The directory holding this ``clients`` package (the installed app's copy on a SuperNode)."""
     return Path(__file__).resolve().parent.parent
+
+
+def _library() -> tuple[str, int]:
+    """The installed library's version and when it was installed: after an upgrade, the next message starts a
+    worker with the new code instead of using the old one."""
+    from mmn_fed import version
+
+    return version.__version__, Path(version.__file__).stat().st_mtime_ns
 
 
 def _stateless(context: Context) -> Context:

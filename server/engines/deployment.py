@@ -273,7 +273,7 @@ def _deploy_local(args) -> int:
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
-          f"; {settings.num_server_rounds} round(s) at most (--rounds; ~10-20 s each on 2 idle cores, more under "
+          f"; {settings.num_server_rounds} round(s) at most (--rounds; ~7-13 s each on 2 idle cores, more under "
           f"load, docs/federation.md 'Round time'); logs in {out / 'logs'}", flush=True)
     try:
         with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does

@@ -216,3 +216,11 @@ def test_the_clientapp_uses_the_worker_only_in_flowers_per_message_processes(hea
     reply = client_app(msgs["summary"], ctx)
     assert "not a directory private to this user" in capsys.readouterr().err
     assert reply.content[P.SITE]["name"] == "Hungary" and P.SUMMARY_RECORD in reply.content
+
+
+def test_the_socket_is_named_by_owner_node_code_and_library(short_tmp, monkeypatch):
+    a = worker.socket_path(1, 2)
+    assert a == worker.socket_path(1, 2) and len(str(a)) < 100  # a Unix socket path's limit is ~104-108 bytes
+    assert len({a, worker.socket_path(3, 2), worker.socket_path(1, 4)}) == 3
+    monkeypatch.setattr(worker, "_library", lambda: ("9.9.9", 0))  # mmn-fed upgraded: a new worker, new code
+    assert worker.socket_path(1, 2) != a

@@ -343,7 +343,8 @@ def main(argv=None) -> int:
             res["real"] = real_rounds(sites, args.rounds, tls, tmp / "real")
             print(f"real: {res['real']['rounds']}", file=sys.stderr, flush=True)
             if not args.skip_no_worker:
-                res["real_no_worker"] = real_rounds(sites, args.rounds, tls, tmp / "real_nw", {"site-worker": "off"})
+                res["real_no_worker"] = real_rounds(sites, args.rounds, tls, tmp / "real_nw",
+                                                     {n: {"site-worker": "off"} for n in sites})
     res["load_after"] = os.getloadavg()
 
     ip = res["inprocess"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,17 @@ CONNECTION = "mmnfed-local"
 
 class DeploymentError(RuntimeError):
     """A SuperLink/SuperNode did not start, or the run failed."""
+
+
+def run_failure(output: str) -> str | None:
+    """The exception that ended a ServerApp, from ``flwr run``'s output: the last line of its traceback
+    (``server.app.FederationError: round 2: ...`` -> ``FederationError: round 2: ...``), or None."""
+    found = None
+    for line in output.splitlines():
+        m = re.match(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$", line.strip())
+        if m:
+            found = f"{m.group(1)}: {m.group(2)}"
+    return found
 
 
 @dataclass
@@ -154,7 +166,9 @@ class LocalDeployment:
         args = ["run", str(app_dir), CONNECTION, "--stream"] + (["--run-config", cfg] if cfg else [])
         res = self.flwr(args, timeout=timeout, log_name="flwr_run.log")
         if "raised an exception" in res.stdout or "Exit Code:" in res.stdout:  # `flwr run` exits 0 regardless
-            raise DeploymentError(f"the run failed; see {self.logs / 'flwr_run.log'}:\n{res.stdout[-3000:]}")
+            cause = run_failure(res.stdout)
+            raise DeploymentError(f"the run failed: {cause}; the run's output: {self.logs / 'flwr_run.log'}" if cause
+                                  else f"the run failed; see {self.logs / 'flwr_run.log'}:\n{res.stdout[-3000:]}")
         return res
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -196,9 +210,9 @@ class LocalDeployment:
 def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str, object], workdir: Path,
                    tls: bool = True, auth: bool = True, timeout: float = 1800, *, schema: "Schema | None" = None,
                    test_sites: Mapping[str, "pd.DataFrame"] | None = None,
-                   node_config: Mapping[str, object] | None = None) -> FederationResult:
+                   node_config: Mapping[str, Mapping[str, object]] | None = None) -> FederationResult:
     """Each site's rows to its own CSV; one SuperNode per site (node config: data-path, site-name, and
-    ``node_config`` for every site, e.g. ``{"site-worker": "off"}``);
+    ``node_config[site]`` when given, e.g. ``{"policy": "/path/policy.toml", "site-worker": "off"}``);
     SuperLink with TLS and SuperNode authentication; ``flwr run``; everything stopped afterwards.
     Returns the ``FederationResult`` read from ``run_config['run-dir']``.
 
@@ -225,7 +239,7 @@ def run_deployment(sites: Mapping[str, "pd.DataFrame"], run_config: Mapping[str,
         path = data / f"site_{i}.csv"
         if schema is None:
             df.to_csv(path, index=False)
-        node_configs.append({"site-name": str(name), "data-path": str(path), **dict(node_config or {})})
+        node_configs.append({"site-name": str(name), "data-path": str(path), **dict((node_config or {}).get(name, {}))})
     rc = {"min-nodes": len(sites), **dict(run_config)}
     t0 = time.perf_counter()
     with LocalDeployment(workdir, node_configs, tls=tls, auth=auth) as dep:
@@ -249,10 +263,30 @@ def register(subparsers) -> None:
     p.add_argument("--sites", type=int, default=0, help="use only the first N sites of --dataset (0 = all)")
     p.add_argument("--out", default="runs/deploy-local", help="run directory (model.pt, metrics.json, logs)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    p.add_argument("--site-policy", metavar="TOML",
+                   help="a site policy every SuperNode enforces (docs/federation.md, 'Site policy'): each site gets "
+                        "its own copy in OUT/policies/, with its own privacy ledger beside it")
     add_flags(p, DEPLOY_FLAGS, aliases={"num-server-rounds": "--rounds"})
     # a first try, not a training budget: each round costs Flower ~2 x 3 s of polling plus a process per message
     # (docs/federation.md, "Round time"); --rounds 100 lets early stopping decide, as the other engines do
     p.set_defaults(func=_deploy_local, **{SETTING["num-server-rounds"].field: DEPLOY_LOCAL_ROUNDS})
+
+
+def site_policies(policy: Path, sites: Sequence[str], directory: Path) -> dict[str, dict[str, str]]:
+    """Node config ``policy`` for every site: ``policy`` checked (a bad file is refused here, naming it and the
+    key, before any process starts), then copied to ``directory/<site>.toml`` (each site's own privacy ledger
+    is kept beside its copy)."""
+    from clients.audit import safe_name
+    from clients.policy import load_policy
+
+    load_policy(policy)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in sites:
+        copy = directory / f"{safe_name(name)}.toml"
+        copy.write_bytes(policy.read_bytes())
+        out[name] = {"policy": str(copy)}
+    return out
 
 
 def _deploy_local(args) -> int:
@@ -270,14 +304,19 @@ def _deploy_local(args) -> int:
     if args.sites:
         sites = dict(list(sites.items())[: args.sites])
     rc = {k: v for k, v in settings.to_run_config().items() if k in DEPLOY_FLAGS or k == "run-dir"}
+    node_config = site_policies(Path(args.site_policy), list(sites), out / "policies") if args.site_policy else None
     print(f"deploy-local: SuperLink + {len(sites)} SuperNodes ({', '.join(sites)}) on 127.0.0.1, "
           f"{'insecure' if args.insecure else 'TLS + SuperNode auth'}"
           f"{', secure aggregation' if settings.secure_aggregation else ''}, aggregation {settings.aggregation}"
+          f"{f', site policy {args.site_policy}' if args.site_policy else ''}"
           f"; {settings.num_server_rounds} round(s) at most (--rounds; ~7-13 s each on 2 idle cores, more under "
           f"load, docs/federation.md 'Round time'); logs in {out / 'logs'}", flush=True)
     try:
         with sigterm_as_interrupt():  # SIGTERM stops every process started, as Ctrl-C does
-            res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure)
+            res = run_deployment(sites, rc, out, tls=not args.insecure, auth=not args.insecure, node_config=node_config)
+    except DeploymentError as e:  # a process that did not start, or the run's own failure: one line, named
+        print(f"deploy-local: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as e:
         sig = getattr(e, "signum", signal.SIGINT)
         print(f"deploy-local: stopped by {sig.name}; every process it started was stopped", file=sys.stderr, flush=True)

@@ -107,3 +107,35 @@ def test_deploy_local_flags_are_the_settings_and_a_bad_combination_stops_before_
     with pytest.raises(SettingsError, match="^secure-aggregation, aggregation: "):
         args.func(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_deploy_local_site_policy_is_checked_first_and_each_site_gets_its_own_copy(tmp_path):
+    from clients.policy import PolicyError, load_policy
+    from mmn_fed.cli import build_parser
+    from server.engines.deployment import site_policies
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("min_cell = 10\nmax_round = 5\n")  # a misspelt key: refused before any process starts
+    argv = ["deploy-local", "--out", str(tmp_path / "out"), "--site-policy", str(bad)]
+    args = build_parser(argv).parse_args(argv)
+    with pytest.raises(PolicyError, match=r"bad\.toml.*max_round"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()
+    good = tmp_path / "policy.toml"
+    good.write_text("min_cell = 10\nmax_rounds = 5\n")
+    cfg = site_policies(good, ["Cleveland", "VA Long Beach"], tmp_path / "out" / "policies")
+    assert cfg == {"Cleveland": {"policy": str(tmp_path / "out" / "policies" / "Cleveland.toml")},
+                   "VA Long Beach": {"policy": str(tmp_path / "out" / "policies" / "VA_Long_Beach.toml")}}
+    assert {load_policy(c["policy"]).max_rounds for c in cfg.values()} == {5}  # each its own file, own ledger
+    assert len({load_policy(c["policy"]).ledger_path for c in cfg.values()}) == 2
+
+
+def test_a_failed_deployment_run_is_named_by_the_servers_exception():
+    from server.engines.deployment import run_failure
+
+    out = ("\x1b[91mERROR \x1b[0m:     ServerApp raised an exception\nTraceback (most recent call last):\n"
+           '  File "x.py", line 1, in run\nValueError: an inner cause\n\nDuring handling ...\n'
+           "server.app.FederationError: round 2: no site returned an update; failures: [...]\n"
+           "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n")
+    assert run_failure(out) == "FederationError: round 2: no site returned an update; failures: [...]"
+    assert run_failure("INFO: round 1 ok\n") is None

@@ -377,8 +377,8 @@ class TensorData:
         return next(iter(self.present.values())).shape[0]
 
     def subset(self, idx) -> "TensorData":
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        pick = lambda d: {k: v.index_select(0, idx) for k, v in d.items()}  # noqa: E731  (v[idx], ~5x faster)
         return TensorData(pick(self.x), pick(self.present), pick(self.y), pick(self.y_present))
 
     def rows(self, start: int, stop: int) -> "TensorData":

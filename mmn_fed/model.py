@@ -58,19 +58,37 @@ def mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
 _BITS = 32768  # dropout draws 15 random bits per unit
 
 
+def keep_scale(p: float) -> float:
+    """The factor of a kept unit in ``keep_masks``' masks: 1 / the keep probability (0 when every unit drops)."""
+    drop = math.ceil(p * _BITS)
+    return _BITS / (_BITS - drop) if drop < _BITS else 0.0
+
+
 def keep_masks(count: int, shape: Sequence[int], p: float) -> Tensor:
     """``count`` inverted-dropout masks of ``shape`` (0 where a unit is dropped, 1 / keep probability where kept),
     drawn in one call: 15 random bits per unit from 64-bit words of torch's generator, ~5x cheaper than
     ``bernoulli_`` (``nn.Dropout``'s draw was a fifth of a training epoch). A unit is dropped with probability
     ceil(p * 2^15) / 2^15 (0.100006 for 0.1); kept units are scaled by the inverse of the keep probability, so the
     expectation is exact. Seeded by ``torch.manual_seed`` like ``nn.Dropout``."""
+    return keep_masks_in_sequence([count * math.prod(shape)], p)[0].view(count, *shape)
+
+
+def keep_masks_in_sequence(sizes: Sequence[int], p: float) -> list[Tensor]:
+    """Flat masks of ``sizes`` units, exactly those of one ``keep_masks`` call per size in turn (the same
+    values, the generator left in the same state), drawn at once when every size is a multiple of 4 (each
+    call then uses whole 64-bit words)."""
     drop = math.ceil(p * _BITS)
-    n = count * math.prod(shape)
     if drop >= _BITS:
-        return torch.zeros(count, *shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 uniform bits: four 15-bit draws
-    bits = words.view(torch.int16)[:n].view(count, *shape).bitwise_and_(_BITS - 1)
-    return (bits >= drop).to(torch.float32).mul_(_BITS / (_BITS - drop))
+        return [torch.zeros(n) for n in sizes]
+    if len(sizes) > 1 and any(n % 4 for n in sizes):
+        return [keep_masks_in_sequence([n], p)[0] for n in sizes]
+    total = sum(sizes)
+    words = torch.empty((total + 3) // 4, dtype=torch.int64).random_()  # 63 uniform bits: four 15-bit draws
+    bits = words.view(torch.int16)[:total].bitwise_and_(_BITS - 1)
+    # (bits >= drop) * scale, in float arithmetic (bits - (drop - 1) is an integer: >= 1 kept, <= 0 dropped),
+    # exactly: 2x faster than the comparison and its bool -> float conversion
+    scale = keep_scale(p)
+    return list(bits.to(torch.float32).sub_(drop - 1).mul_(scale).clamp_(0.0, scale).split(list(sizes)))
 
 
 def dropout(h: Tensor, p: float, training: bool) -> Tensor:

@@ -18,6 +18,7 @@ from edge_runtime.schema import Schema
 
 from .correction import keep_probabilities, thin
 from .data import TensorData
+from .fused import FusedStep, clip_grads, supported
 from .modules import decoder_module, encoder_module, INIT_STATE
 from .settings import DEFAULTS
 
@@ -245,21 +246,33 @@ def train_epochs(
     prox_mu: float = 0.0,
     trainable: Callable[[str], bool] | None = None,
     keep: Mapping[str, Tensor] | None = None,
+    *,
+    fused: bool = True,
 ) -> dict[str, float]:
     """Run ``epochs`` passes over ``data``. ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2
     against the weights at entry; ``trainable(name)`` restricts which parameters move; ``keep`` (modality ->
     per-row keep probability, ``mmn_fed.correction.keep_probabilities``) hides a new subset of those
-    modalities at every epoch."""
+    modalities at every epoch. A MultiModN of MLP encoders takes the hand-differentiated step of
+    ``mmn_fed.fused`` (the same loss, gradients and Adam step, ~2x faster); ``fused=False`` forces autograd."""
     params = [(n, p) for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer is None:
         optimizer = make_optimizer([p for _, p in params], config)
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
     modalities = list(getattr(model, "modalities", data.modalities))
+    step = (FusedStep(model, schema, params, optimizer, config.grad_clip, anchor, prox_mu)
+            if fused and supported(model, schema, optimizer, config.state_change_penalty, config.shuffle_order)
+            else None)
     model.train()
     losses, steps = [], 0
     for _ in range(epochs):
         shown = thin(data, keep or {}, generator)
         for batch in shuffled_batches(shown, config.batch_size, generator):
+            if step is not None:
+                value, cells = step.step(batch)
+                if cells:
+                    losses.append(value)
+                    steps += 1
+                continue
             order = None
             if config.shuffle_order:
                 order = [modalities[i] for i in torch.randperm(len(modalities), generator=generator).tolist()]
@@ -288,12 +301,7 @@ def optimizer_step(loss: Tensor, params, optimizer: torch.optim.Optimizer, grad_
 def clip_grad_norm(params, max_norm: float) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (L2, foreach) for parameters on one device: the same arithmetic
     without its per-tensor device moves (two per parameter). Returns the total norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total
+    return clip_grads([p.grad for p in params if p.grad is not None], max_norm)
 
 
 def split_indices(n: int, fraction: float, seed: int, strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

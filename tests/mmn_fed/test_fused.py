@@ -11,7 +11,7 @@ import torch
 from mmn_fed import fit_preprocessor, load_builtin, make_synthetic
 from mmn_fed.data import encode
 from mmn_fed.fused import FusedStep, supported
-from mmn_fed.model import ModelConfig, _BITS, keep_masks, keep_masks_in_sequence
+from mmn_fed.model import ModelConfig, _LEVELS, keep_masks, keep_masks_in_sequence
 from mmn_fed.model_io import build_from_preprocessor
 from mmn_fed.modules import module_of
 from mmn_fed.training import TrainConfig, make_optimizer, model_loss, train_epochs
@@ -139,7 +139,7 @@ def test_the_fused_step_is_taken_only_for_the_model_it_differentiates():
 
 
 def test_masks_drawn_at_once_are_the_masks_drawn_one_call_at_a_time():
-    for sizes in ([10 * 256 * 32, 1400 * 32, 1400 * 32], [15, 7, 4], [8]):
+    for sizes in ([10 * 256 * 32, 1400 * 32, 1400 * 32], [15, 7, 4], [16, 8], [8]):
         torch.manual_seed(0)
         one_by_one = [keep_masks(1, (n,), 0.1)[0] for n in sizes]
         after = torch.rand(3)
@@ -148,14 +148,18 @@ def test_masks_drawn_at_once_are_the_masks_drawn_one_call_at_a_time():
         assert all(torch.equal(a, b) for a, b in zip(one_by_one, at_once)) and torch.equal(torch.rand(3), after)
 
 
-@pytest.mark.parametrize("p", [0.0001, 0.1, 0.5, 0.9])
-def test_keep_masks_keep_a_unit_when_its_15_bits_reach_the_drop_count(p):
+@pytest.mark.parametrize("p", [0.0001, 0.1, 0.25, 0.5, 0.9])
+def test_keep_masks_keep_a_unit_when_its_8_bits_reach_the_drop_count(p):
     torch.manual_seed(1)
     masks = keep_masks(3, (64, 8), p)
     torch.manual_seed(1)
-    n, drop = 3 * 64 * 8, math.ceil(p * _BITS)
-    bits = torch.empty(n // 4, dtype=torch.int64).random_().view(torch.int16).bitwise_and_(_BITS - 1)
-    assert torch.equal(masks.reshape(-1), (bits >= drop).to(torch.float32) * (_BITS / (_BITS - drop)))
+    n, drop = 3 * 64 * 8, math.ceil(p * _LEVELS)
+    bits = torch.empty(n // 8, dtype=torch.int64).random_(-2 ** 63, None).view(torch.uint8)
+    assert torch.equal(masks.reshape(-1), (bits >= drop).to(torch.float32) * (_LEVELS / (_LEVELS - drop)))
+    # the drop rate is ceil(p * 256) / 256 and the mean is 1 (inverted dropout)
+    big = keep_masks(1, (200_000,), p)
+    assert float((big == 0).float().mean()) == pytest.approx(drop / _LEVELS, abs=0.004)
+    assert float(big.mean()) == pytest.approx(1.0, abs=0.01)
 
 
 def test_under_fedprox_a_module_the_batch_did_not_reach_is_stepped_by_the_term_alone():

@@ -7,7 +7,8 @@ count, trained on the same rows in the same run, and the setup time of a large c
 
 Cohort: ``make_synthetic`` with 5 modalities of 8 numeric columns, each missing (MCAR) in ``--missing`` of the
 rows, one binary task. MultiModN: the default architecture (``ModelConfig()``), ``train_epochs`` with
-batch 256, Adam and gradient clipping as ``fit`` sets them. Baseline: ``nn.Sequential`` of 2 hidden ReLU layers
+batch 256, Adam and gradient clipping as ``fit`` sets them (the hand-differentiated step, mmn_fed/fused.py;
+also through autograd, ``fused=False``, in the same run). Baseline: ``nn.Sequential`` of 2 hidden ReLU layers
 on the 40 imputed columns, the width chosen so the parameter count matches MultiModN's, trained with
 Adam (foreach) and ``clip_grad_norm_`` at the same settings, the batch picked by ``randperm`` per step. One
 torch thread. Per epoch: median and min over ``--repeats`` epochs (after one warm-up epoch each), the
@@ -68,8 +69,9 @@ def baseline_mlp(d_in: int, target: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
 
 
-def mmn_epoch(data, schema, seed: int):
-    """(one-epoch closure, parameter count) for MultiModN trained as ``fit`` trains it, batch 256."""
+def mmn_epoch(data, schema, seed: int, fused: bool = True):
+    """(one-epoch closure, parameter count) for MultiModN trained as ``fit`` trains it, batch 256; ``fused=False``:
+    through autograd (``train_epochs(fused=False)``, the step before mmn_fed/fused.py)."""
     from mmn_fed.model import ModelConfig
     from mmn_fed.training import TrainConfig, train_epochs
 
@@ -78,7 +80,7 @@ def mmn_epoch(data, schema, seed: int):
     model = _mmn(data, schema, ModelConfig())
     gen = torch.Generator().manual_seed(seed)
     opt = _fit_optimizer(model, config)
-    return (lambda: train_epochs(model, schema, data, config, 1, gen, optimizer=opt)), n_params(model)
+    return (lambda: train_epochs(model, schema, data, config, 1, gen, optimizer=opt, fused=fused)), n_params(model)
 
 
 def _mmn(data, schema, config):
@@ -137,26 +139,30 @@ def fmt(times: list[float]) -> str:
 def throughput(args) -> None:
     from mmn_fed.data import encode, fit_preprocessor
 
-    print("CPU seconds per epoch (1 thread); ratio = median of the paired per-epoch ratios (min / min; wall-clock)")
+    print("CPU seconds per epoch (1 thread); ratio = median of the paired per-epoch ratios (min / min; wall-clock);"
+          " autograd = the same MultiModN step through autograd (train_epochs(fused=False))")
     print(f"{'rows':>9}  {'MultiModN epoch, median (min)':>30}  {'rows/s':>8}  {'MLP epoch, median (min)':>26}"
-          f"  {'ratio MMN / MLP':>19}  params MMN / MLP")
+          f"  {'ratio MMN / MLP':>19}  {'autograd epoch (ratio)':>24}  params MMN / MLP")
     for n in args.rows:
         df, schema = cohort(n, args.missing)
         data = encode(fit_preprocessor(schema, df), df)
         repeats = args.repeats if n < 1_000_000 else max(1, args.repeats // 2)
         run_mmn, p_mmn = mmn_epoch(data, schema, args.seed)
+        run_auto, _ = mmn_epoch(data, schema, args.seed, fused=False)
         run_mlp, p_mlp = mlp_epoch(data, p_mmn, args.seed)
-        run_mmn(), run_mlp()  # warm-up epochs
-        mmn, mlp, wall = [], [], []
-        for _ in range(repeats):  # alternated, so both see the same load on a shared machine
-            (c_mmn, w_mmn), (c_mlp, w_mlp) = timed(run_mmn), timed(run_mlp)
+        run_mmn(), run_auto(), run_mlp()  # warm-up epochs
+        mmn, mlp, auto, wall = [], [], [], []
+        for _ in range(repeats):  # alternated, so all three see the same load on a shared machine
+            (c_mmn, w_mmn), (c_mlp, w_mlp), (c_auto, _) = timed(run_mmn), timed(run_mlp), timed(run_auto)
             mmn.append(c_mmn)
             mlp.append(c_mlp)
+            auto.append(c_auto)
             wall.append(w_mmn / w_mlp)
         ratio = statistics.median(a / b for a, b in zip(mmn, mlp))
+        ratio_auto = statistics.median(a / b for a, b in zip(auto, mlp))
         print(f"{n:>9}  {fmt(mmn):>30}  {n / statistics.median(mmn):8.0f}  {fmt(mlp):>26}  "
-              f"{ratio:8.2f} ({min(mmn) / min(mlp):.2f}; wall {statistics.median(wall):.2f})  {p_mmn} / {p_mlp}",
-              flush=True)
+              f"{ratio:8.2f} ({min(mmn) / min(mlp):.2f}; wall {statistics.median(wall):.2f})  "
+              f"{statistics.median(auto):9.3f} s ({ratio_auto:.2f})  {p_mmn} / {p_mlp}", flush=True)
         print(f"           target MultiModN / MLP <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'}")
 
 

@@ -199,12 +199,11 @@ class FusedStep:
         for (t, kind, w), yp, n in zip(self.tasks, labelled, cells):
             if not n:
                 continue
-            y = batch.y[t].repeat(S)
             if n == S * B:
-                rows, keep = flat, None
-            else:
+                rows, keep, y = flat, None, batch.y[t].repeat(S)
+            else:  # the rows of (state, row) cells, state-major as in ``flat``
                 keep = (applied & yp.unsqueeze(0)).view(-1).nonzero().squeeze(1)
-                rows, y = flat.index_select(0, keep), y.index_select(0, keep)
+                rows, y = flat.index_select(0, keep), batch.y[t].index_select(0, keep.remainder(B))
             value, g_rows = self._decoder(self.dec[t], kind, rows, y, dec_masks.get(t), scale, w / weight)
             loss += w * value
             if keep is None:
@@ -218,7 +217,7 @@ class FusedStep:
         T = g_states[S - 1]
         for i in range(S - 2, -1, -1):
             if saved[i] is None:  # no encoder ran: state i + 1 is state i
-                T = T + g_states[i]
+                T = g_states[i].add_(T)
                 continue
             z, h1, h2, w_rows = saved[i]
             L = self.enc[order[i]]
@@ -227,7 +226,7 @@ class FusedStep:
             g = _layer_backward(g, h1, L, 1, scale)
             torch.mm(g.t(), z, out=L.gW[0])
             torch.sum(g, 0, out=L.gb[0])
-            T = torch.addmm(T + g_states[i], g, L.W1_state)
+            T = g_states[i].add_(T).addmm_(g, L.W1_state)  # in place: g_states is this step's own buffer
         torch.sum(T, 0, out=self.grad["init_state"])
 
         modules = ["init_state", *(f"encoders.{m}" for m in run),

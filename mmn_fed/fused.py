@@ -180,12 +180,7 @@ class FusedStep:
                 continue
             L, M = self.enc[m], next(drop) if drop is not None else None
             z = torch.cat([s, batch.x[m]], dim=1)
-            h1 = torch.addmm(L.b[0], z, L.Wt[0]).relu_()
-            if M is not None:
-                h1.mul_(M[0])
-            h2 = torch.addmm(L.b[1], h1, L.Wt[1]).relu_()
-            if M is not None:
-                h2.mul_(M[1])
+            h1, h2 = _hidden_forward(L, z, M)
             if k == B:
                 torch.addmm(L.b[2], h2, L.Wt[2], out=out).add_(s)
             else:  # the rows without the modality keep their state
@@ -238,12 +233,7 @@ class FusedStep:
                  scale: float, factor: float) -> tuple[float, Tensor]:
         """(summed loss of one task's cells at ``rows``, the gradient of ``factor`` x that sum at ``rows``); the
         decoder's weight gradients go to its buffers. ``masks``: its two layers' dropout (None: no dropout)."""
-        h1 = torch.addmm(L.b[0], rows, L.Wt[0]).relu_()
-        if masks is not None:
-            h1.mul_(masks[0])
-        h2 = torch.addmm(L.b[1], h1, L.Wt[1]).relu_()
-        if masks is not None:
-            h2.mul_(masks[1])
+        h1, h2 = _hidden_forward(L, rows, masks)
         out = torch.addmm(L.b[2], h2, L.Wt[2])
         if kind == "binary":
             o = out.squeeze(1)
@@ -322,6 +312,18 @@ class FusedStep:
             slots = None if len(names) == len(self.slot) else torch.tensor([self.slot[n] for n in names])
             self._groups[modules] = (*lists, slots)
         return self._groups[modules]
+
+
+def _hidden_forward(L: _Layers, x: Tensor, masks) -> tuple[Tensor, Tensor]:
+    """The two hidden layers of an MLP on ``x``: ``relu(x W1^T + b1) * masks[0]`` and the same for layer 2 (no
+    dropout when ``masks`` is None)."""
+    h1 = torch.addmm(L.b[0], x, L.Wt[0]).relu_()
+    if masks is not None:
+        h1.mul_(masks[0])
+    h2 = torch.addmm(L.b[1], h1, L.Wt[1]).relu_()
+    if masks is not None:
+        h2.mul_(masks[1])
+    return h1, h2
 
 
 def _layer_backward(g: Tensor, inp: Tensor, L: _Layers, k: int, scale: float) -> Tensor:

@@ -50,13 +50,28 @@ HANDLERS = ("summary", "profile", "train", "evaluate")  # the functions of clien
 NODE_CONFIG = "site-worker"  # node config: "off" = every message handled in its own process
 IDLE_SECONDS = 1800.0  # a worker without a message for this long exits (the next message starts another)
 START_SECONDS = 120.0  # how long a message waits for a new worker to listen before handling itself
+STALE_SECONDS = 7 * 86400  # the lock and log files of workers gone this long are removed
+_MAX_PATH = 100  # bytes of a Unix socket path (sun_path: 104 on macOS, 108 on Linux, with the NUL)
 _OFF = ("off", "false", "0", "no")
 _STARTED: list[subprocess.Popen] = []  # workers this process started (kept: no "still running" warning at exit)
 
 
 class WorkerError(RuntimeError):
-    """The handler raised in the worker; the message names the exception's type and text, as Flower reports
-    a handler's exception to the server."""
+    """The handler raised in the worker. Raised as a subclass named after the handler's own exception
+    (``SiteDataError``...) with its text, so that the audit log and Flower's report to the server name it as
+    when the handler runs in the message's process."""
+
+
+_REMOTE: dict[str, type] = {}
+
+
+def _remote_error(name: str, text: str) -> WorkerError:
+    """A ``WorkerError`` whose class is named ``name`` (an exception's type name), carrying ``text``."""
+    if not name.isidentifier():
+        name = "WorkerError"
+    if name not in _REMOTE:
+        _REMOTE[name] = WorkerError if name == "WorkerError" else type(name, (WorkerError,), {"__module__": __name__})
+    return _REMOTE[name](text)
 
 
 def wanted(node_config: Mapping[str, Any]) -> bool:
@@ -95,7 +110,7 @@ def forward(handler: str, msg: Message, context: Context, owner: int | None = No
             return None
     head = json.loads(header)
     if not head.get("ok"):
-        raise WorkerError(str(head.get("error")))
+        raise _remote_error(str(head.get("type") or "WorkerError"), str(head.get("error")))
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
     return serde.recorddict_from_proto(ProtoRecordDict.FromString(body))
 
@@ -105,7 +120,10 @@ def socket_path(owner: int, node_id: int) -> Path:
     processes) with this code, library and interpreter."""
     key = json.dumps([PROTOCOL, owner, _start_time(owner), int(node_id), str(code_root()), sys.executable,
                       *_library()])
-    return private_dir() / f"w-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+    path = private_dir() / f"w-{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
+    if len(os.fsencode(path)) > _MAX_PATH:
+        raise OSError(f"the worker's socket path {path} is longer than a Unix socket allows ({_MAX_PATH} bytes)")
+    return path
 
 
 def private_dir() -> Path:
@@ -153,10 +171,12 @@ def _start(path: Path, owner: int) -> socket.socket:
     and return a connection to it once it listens. OSError if it exits or does not listen in time."""
     with open(path.with_suffix(".lock"), "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        os.utime(lock.fileno())  # in use: not stale
         sock = _connect(path)  # started by the process that held the lock before us
         if sock is not None:
             return sock
         path.unlink(missing_ok=True)  # a socket left by a worker that was killed
+        _remove_stale(path.parent)
         log_path = path.with_suffix(".log")
         root = str(code_root())
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -174,7 +194,25 @@ def _start(path: Path, owner: int) -> socket.socket:
                 raise OSError(f"the site worker exited at start with code {proc.returncode} (log: {log_path})")
             time.sleep(0.05)
         proc.kill()
+        proc.wait()
         raise OSError(f"the site worker did not listen within {START_SECONDS:.0f} s (log: {log_path})")
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove the lock and log files of workers whose socket is gone and that were last used over
+    ``STALE_SECONDS`` ago (a SuperNode that stopped long ago); a worker that is running keeps its files."""
+    cutoff = time.time() - STALE_SECONDS
+    for lock in directory.glob("w-*.lock"):
+        try:
+            if lock.with_suffix(".sock").exists() or lock.stat().st_mtime > cutoff:
+                continue
+            log = lock.with_suffix(".log")
+            if log.exists() and log.stat().st_mtime > cutoff:
+                continue
+            log.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def _say(text: str) -> None:
@@ -219,17 +257,17 @@ def serve(path: Path, owner: int, idle: float = IDLE_SECONDS) -> None:
                     header, message, ctx = _read_frames(conn, 3)
                 except (OSError, EOFError):
                     continue
-                conn.sendall(_handle(header, message, ctx, handlers, serde, ProtoMessage, ProtoContext))
+                reply = _handle(header, message, ctx, handlers, serde, ProtoMessage, ProtoContext)
+                try:
+                    conn.sendall(reply)
+                except OSError:  # the message's process went away (stopped, timed out): serve the next one
+                    pass
             last = time.monotonic()
     finally:
         srv.close()
         try:
-            if path.stat().st_ino == inode:  # still ours (not a successor's): its lock, and its log when empty
-                path.unlink()
-                path.with_suffix(".lock").unlink(missing_ok=True)
-                log = path.with_suffix(".log")
-                if log.exists() and not log.stat().st_size:
-                    log.unlink()
+            if path.stat().st_ino == inode:  # still ours (not a successor's); the lock file stays (someone may
+                path.unlink()                  # hold it to start the next worker)
         except OSError:
             pass
 
@@ -245,8 +283,10 @@ def _handle(header: bytes, message: bytes, ctx: bytes, handlers, serde, ProtoMes
         reply = getattr(handlers, head["handler"])(msg, context)
         return _frames(json.dumps({"ok": True}).encode(), serde.recorddict_to_proto(reply.content).SerializeToString())
     except Exception as e:  # the handler's own failure: reported to the message, which raises it as its own
-        traceback.print_exc()
-        return _frames(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}).encode(), b"")
+        # the log gets the type and where, not the text (it may quote a patient's value, as audit_mod knows)
+        print(f"handler raised {type(e).__name__}\n{''.join(traceback.format_tb(e.__traceback__))}", file=sys.stderr,
+              flush=True)
+        return _frames(json.dumps({"ok": False, "type": type(e).__name__, "error": str(e)}).encode(), b"")
 
 
 def _frames(*blobs: bytes) -> bytes:
@@ -280,11 +320,17 @@ def _start_time(pid: int) -> int | None:
 
 
 def _alive(pid: int, born: int | None) -> bool:
+    """``pid`` runs (not a zombie) and is the process that started at ``born`` (where /proc tells)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
         pass
     return born is None or _start_time(pid) == born
 

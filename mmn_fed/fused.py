@@ -44,32 +44,44 @@ def _mlp_layers(net: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None
     return net[0], net[3], net[6]
 
 
-def supported(model: nn.Module, schema, optimizer: torch.optim.Optimizer | None, state_change_penalty: float,
-              shuffle_order: bool) -> bool:
-    """Whether ``FusedStep`` computes this model's training step: MultiModN with ``model.mlp`` encoders and
-    decoders, float32 on the CPU, the loss without a state-change penalty, the schema's order, and Adam as
-    ``training.make_optimizer`` builds it (fused, one parameter group, no amsgrad / maximize / hooks)."""
+def supported(model: nn.Module, schema, optimizer: torch.optim.Optimizer | None = None,
+              params: Sequence[tuple[str, nn.Parameter]] | None = None, *, state_change_penalty: float = 0.0,
+              shuffle_order: bool = False) -> bool:
+    """Whether ``FusedStep`` computes this model's training step as autograd would: MultiModN with ``model.mlp``
+    encoders and decoders at the model's dropout, float32 on the CPU, no hooks, the loss without a state-change
+    penalty, the schema's order; the trainable ``params`` (default: all) requiring gradients and exactly those of
+    the optimizer, Adam as ``training.make_optimizer`` builds it (fused, one parameter group, scalar settings, no
+    amsgrad / maximize / step hooks)."""
     if type(model) is not MultiModN or state_change_penalty or shuffle_order or not hasattr(torch, "_fused_adam_"):
         return False
     if any(type(e) is not MLPEncoder or _mlp_layers(e.net) is None for e in model.encoders.values()):
         return False
-    if any(_mlp_layers(d) is None for d in model.decoders.values()):
-        return False
+    if any(_mlp_layers(d) is None or {d[2].p, d[5].p} != {model.config.dropout} for d in model.decoders.values()):
+        return False  # the decoders' own dropout is the model's (autograd's path reads each layer's)
     if any(schema.tasks[t].kind not in _KINDS for t in model.tasks):
         return False
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return False
     if _hooked(model):  # hooks expect the modules to be called, as autograd's path calls them
         return False
+    trainable = [p for _, p in (params if params is not None else model.named_parameters())]
+    if not all(p.requires_grad for p in trainable):  # a frozen parameter gets no gradient: autograd never steps it
+        return False
     if optimizer is None:
         return True
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return False
     g = optimizer.param_groups[0]
+    if {id(p) for p in g["params"]} != {id(p) for p in trainable}:  # autograd would step the optimizer's others too
+        return False
     if not g.get("fused") or any(g.get(k) for k in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay")):
         return False
-    return not (torch.is_tensor(g.get("lr")) or optimizer._optimizer_step_pre_hooks
-                or optimizer._optimizer_step_post_hooks)
+    if torch.is_tensor(g.get("lr")) or any(torch.is_tensor(b) for b in g.get("betas", ())):
+        return False
+    from torch.optim import optimizer as O
+
+    return not (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or O._global_optimizer_pre_hooks or O._global_optimizer_post_hooks)
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -80,7 +92,8 @@ def _hooked(model: nn.Module) -> bool:
     if any(getattr(M, f"_global{n}", None) for n in names):
         return True
     return any(getattr(m, n, None) for m in model.modules() for n in names) or \
-        any(p._backward_hooks for p in model.parameters() if getattr(p, "_backward_hooks", None))
+        any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+            for p in model.parameters())
 
 
 class _Layers:
@@ -153,12 +166,14 @@ class FusedStep:
         S = applied.shape[0]
         labelled = [batch.y_present[t] for t, _, _ in self.tasks]
         cells = (applied.unsqueeze(0) & torch.stack(labelled).unsqueeze(1)).sum((1, 2)).tolist()
-        if not sum(cells):
-            return float("nan"), 0, ()
         training = model.training and self.p > 0
-        scale = keep_scale(self.p) if training else 1.0  # a kept unit's dropout factor
         run = [m for m, k in zip(order, held) if k]
         H, drop, dec_masks = self.hidden, None, {}
+        if not sum(cells):  # no update; autograd's path still ran the encoders, and drew their masks
+            if training and run:
+                keep_masks_in_sequence([2 * len(run) * B * H], self.p)
+            return float("nan"), 0, ()
+        scale = keep_scale(self.p) if training else 1.0  # a kept unit's dropout factor
         if training:  # every dropout mask of the step, drawn as the autograd path draws them, at once
             sizes = ([2 * len(run) * B * H] if run else []) + [n * H for n in cells if n for _ in (1, 2)]
             parts = keep_masks_in_sequence(sizes, self.p)

@@ -260,7 +260,8 @@ def train_epochs(
     anchor = {n: p.detach().clone() for n, p in params} if prox_mu > 0 else None
     modalities = list(getattr(model, "modalities", data.modalities))
     step = (FusedStep(model, schema, params, optimizer, config.grad_clip, anchor, prox_mu)
-            if fused and supported(model, schema, optimizer, config.state_change_penalty, config.shuffle_order)
+            if fused and supported(model, schema, optimizer, params, state_change_penalty=config.state_change_penalty,
+                                   shuffle_order=config.shuffle_order)
             else None)
     model.train()
     losses, steps = [], 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import serde
 
 from clients import handlers, worker
 from clients.app import app as client_app
@@ -103,8 +104,14 @@ def test_the_worker_replies_to_every_handler_exactly_as_the_handlers_do_here(hea
     # a handler's own error reaches the message's process with its type and text
     lost = Context(run_id=1, node_id=1000, node_config={"data-path": str(short_tmp / "nope.csv")},
                    state=RecordDict(), run_config={})
-    with pytest.raises(worker.WorkerError, match=r"SiteDataError: .*nope\.csv"):
+    with pytest.raises(worker.WorkerError, match=r"nope\.csv") as raised:
         worker.forward("profile", msgs["profile"], lost, owner=owner.pid)
+    assert type(raised.value).__name__ == "SiteDataError"  # as the audit log and Flower name it in-process
+    assert "SiteDataError" in _log(ctx, owner) and "nope" not in _log(ctx, owner)  # the type, no values
+
+
+def _log(ctx, owner) -> str:
+    return worker.socket_path(owner.pid, ctx.node_id).with_suffix(".log").read_text()
 
 
 def test_the_worker_exits_with_its_owner_and_removes_its_socket(heart, make_message, site_context, short_tmp, owner):
@@ -116,19 +123,25 @@ def test_the_worker_exits_with_its_owner_and_removes_its_socket(heart, make_mess
     owner.kill()
     owner.wait()
     proc.wait(timeout=10)  # checked every second
-    assert not path.exists() and not path.with_suffix(".lock").exists()
+    assert not path.exists()  # its lock file stays: another message may hold it to start the next worker
+
+
+def _serve(path: Path, *idle: str) -> subprocess.Popen:
+    """``python -m clients.worker PATH OWNER [IDLE]`` owned by this process, once it listens."""
+    env = {**os.environ, "PYTHONPATH": str(worker.code_root())}
+    proc = subprocess.Popen([sys.executable, "-m", "clients.worker", str(path), str(os.getpid()), *idle], env=env)
+    deadline = time.monotonic() + 90
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"worker exited with {proc.poll()} before listening"
+    return proc
 
 
 def test_an_idle_worker_exits(short_tmp):
     path = worker.private_dir() / "idle.sock"
-    env = {**os.environ, "PYTHONPATH": str(worker.code_root())}
-    proc = subprocess.Popen([sys.executable, "-m", "clients.worker", str(path), str(os.getpid()), "1.0"], env=env)
+    proc = _serve(path, "3.0")
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert path.exists()
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=20) == 0
         assert not path.exists()
     finally:
         if proc.poll() is None:
@@ -137,18 +150,42 @@ def test_an_idle_worker_exits(short_tmp):
 
 def test_sigterm_stops_a_worker(short_tmp):
     path = worker.private_dir() / "term.sock"
-    env = {**os.environ, "PYTHONPATH": str(worker.code_root())}
-    proc = subprocess.Popen([sys.executable, "-m", "clients.worker", str(path), str(os.getpid())], env=env)
+    proc = _serve(path)
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not path.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_worker_whose_caller_went_away_serves_the_next_message(heart, make_message, site_context, short_tmp,
+                                                                 owner):
+    ctx, msgs = messages(heart, make_message, site_context)
+    assert worker.forward("summary", msgs["summary"], ctx, owner=owner.pid) is not None
+    proc, path = worker._STARTED[-1], worker.socket_path(owner.pid, ctx.node_id)
+    for _ in range(3):  # a request whose sender closes before the reply (the message's process was stopped)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        request = worker._frames(json.dumps({"protocol": worker.PROTOCOL, "handler": "summary"}).encode(),
+                                 serde.message_to_proto(msgs["summary"]).SerializeToString(),
+                                 serde.context_to_proto(worker._stateless(ctx)).SerializeToString())
+        s.sendall(request)
+        s.close()
+    assert worker.forward("summary", msgs["summary"], ctx, owner=owner.pid) is not None
+    assert proc.poll() is None and len(worker._STARTED) == 1
+
+
+def test_a_killed_worker_is_replaced_by_the_next_message(heart, make_message, site_context, short_tmp, owner):
+    ctx, msgs = messages(heart, make_message, site_context)
+    assert worker.forward("summary", msgs["summary"], ctx, owner=owner.pid) is not None
+    first, path = worker._STARTED[-1], worker.socket_path(owner.pid, ctx.node_id)
+    first.kill()
+    first.wait()
+    assert path.exists()  # SIGKILL: the socket file stays behind, nobody listens
+    assert worker.forward("summary", msgs["summary"], ctx, owner=owner.pid) is not None
+    assert len(worker._STARTED) == 2 and worker._STARTED[-1].poll() is None
 
 
 def test_concurrent_first_messages_start_one_worker(heart, make_message, site_context, short_tmp, owner):
@@ -174,12 +211,11 @@ class Peer:
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(str(path))
         self.srv.listen(1)
-        self.thread = threading.Thread(target=self._serve, args=(reply,))
+        self.srv.settimeout(30)  # never hangs the test run
+        self.thread = threading.Thread(target=self._serve, args=(reply,), daemon=True)
         self.thread.start()
 
     def _serve(self, reply: bool) -> None:
-        from flwr.common import serde
-
         conn, _ = self.srv.accept()
         with conn:
             self.request = b"".join(worker._read_frames(conn, 3))

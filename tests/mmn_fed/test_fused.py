@@ -127,15 +127,42 @@ def test_a_module_without_a_gradient_is_not_stepped_as_with_autograd():
 def test_the_fused_step_is_taken_only_for_the_model_it_differentiates():
     model, schema, _ = cohort("synthetic")
     opt = make_optimizer(model.parameters(), TrainConfig())
-    assert supported(model, schema, opt, 0.0, False)
-    assert not supported(model, schema, opt, 0.1, False)  # a state-change penalty: autograd
-    assert not supported(model, schema, opt, 0.0, True)  # a shuffled encoder order
-    assert not supported(model, schema, torch.optim.SGD(model.parameters(), lr=0.1), 0.0, False)
-    assert not supported(model, schema, torch.optim.Adam(model.parameters(), foreach=True), 0.0, False)
+    assert supported(model, schema, opt)
+    assert not supported(model, schema, opt, state_change_penalty=0.1)  # a state-change penalty: autograd
+    assert not supported(model, schema, opt, shuffle_order=True)  # a shuffled encoder order
+    assert not supported(model, schema, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not supported(model, schema, torch.optim.Adam(model.parameters(), foreach=True))
+    # the optimizer holds more than the trainable parameters: autograd would step those too
+    some = [(n, p) for n, p in model.named_parameters() if module_of(n) != "encoders.a"]
+    assert not supported(model, schema, opt, some)
+    assert supported(model, schema, make_optimizer([p for _, p in some], TrainConfig()), some)
+    model.encoders["a"].net[0].weight.requires_grad_(False)  # frozen: autograd gives it no gradient
+    assert not supported(model, schema, None)
+    model.encoders["a"].net[0].weight.requires_grad_(True)
+    model.decoders["outcome"][2].p = 0.3  # a decoder's own dropout, which autograd's path reads
+    assert not supported(model, schema, None)
     gru, schema, _ = cohort("synthetic", ModelConfig(encoder="gru"))
-    assert not supported(gru, schema, None, 0.0, False)
+    assert not supported(gru, schema)
     pf, schema, _ = cohort("synthetic", ModelConfig(kind="pfusion"))
-    assert not supported(pf, schema, None, 0.0, False)
+    assert not supported(pf, schema)
+
+
+def test_a_batch_without_a_loss_cell_draws_the_encoders_masks_as_autograd_does():
+    """15 of 700 rows labelled, batch 32: most batches have no loss cell; autograd's path still runs the encoders
+    (drawing their dropout masks) before skipping them, so the later batches see the same masks."""
+    model, schema, data = cohort("synthetic", ModelConfig(state_size=8, hidden=8))
+    for t in data.y_present:
+        data.y_present[t][15:] = False
+    twin = copy.deepcopy(model)
+    stats = {}
+    for fused, mdl in ((True, model), (False, twin)):
+        torch.manual_seed(0)
+        stats[fused] = train_epochs(mdl, schema, data, TrainConfig(batch_size=32), 2, torch.Generator().manual_seed(0),
+                                    fused=fused)
+    assert stats[True]["steps"] == stats[False]["steps"] < 2 * math.ceil(700 / 32)
+    assert stats[True]["loss"] == pytest.approx(stats[False]["loss"], rel=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert float((p.detach() - q.detach()).abs().max()) < 1e-6
 
 
 def test_masks_drawn_at_once_are_the_masks_drawn_one_call_at_a_time():
@@ -179,13 +206,23 @@ def test_under_fedprox_a_module_the_batch_did_not_reach_is_stepped_by_the_term_a
 
 def test_a_hooked_model_keeps_the_autograd_path():
     model, schema, _ = cohort("synthetic")
-    assert supported(model, schema, None, 0.0, False)
+    assert supported(model, schema)
     h = model.encoders["a"].register_forward_hook(lambda *a: None)
-    assert not supported(model, schema, None, 0.0, False)
+    assert not supported(model, schema)
     h.remove()
     h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
     try:
-        assert not supported(model, schema, None, 0.0, False)
+        assert not supported(model, schema)
     finally:
         h.remove()
-    assert supported(model, schema, None, 0.0, False)
+    h = model.init_state.register_post_accumulate_grad_hook(lambda p: None)
+    assert not supported(model, schema)
+    h.remove()
+    opt = make_optimizer(model.parameters(), TrainConfig())
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    h = register_optimizer_step_pre_hook(lambda *a: None)
+    try:
+        assert not supported(model, schema, opt)
+    finally:
+        h.remove()
+    assert supported(model, schema, opt)

@@ -220,7 +220,6 @@ def real_rounds(sites, rounds: int, tls: bool, work: Path, node_config=None) -> 
 def inprocess_training(sites, schema, rounds: int) -> dict:
     """(b): each site's local training and evaluation in this process, the same rows and default settings;
     round 1 is a warm-up for the data caches, the figures are the mean over the other rounds."""
-    import numpy as np
     import torch
     torch.set_num_threads(1)
     from clients.site import Site

@@ -9,7 +9,7 @@ P-Fusion decodes once, after fusing every modality.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
